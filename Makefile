@@ -1,0 +1,38 @@
+# Two commands do everything on a fresh machine (Python 3.10+ and make are all it needs):
+#   make demo   set up, write the digits shards, train recipes/digits.yaml on 2 CPU processes
+#   make test   set up and run the test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EXTRAS ?= dev
+
+.PHONY: setup demo test test-fast bench clean
+
+# Re-installs only when pyproject.toml changes.
+$(VENV)/.installed-$(EXTRAS): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet --progress-bar off -e ".[$(EXTRAS)]"
+	touch $@
+
+setup: $(VENV)/.installed-$(EXTRAS)
+
+data/digits/info.json: | setup
+	$(PY) -m launcher.shards digits --out data/digits
+
+# The demo forces the CPU (CUDA_VISIBLE_DEVICES=) so it behaves the same on any machine.
+demo: setup data/digits/info.json
+	CUDA_VISIBLE_DEVICES= $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
+		--mixed_precision no --dynamo_backend no -m launcher recipes/digits.yaml
+
+test: setup
+	$(PY) -m pytest -q -ra tests
+
+test-fast: setup
+	$(PY) -m pytest -q -ra -m "not slow" tests
+
+bench: setup
+	$(PY) benchmarks/loop_overhead.py
+
+clean:
+	rm -rf $(VENV) runs data .pytest_cache

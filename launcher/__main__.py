@@ -1,0 +1,59 @@
+"""Command line:
+
+    python -m launcher RECIPE [key=value ...] [~key ...]     train
+    accelerate launch [--multi_gpu --num_processes N ...] -m launcher RECIPE [overrides]
+    python -m launcher --check RECIPE [overrides]             validate and print the resolved recipe
+    python -m launcher --list-plugins                         every registered plugin, options, defaults
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+USAGE = __doc__
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(USAGE)
+        return 0 if argv else 2
+
+    from launcher.errors import LauncherError
+
+    try:
+        if argv[0] == "--list-plugins":
+            from launcher.registry import describe_plugins
+
+            print(describe_plugins())
+            return 0
+        check_only = argv[0] == "--check"
+        if check_only:
+            argv = argv[1:]
+            if not argv:
+                raise LauncherError("--check needs a recipe file: python -m launcher --check recipes/digits.yaml")
+        if argv[0].startswith("-"):
+            raise LauncherError(f"Unknown option '{argv[0]}'. {USAGE}")
+        from launcher.recipe import load_recipe
+
+        recipe = load_recipe(argv[0], argv[1:])
+        if check_only:
+            import yaml
+
+            print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+            print(f"# recipe OK; run directory: {recipe.run_dir}")
+            return 0
+        from launcher.loop import train
+
+        train(recipe)
+        return 0
+    except LauncherError as err:
+        # Every rank fails the same way on bad input; only one of them prints it.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

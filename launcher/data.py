@@ -1,0 +1,479 @@
+"""Data: WebDataset tar shards read through a deterministic epoch plan.
+
+Why not WebDataset's own pipeline (split_by_node / split_by_worker / shuffle buffer)?
+Its order depends on the number of ranks and workers and on buffer state, so it cannot
+resume mid-epoch without replaying, and 1 and 2 processes see different batches. Here the
+shards are still plain WebDataset tars (written with webdataset.ShardWriter, opened with
+webdataset.gopen, brace patterns expanded by webdataset), but what each step reads is a pure
+function of (seed, epoch, step):
+
+  1. The shards are indexed once at start-up: each sample's byte offset, size and label,
+     read from the tar headers. This also validates them (empty, truncated, corrupt shards
+     and out-of-range labels fail before training, naming the file).
+  2. Each epoch, the shard order is permuted and the concatenated sample stream is cut
+     into `streams` contiguous lanes of near-equal length; each lane is shuffled inside
+     windows of `shuffle_window` samples (a shuffle buffer that can be seeked).
+  3. Global step s takes the next `global_batch / streams` samples of every lane. Rank r
+     owns a contiguous block of lanes, so it reads its own part of the shard stream and
+     its share of each global batch. Data-loader worker w builds the steps s = w mod W.
+  4. Augmentation draws are seeded per sample from (seed, epoch, sample id), so they do
+     not depend on which rank or worker loads the sample.
+
+Consequences: every training sample is used exactly once per epoch across all ranks; a
+run can start at any step of any epoch by seeking (no replay); with a fixed `streams`,
+any process count that divides it trains on the same global batches. Non-local shards
+(`pipe:` commands, http URLs) are streamed once into a local cache and then indexed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+import os
+import random
+import re
+import tarfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from launcher.errors import LauncherError
+
+IMAGE_EXTS = ("npy", "png", "jpg", "jpeg", "webp", "ppm", "bmp")
+LABEL_EXTS = ("cls", "cls.txt", "label", "target")
+# WebDataset's rule: the key is the path up to the first dot of the file name.
+_KEY_RE = re.compile(r"^((?:.*/|)[^./]+)\.([^/]*)$")
+
+
+# ---------------------------------------------------------------- shard lists
+
+
+def expand_pattern(pattern: str) -> list[str]:
+    """Brace-expand a shard pattern (`data/train-{000000..000009}.tar`, `a.tar::b.tar`)."""
+    from webdataset.shardlists import expand_urls
+
+    return list(expand_urls(pattern))
+
+
+def is_local(url: str) -> bool:
+    return "://" not in url and not url.startswith("pipe:")
+
+
+def local_copy(url: str, cache_dir: Optional[str]) -> Path:
+    """A local, seekable path for a shard: local files as they are, others cached once."""
+    if url.startswith("file://"):
+        url = url[len("file://"):]
+    if is_local(url):
+        return Path(url)
+    from webdataset.gopen import gopen
+
+    cache = Path(cache_dir or os.path.expanduser("~/.cache/launcher/shards"))
+    cache.mkdir(parents=True, exist_ok=True)
+    target = cache / (hashlib.sha256(url.encode()).hexdigest()[:20] + ".tar")
+    if not target.exists():
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        try:
+            with gopen(url, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 20):
+                    dst.write(chunk)
+            os.replace(tmp, target)  # atomic: a half-fetched shard is never seen as cached
+        except Exception as err:
+            tmp.unlink(missing_ok=True)
+            raise LauncherError(f"Could not read shard '{url}': {err}") from None
+    return target
+
+
+# ---------------------------------------------------------------- the index
+
+
+@dataclass
+class ShardIndex:
+    """Where every sample of a shard set lives. Sample ids are positions in shard order."""
+
+    paths: list[Path]
+    shard_sizes: np.ndarray  # samples per shard
+    shard_of: np.ndarray  # sample id -> shard number
+    offsets: np.ndarray  # sample id -> byte offset of its image member
+    sizes: np.ndarray  # sample id -> byte size of its image member
+    exts: list[str]  # sample id -> image extension
+    labels: np.ndarray  # sample id -> class label
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def read_image(self, sample_id: int, files: dict[int, Any]) -> tuple[bytes, str]:
+        shard = int(self.shard_of[sample_id])
+        handle = files.get(shard)
+        if handle is None:
+            handle = files[shard] = open(self.paths[shard], "rb")
+        handle.seek(int(self.offsets[sample_id]))
+        return handle.read(int(self.sizes[sample_id])), self.exts[sample_id]
+
+
+def index_shards(pattern: str, key: str, cache_dir: Optional[str] = None,
+                 num_classes: Optional[int] = None) -> ShardIndex:
+    """Index every shard of a pattern; any unusable shard is an error naming it."""
+    urls = expand_pattern(pattern)
+    paths = []
+    for url in urls:
+        path = local_copy(url, cache_dir)
+        if not path.is_file():
+            hint = ""
+            if "digits" in str(path):
+                hint = " Write the digits shards first: python -m launcher.shards digits --out data/digits."
+            raise LauncherError(
+                f"{key}: shard '{url}' does not exist (pattern '{pattern}'). Check the path and the "
+                f"brace range, or write the shards with `python -m launcher.shards`.{hint}"
+            )
+        paths.append(path)
+    sizes, shard_of, offsets, lengths, exts, labels = [], [], [], [], [], []
+    for shard_no, path in enumerate(paths):
+        samples = _scan_tar(path, key)
+        if not samples:
+            raise LauncherError(f"{key}: shard '{path}' holds no samples (an empty tar). Remove it or rewrite it.")
+        sizes.append(len(samples))
+        for offset, length, ext, label in samples:
+            shard_of.append(shard_no)
+            offsets.append(offset)
+            lengths.append(length)
+            exts.append(ext)
+            labels.append(label)
+    labels_arr = np.asarray(labels, dtype=np.int64)
+    if num_classes is not None and len(labels_arr) and (labels_arr.min() < 0 or labels_arr.max() >= num_classes):
+        bad = int(labels_arr.max() if labels_arr.max() >= num_classes else labels_arr.min())
+        raise LauncherError(
+            f"{key}: the shards hold label {bad}, outside 0..{num_classes - 1}; set model.num_classes to the "
+            "number of classes in the data."
+        )
+    return ShardIndex(
+        paths=paths,
+        shard_sizes=np.asarray(sizes, dtype=np.int64),
+        shard_of=np.asarray(shard_of, dtype=np.int32),
+        offsets=np.asarray(offsets, dtype=np.int64),
+        sizes=np.asarray(lengths, dtype=np.int64),
+        exts=exts,
+        labels=labels_arr,
+    )
+
+
+def _scan_tar(path: Path, key: str) -> list[tuple[int, int, str, int]]:
+    """(image offset, image size, image ext, label) for each sample, from the tar headers."""
+    file_size = path.stat().st_size
+    groups: dict[str, dict[str, tarfile.TarInfo]] = {}
+    order: list[str] = []
+    try:
+        with tarfile.open(path, "r:") as tar:
+            for member in tar:
+                if not member.isfile():
+                    continue
+                match = _KEY_RE.match(member.name)
+                if not match:
+                    continue
+                sample_key, ext = match.group(1), match.group(2).lower()
+                if member.offset_data + member.size > file_size:
+                    raise LauncherError(
+                        f"{key}: shard '{path}' is truncated (member '{member.name}' ends past the end of the "
+                        "file). Rewrite or re-download it."
+                    )
+                if sample_key not in groups:
+                    groups[sample_key] = {}
+                    order.append(sample_key)
+                groups[sample_key][ext] = member
+            # A tar cut exactly between two members still parses; the end-of-archive marker
+            # (two zero blocks, written by every tar writer) is what proves it complete.
+            with open(path, "rb") as raw:
+                raw.seek(tar.offset)
+                if raw.read(1024) != bytes(1024):
+                    raise LauncherError(
+                        f"{key}: shard '{path}' is truncated (no end-of-archive marker after its last "
+                        "member). Rewrite or re-download it."
+                    )
+            label_data = {}
+            for sample_key in order:
+                members = groups[sample_key]
+                label_ext = next((e for e in LABEL_EXTS if e in members), None)
+                if label_ext is not None:
+                    label_data[sample_key] = tar.extractfile(members[label_ext]).read()
+    except tarfile.TarError as err:
+        what = "is truncated" if "truncated" in str(err) or "end of" in str(err) else "is not a readable tar file"
+        raise LauncherError(f"{key}: shard '{path}' {what} ({err}). Rewrite or re-download it.") from None
+    samples = []
+    for sample_key in order:
+        members = groups[sample_key]
+        image_ext = next((e for e in IMAGE_EXTS if e in members), None)
+        if image_ext is None or sample_key not in label_data:
+            raise LauncherError(
+                f"{key}: sample '{sample_key}' in shard '{path}' has files {sorted(members)}; each sample needs an "
+                f"image ({'/'.join(IMAGE_EXTS)}) and a label ({'/'.join(LABEL_EXTS)})."
+            )
+        try:
+            label = int(label_data[sample_key].decode().strip())
+        except ValueError:
+            raise LauncherError(
+                f"{key}: sample '{sample_key}' in shard '{path}' has a label that is not an integer: "
+                f"{label_data[sample_key][:20]!r}."
+            ) from None
+        member = members[image_ext]
+        samples.append((member.offset_data, member.size, image_ext, label))
+    return samples
+
+
+def decode_image(data: bytes, ext: str) -> torch.Tensor:
+    """Image bytes -> uint8 tensor (C, H, W). `.npy` holds a raw uint8 HxW or HxWxC array."""
+    if ext == "npy":
+        array = np.load(io.BytesIO(data), allow_pickle=False)
+    else:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as img:
+            if img.mode not in ("L", "RGB"):
+                img = img.convert("RGB")
+            array = np.asarray(img)
+    if array.ndim == 2:
+        array = array[:, :, None]
+    return torch.from_numpy(np.ascontiguousarray(array.transpose(2, 0, 1)))
+
+
+# ---------------------------------------------------------------- the epoch plan
+
+
+@dataclass(frozen=True)
+class EpochPlan:
+    """Which samples every step of an epoch uses (see the module docstring).
+
+    Deterministic in (seed, epoch, shard sizes, global_batch, streams, shuffle, window);
+    `world_size` only decides which lanes each rank owns, and whether a tiny last step is
+    merged into the one before it (so that no rank gets fewer than `min_rank_samples`,
+    which BatchNorm needs in training).
+    """
+
+    shard_sizes: tuple[int, ...]
+    global_batch: int
+    streams: int
+    world_size: int
+    seed: int = 0
+    shuffle: bool = True
+    window: int = 1000
+    min_rank_samples: int = 2
+    _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
+
+    def __post_init__(self):
+        if self.streams % self.world_size or self.global_batch % self.streams:
+            raise LauncherError(
+                f"data.streams={self.streams} must be a multiple of the number of processes ({self.world_size}) "
+                f"and divide the global batch ({self.global_batch} = data.batch_size x processes)."
+            )
+
+    @property
+    def num_samples(self) -> int:
+        return int(sum(self.shard_sizes))
+
+    def lanes(self, epoch: int) -> list[np.ndarray]:
+        """The epoch's sample ids, as `streams` shuffled lanes."""
+        if epoch not in self._cache:
+            self._cache.clear()
+            self._cache[epoch] = self._make_lanes(epoch)
+        return self._cache[epoch]
+
+    def _make_lanes(self, epoch: int) -> list[np.ndarray]:
+        starts = np.concatenate([[0], np.cumsum(self.shard_sizes)])
+        order = np.arange(len(self.shard_sizes))
+        if self.shuffle:
+            order = np.random.default_rng([self.seed, epoch, 1]).permutation(order)
+        stream = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in order])
+        bounds = [(lane * len(stream)) // self.streams for lane in range(self.streams + 1)]
+        lanes = []
+        for lane in range(self.streams):
+            ids = stream[bounds[lane]:bounds[lane + 1]].copy()
+            if self.shuffle:
+                rng = np.random.default_rng([self.seed, epoch, 2, lane])
+                for w in range(0, len(ids), self.window):
+                    ids[w:w + self.window] = rng.permutation(ids[w:w + self.window])
+            lanes.append(ids)
+        return lanes
+
+    @property
+    def per_lane(self) -> int:
+        return self.global_batch // self.streams
+
+    def steps_per_epoch(self) -> int:
+        longest = -(-self.num_samples // self.streams)
+        steps = max(1, math.ceil(longest / self.per_lane))
+        if steps > 1 and self._smallest_rank_share(steps - 1) < self.min_rank_samples:
+            steps -= 1  # the tiny tail is merged into the step before
+        return steps
+
+    def _lane_range(self, lane_len: int, step: int, steps: int) -> tuple[int, int]:
+        start = step * self.per_lane
+        end = lane_len if step == steps - 1 else min(lane_len, start + self.per_lane)
+        return min(start, lane_len), end
+
+    def _smallest_rank_share(self, step: int) -> int:
+        # Lane lengths are known without building the lanes: they differ by at most one.
+        n, L = self.num_samples, self.streams
+        lengths = [((lane + 1) * n) // L - (lane * n) // L for lane in range(L)]
+        per_rank = L // self.world_size
+        shares = []
+        for rank in range(self.world_size):
+            share = 0
+            for lane in range(rank * per_rank, (rank + 1) * per_rank):
+                start = step * self.per_lane
+                share += max(0, min(lengths[lane], start + self.per_lane) - start)
+            shares.append(share)
+        return min(shares)
+
+    def rank_ids(self, epoch: int, step: int, rank: int) -> np.ndarray:
+        """Sample ids that `rank` trains on at `step` of `epoch`."""
+        steps = self.steps_per_epoch()
+        per_rank = self.streams // self.world_size
+        parts = []
+        for lane_ids in self.lanes(epoch)[rank * per_rank:(rank + 1) * per_rank]:
+            start, end = self._lane_range(len(lane_ids), step, steps)
+            parts.append(lane_ids[start:end])
+        return np.concatenate(parts)
+
+    def global_count(self, epoch: int, step: int) -> int:
+        """Samples in the whole global batch of `step` (the loss is normalised by it)."""
+        steps = self.steps_per_epoch()
+        ranges = [self._lane_range(len(ids), step, steps) for ids in self.lanes(epoch)]
+        return int(sum(end - start for start, end in ranges))
+
+
+# ---------------------------------------------------------------- datasets
+
+
+@dataclass
+class Batch:
+    """What one rank trains on in one step. Plugins may replace `targets` by soft targets
+    (N, classes) or add entries to `extras`."""
+
+    images: torch.Tensor
+    targets: torch.Tensor
+    ids: torch.Tensor  # sample ids (positions in the shard index)
+    global_count: int  # samples in the global batch across all ranks
+    step_in_epoch: int = 0
+    extras: dict = field(default_factory=dict)
+
+    def to(self, device, memory_format=torch.contiguous_format) -> "Batch":
+        self.images = self.images.to(device, non_blocking=True, memory_format=memory_format)
+        self.targets = self.targets.to(device, non_blocking=True)
+        return self
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _mix64(*values: int) -> int:
+    """A splitmix64-style hash of integers (SeedSequence would do, at 6x the cost per sample)."""
+    h = 0x9E3779B97F4A7C15
+    for v in values:
+        h = ((h ^ (v & _MASK64)) * 0xBF58476D1CE4E5B9) & _MASK64
+        h = ((h ^ (h >> 31)) * 0x94D049BB133111EB) & _MASK64
+        h ^= h >> 29
+    return h
+
+
+def seed_for_sample(seed: int, epoch: int, sample_id: int) -> None:
+    """Seed every CPU RNG the transforms may use (torch, random, numpy) for this one sample.
+    torch.default_generator, not torch.manual_seed: the latter also seeds every GPU (100x slower)."""
+    h = _mix64(seed, epoch, int(sample_id))
+    torch.default_generator.manual_seed(h >> 1)
+    random.seed(h)
+    np.random.seed(h & 0xFFFFFFFF)
+
+
+class _ShardReader(IterableDataset):
+    """Shared by the training and evaluation streams: load, decode, seed, transform."""
+
+    def __init__(self, index: ShardIndex, transform: Callable, seed: int, epoch: int):
+        self.index, self.transform, self.seed, self.epoch = index, transform, seed, epoch
+
+    def _load(self, ids: np.ndarray, files: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        images = []
+        for sample_id in ids:
+            raw, ext = self.index.read_image(int(sample_id), files)
+            seed_for_sample(self.seed, self.epoch, int(sample_id))
+            images.append(self.transform(decode_image(raw, ext)))
+        return torch.stack(images), torch.from_numpy(self.index.labels[ids])
+
+    def _my_share(self, items: list) -> Iterator:
+        """This data-loader worker's items (every nw-th), and a per-worker file cache."""
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info else (0, 1)
+        files: dict = {}
+        try:
+            for item in items[worker::workers]:
+                yield item, files
+        finally:
+            for handle in files.values():
+                handle.close()
+
+
+class TrainStream(_ShardReader):
+    """The training batches of one rank for one epoch, from `start_step` on."""
+
+    def __init__(self, index: ShardIndex, plan: EpochPlan, transform: Callable, epoch: int, rank: int,
+                 start_step: int = 0):
+        super().__init__(index, transform, plan.seed, epoch)
+        self.plan, self.rank, self.start_step = plan, rank, start_step
+
+    def __len__(self) -> int:
+        return max(0, self.plan.steps_per_epoch() - self.start_step)
+
+    def __iter__(self):
+        steps = list(range(self.start_step, self.plan.steps_per_epoch()))
+        for step, files in self._my_share(steps):
+            ids = self.plan.rank_ids(self.epoch, step, self.rank)
+            images, targets = self._load(ids, files)
+            yield {"images": images, "targets": targets, "ids": torch.from_numpy(ids),
+                   "global_count": self.plan.global_count(self.epoch, step), "step_in_epoch": step}
+
+
+class EvalStream(_ShardReader):
+    """Every validation sample exactly once: rank r takes its contiguous share, no padding."""
+
+    def __init__(self, index: ShardIndex, transform: Callable, batch_size: int, rank: int, world_size: int):
+        super().__init__(index, transform, seed=0, epoch=0)
+        n = len(index)
+        ids = np.arange((rank * n) // world_size, ((rank + 1) * n) // world_size)
+        self.batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        for ids, files in self._my_share(self.batches):
+            images, targets = self._load(ids, files)
+            yield {"images": images, "targets": targets, "ids": torch.from_numpy(ids),
+                   "global_count": len(ids), "step_in_epoch": 0}
+
+
+def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) -> Iterator[Batch]:
+    """Iterate a stream through a DataLoader. Workers hand back whole batches in turn, so the
+    order is the step order. With no workers, loading runs here, and the per-sample seeding
+    must not disturb the training process's own RNG (dropout, plugins)."""
+    if num_workers == 0:
+        iterator = _rng_preserving(iter(stream))
+    else:
+        iterator = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                   prefetch_factor=2))
+    for item in iterator:
+        yield Batch(**item)
+
+
+def _rng_preserving(iterator: Iterator) -> Iterator:
+    while True:
+        py_state, np_state = random.getstate(), np.random.get_state()
+        with torch.random.fork_rng(devices=[]):
+            try:
+                item = next(iterator)
+            except StopIteration:
+                return
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+        yield item

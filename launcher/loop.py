@@ -1,0 +1,359 @@
+"""The training loop. One function, `train(recipe)`, readable top to bottom.
+
+The plugin hooks (launcher.registry.HOOKS) are called at the points marked H below,
+each in recipe order. Notify hooks return nothing; transform hooks return their value.
+
+    options  = H accelerator_options(ctx, {cpu, ...})     # e.g. amp sets mixed_precision
+    accelerator = Accelerator(**options)
+    index the shards, build model (seeded), optimizer (timm), schedule (timm), criterion
+    H setup(ctx)                                         # may replace ctx.criterion / wrap model
+    model, optimizer = accelerator.prepare(model, optimizer)
+    H after_prepare(ctx)                                 # resume sets ctx.epoch/step here
+    for epoch in epochs:
+        H on_epoch_start(ctx)
+        for batch in this rank's batches of the epoch (from ctx.step_in_epoch on):
+            batch = H transform_batch(ctx, batch)        # mixup, cutmix...
+            for micro in ctx.micro_batches(batch):       # one, or several with accumulation
+                logits = model(micro.images)
+                loss = criterion(logits, targets) * len(micro) * world / global_count
+                loss = H transform_loss(ctx, loss, micro, logits)   # distillation...
+                accelerator.backward(loss)
+            H before_optimizer_step(ctx)                 # grads complete & unscaled; SAM, clipping
+            optimizer.step(); optimizer.zero_grad(); ctx.step += 1; schedule.step_update(ctx.step)
+            H after_optimizer_step(ctx)                  # EMA
+            every run.log_every steps: row -> metrics.jsonl; H on_log(ctx, row)
+            stop at train.max_steps or when a plugin sets ctx.stop_training
+        every train.eval_every epochs and at the end:
+            models = H eval_models(ctx, {"val": model})  # EMA adds "val_ema"
+            per batch: outputs = H eval_logits(ctx, {prefix: logits}, images, model, prefix)  # TTA
+            metrics reduced over ranks -> row; H on_evaluate(ctx, metrics); H on_log(ctx, row)
+    write final/model.safetensors; H on_train_end(ctx)
+
+Why the loss is normalised by the global batch: each rank's loss is
+mean(micro-batch losses) * micro_batch_size * world_size / samples_in_global_batch, so after DDP averages the
+gradients over ranks the update is the mean over the global batch, whatever the number
+of ranks or micro-batches, and however unevenly the last step of an epoch is split.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from launcher.data import Batch, EpochPlan, EvalStream, ShardIndex, TrainStream, batches, index_shards
+from launcher.errors import LauncherError
+from launcher.models import create_model
+from launcher.registry import PluginSet, build_plugins
+from launcher.runlog import MetricsLog, manifest, start_run_dir
+from launcher.transforms import ImageTransform
+
+
+def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """Mean cross-entropy over the micro-batch; targets are class indices or soft (N, classes)
+    rows (mixup, label smoothing). Every criterion returns the mean over its micro-batch."""
+    return F.cross_entropy(logits, targets)
+
+
+@dataclass
+class RunContext:
+    """Everything plugins may read or change. Plugins talk to the loop only through this."""
+
+    recipe: Any
+    accelerator: Any = None
+    model: Optional[nn.Module] = None  # the prepared (possibly DDP-wrapped) model
+    optimizer: Optional[torch.optim.Optimizer] = None
+    scheduler: Any = None  # a timm scheduler, stepped per optimizer step
+    criterion: Callable = cross_entropy  # (logits, targets) -> mean loss of the micro-batch
+    plugins: Optional[PluginSet] = None
+    run_dir: Optional[Path] = None
+    world_size: int = 1
+    rank: int = 0
+    is_main: bool = True
+    train_index: Optional[ShardIndex] = None
+    val_index: Optional[ShardIndex] = None
+    plan: Optional[EpochPlan] = None
+    steps_per_epoch: int = 0
+    total_steps: int = 0
+    # Progress: optimizer steps done, current epoch, next step inside the epoch.
+    step: int = 0
+    epoch: int = 0
+    step_in_epoch: int = 0
+    # The step being trained: its batch, its micro-batches and its loss.
+    batch: Optional[Batch] = None
+    loss: Optional[torch.Tensor] = None
+    metrics: dict = field(default_factory=dict)  # the latest evaluation, reduced over ranks
+    stop_training: bool = False  # set by a plugin on every rank alike (e.g. from reduced metrics)
+    stop_reason: str = ""
+    # Splits a step's batch into micro-batches (gradient accumulation replaces it).
+    micro_batches: Callable[[Batch], list] = field(default=lambda batch: [batch])
+    extras: dict = field(default_factory=dict)  # free-form space for plugins' shared facts
+
+    def forward_backward(self, batch: Batch) -> torch.Tensor:
+        """Forward and backward over the step's micro-batches; returns the summed loss.
+        Gradient all-reduce happens only on the last micro-batch."""
+        micro = self.micro_batches(batch)
+        total = torch.zeros((), device=self.accelerator.device)
+        for i, mb in enumerate(micro):
+            sync = i == len(micro) - 1
+            with nullcontext() if sync else self.accelerator.no_sync(self.model):
+                with self.accelerator.autocast():
+                    logits = self.model(mb.images)
+                    # The mean over this micro-batch, rescaled to its share of the global batch.
+                    # The factor is exactly 1.0 for a full batch on one process and one micro-batch.
+                    share = len(mb.targets) * self.world_size / mb.global_count
+                    loss = self.criterion(logits, mb.targets) * share
+                    loss = self.plugins.chain("transform_loss", self, loss, mb, logits)
+                self.accelerator.backward(loss)
+            total += loss.detach()
+        return total
+
+    def recompute_gradients(self) -> torch.Tensor:
+        """For before_optimizer_step hooks (SAM): zero the gradients and recompute them on
+        the same step's batch (same micro-batches, same transformed targets)."""
+        self.optimizer.zero_grad(set_to_none=True)
+        return self.forward_backward(self.batch)
+
+
+def train(recipe) -> RunContext:
+    """Run a validated recipe to the end; returns the final context (tests read it)."""
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    plugins = build_plugins(recipe)
+    ctx = RunContext(recipe=recipe, plugins=plugins, run_dir=recipe.run_dir)
+    options = plugins.chain("accelerator_options", ctx, {"cpu": not torch.cuda.is_available()})
+    ctx.accelerator = accelerator = Accelerator(**options)
+    ctx.world_size, ctx.rank = accelerator.num_processes, accelerator.process_index
+    ctx.is_main = accelerator.is_main_process
+
+    # Everything that can fail on bad input is checked before the run directory exists.
+    data = recipe.data
+    ctx.train_index = index_shards(data.train, "data.train", data.cache_dir, recipe.model.num_classes)
+    if data.val:
+        ctx.val_index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes)
+    ctx.plan = EpochPlan(
+        shard_sizes=tuple(int(n) for n in ctx.train_index.shard_sizes),
+        global_batch=data.batch_size * ctx.world_size,
+        streams=data.streams or ctx.world_size,
+        world_size=ctx.world_size,
+        seed=recipe.seed,
+        shuffle=data.shuffle,
+        window=data.shuffle_window,
+    )
+    ctx.steps_per_epoch = ctx.plan.steps_per_epoch()
+    ctx.total_steps = recipe.train.epochs * ctx.steps_per_epoch
+    if recipe.train.max_steps:
+        ctx.total_steps = min(ctx.total_steps, recipe.train.max_steps)
+    train_transform = ImageTransform(data, recipe.model.in_chans, train=True)
+    eval_transform = ImageTransform(data, recipe.model.in_chans, train=False)
+
+    set_seed(recipe.seed)  # the same initial weights on every rank
+    model = create_model(recipe.model).to(accelerator.device)
+    ctx.optimizer = create_optimizer(recipe.optimizer, model)
+    ctx.scheduler = create_schedule(recipe.schedule, ctx.optimizer, recipe.train.epochs, ctx.steps_per_epoch)
+    ctx.model = model
+    plugins.call("setup", ctx)
+    ctx.model, ctx.optimizer = accelerator.prepare(ctx.model, ctx.optimizer)
+    set_seed(recipe.seed + ctx.rank)  # dropout and other draws differ per rank
+    plugins.call("after_prepare", ctx)
+
+    if ctx.is_main:
+        start_run_dir(ctx.run_dir, recipe, manifest(recipe, ctx.world_size, str(accelerator.device),
+                                                     str(accelerator.mixed_precision)))
+    log = MetricsLog(ctx.run_dir / "metrics.jsonl" if ctx.is_main else None, keep_until_step=ctx.step)
+    memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
+    progress = _progress(ctx, enabled=ctx.is_main and recipe.run.progress)
+    if ctx.scheduler is not None:
+        ctx.scheduler.step_update(ctx.step)
+
+    running_loss, running_steps = torch.zeros((), device=accelerator.device), 0
+    last_eval_step = -1
+    while ctx.epoch < recipe.train.epochs and not _done(ctx):
+        plugins.call("on_epoch_start", ctx)
+        stream = TrainStream(ctx.train_index, ctx.plan, train_transform, ctx.epoch, ctx.rank, ctx.step_in_epoch)
+        for batch in batches(stream, data.num_workers, pin_memory=accelerator.device.type == "cuda"):
+            ctx.model.train()
+            ctx.batch = plugins.chain("transform_batch", ctx, batch.to(accelerator.device, memory_format))
+            ctx.loss = ctx.forward_backward(ctx.batch)
+            plugins.call("before_optimizer_step", ctx)
+            ctx.optimizer.step()
+            ctx.optimizer.zero_grad(set_to_none=True)
+            ctx.step += 1
+            ctx.step_in_epoch = batch.step_in_epoch + 1
+            if ctx.scheduler is not None:
+                ctx.scheduler.step_update(ctx.step)
+            plugins.call("after_optimizer_step", ctx)
+
+            running_loss += ctx.loss
+            running_steps += 1
+            if ctx.step % recipe.run.log_every == 0 or _done(ctx):
+                # One all-reduce per logged row, not per step: .item() is a sync point.
+                mean_loss = accelerator.reduce(running_loss, "sum").item() / (ctx.world_size * running_steps)
+                row = {"step": ctx.step, "epoch": ctx.epoch, "train/loss": mean_loss,
+                       "train/lr": ctx.optimizer.param_groups[0]["lr"]}
+                _emit(ctx, log, row)
+                progress.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+                running_loss.zero_()
+                running_steps = 0
+            progress.update(1)
+            if _done(ctx):
+                break
+        epoch_finished = ctx.step_in_epoch >= ctx.steps_per_epoch
+        if epoch_finished:
+            ctx.epoch += 1
+            ctx.step_in_epoch = 0
+        if ctx.val_index is not None and ((epoch_finished and ctx.epoch % recipe.train.eval_every == 0)
+                                          or _done(ctx)):
+            evaluate(ctx, eval_transform, log)
+            last_eval_step = ctx.step
+    if ctx.val_index is not None and last_eval_step != ctx.step:
+        evaluate(ctx, eval_transform, log)
+    progress.close()
+
+    if ctx.is_main:
+        save_weights(accelerator.unwrap_model(ctx.model), ctx.run_dir / "final" / "model.safetensors")
+    accelerator.wait_for_everyone()
+    plugins.call("on_train_end", ctx)
+    log.close()
+    return ctx
+
+
+def _done(ctx: RunContext) -> bool:
+    return ctx.stop_training or ctx.step >= ctx.total_steps
+
+
+def _emit(ctx: RunContext, log: MetricsLog, row: dict) -> None:
+    log.write(row)
+    ctx.plugins.call("on_log", ctx, row)
+
+
+@torch.no_grad()
+def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dict:
+    """Loss, top-1 and top-5 of every model plugins ask for, each validation sample counted
+    exactly once across ranks (rank shares are disjoint, unpadded; sums are all-reduced)."""
+    recipe, accelerator = ctx.recipe, ctx.accelerator
+    models = ctx.plugins.chain("eval_models", ctx, {"val": accelerator.unwrap_model(ctx.model)})
+    batch_size = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
+    memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
+    # Per output name: [loss sum, top-1 hits, top-5 hits, samples].
+    sums: dict[str, torch.Tensor] = {}
+    was_training = {prefix: m.training for prefix, m in models.items()}
+    for m in models.values():
+        m.eval()
+    stream = EvalStream(ctx.val_index, transform, batch_size, ctx.rank, ctx.world_size)
+    for batch in batches(stream, recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda"):
+        batch.to(accelerator.device, memory_format)
+        for prefix, model in models.items():
+            with accelerator.autocast():
+                logits = model(batch.images)
+                outputs = ctx.plugins.chain("eval_logits", ctx, {prefix: logits}, batch.images, model, prefix)
+            for name, out in outputs.items():
+                sums.setdefault(name, torch.zeros(4, device=accelerator.device, dtype=torch.float64))
+                sums[name] += _eval_sums(out.float(), batch.targets)
+    for prefix, m in models.items():
+        m.train(was_training[prefix])
+    metrics = {}
+    for name in sorted(sums):
+        loss_sum, top1, top5, count = accelerator.reduce(sums[name], "sum").tolist()
+        metrics.update({f"{name}/loss": loss_sum / count, f"{name}/top1": top1 / count,
+                        f"{name}/top5": top5 / count, f"{name}/samples": int(count)})
+    ctx.metrics = metrics
+    ctx.plugins.call("on_evaluate", ctx, metrics)
+    _emit(ctx, log, {"step": ctx.step, "epoch": ctx.epoch, **metrics})
+    if ctx.is_main and recipe.run.progress:
+        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("top1", "loss")))
+        print(f"\n[eval] step {ctx.step} epoch {ctx.epoch}: {shown}", flush=True)
+    return metrics
+
+
+def _eval_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    k = min(5, logits.shape[-1])
+    topk = logits.topk(k, dim=-1).indices
+    hits = topk == targets[:, None]
+    loss = F.cross_entropy(logits, targets, reduction="sum")
+    return torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(-1).sum().double(),
+                        torch.tensor(float(len(targets)), device=logits.device, dtype=torch.float64)])
+
+
+def create_optimizer(section, model: nn.Module) -> torch.optim.Optimizer:
+    """timm's optimizer factory; biases and norm weights get no weight decay by default."""
+    from timm.optim import create_optimizer_v2, list_optimizers
+
+    if section.name not in list_optimizers():
+        from launcher.errors import did_you_mean
+
+        raise LauncherError(f"Unknown optimizer '{section.name}' (optimizer.name)."
+                            f"{did_you_mean(section.name, list_optimizers())}")
+    kwargs = dict(section.kwargs)
+    if section.name in ("sgd", "momentum", "nesterov", "rmsprop", "lars", "nlars"):
+        kwargs.setdefault("momentum", section.momentum)
+    try:
+        return create_optimizer_v2(model, opt=section.name, lr=section.lr, weight_decay=section.weight_decay,
+                                   filter_bias_and_bn=not section.decay_bias_and_norm, **kwargs)
+    except TypeError as err:
+        raise LauncherError(f"optimizer options do not fit '{section.name}': {err}") from None
+
+
+def create_schedule(section, optimizer, epochs: int, steps_per_epoch: int):
+    """timm's scheduler, stepped per optimizer step (so warmup is smooth, not per epoch)."""
+    from timm.scheduler import create_scheduler_v2
+
+    if section.name == "constant" and not section.warmup_epochs:
+        return None
+    # Warmup comes first, then the decay runs over the remaining steps (timm's warmup_prefix);
+    # with restarts, the first cycle's length is chosen so that all cycles fill those steps.
+    decay_epochs = max(epochs - section.warmup_epochs, 1.0 / steps_per_epoch)
+    cycle_total = sum(section.cycle_mul ** i for i in range(section.cycles))
+    first_cycle = decay_epochs / cycle_total if section.name == "cosine" else decay_epochs
+    scheduler, _ = create_scheduler_v2(
+        optimizer,
+        sched=section.name,
+        num_epochs=max(1, round(first_cycle * steps_per_epoch)) / steps_per_epoch,
+        warmup_epochs=section.warmup_epochs,
+        warmup_prefix=True,
+        warmup_lr=section.warmup_lr,
+        min_lr=section.min_lr,
+        cycle_limit=section.cycles,
+        cycle_mul=section.cycle_mul,
+        cycle_decay=section.cycle_decay,
+        decay_epochs=section.decay_epochs,
+        decay_milestones=section.decay_milestones,
+        decay_rate=section.decay_rate,
+        step_on_epochs=False,
+        updates_per_epoch=steps_per_epoch,
+    )
+    return scheduler
+
+
+def save_weights(model: nn.Module, path: Path) -> None:
+    """safetensors, written to a temporary name and renamed (never half-written)."""
+    from safetensors.torch import save_model
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_model(model, str(tmp))
+    os.replace(tmp, path)
+
+
+class _NoProgress:
+    def update(self, n=1): pass
+    def set_postfix(self, *a, **k): pass
+    def close(self): pass
+
+
+def _progress(ctx: RunContext, enabled: bool):
+    if not enabled:
+        return _NoProgress()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=ctx.total_steps, initial=ctx.step, desc=f"{ctx.recipe.name}", unit="step",
+                dynamic_ncols=True, mininterval=1.0)

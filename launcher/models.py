@@ -1,0 +1,144 @@
+"""Models: any timm model by name, plus CIFAR-style WideResNets registered into timm.
+
+timm has no CIFAR WideResNet (its `wide_resnet*` are ImageNet ResNets with a 7x7 stem),
+so WRN-depth-width (Zagoruyko & Komodakis 2016) is written here and registered into
+timm's own registry under `wrn{depth}_{width}`: once `launcher` is imported,
+`timm.create_model("wrn40_10", num_classes=100)` works like any timm model.
+"""
+
+from __future__ import annotations
+
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from timm.models import register_model
+
+from launcher.errors import LauncherError, did_you_mean
+
+
+class WideBasic(nn.Module):
+    """Pre-activation block: BN-ReLU-conv3x3-dropout-BN-ReLU-conv3x3, plus the shortcut."""
+
+    def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float):
+        super().__init__()
+        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
+        self.drop_rate = drop_rate
+        self.shortcut = None
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = F.relu(self.bn1(x))
+        # The projection shortcut takes the pre-activated input, as in the paper's code.
+        shortcut = x if self.shortcut is None else self.shortcut(out)
+        out = self.conv1(out)
+        out = F.relu(self.bn2(out))
+        if self.drop_rate > 0:
+            out = F.dropout(out, p=self.drop_rate, training=self.training)
+        return self.conv2(out) + shortcut
+
+
+class WideResNet(nn.Module):
+    """WRN-depth-width for 32x32 inputs, with Kaiming (fan_out) initialisation."""
+
+    def __init__(self, depth: int = 28, width: int = 10, num_classes: int = 100, in_chans: int = 3,
+                 drop_rate: float = 0.0):
+        super().__init__()
+        if (depth - 4) % 6 != 0:
+            raise ValueError(f"WideResNet depth must be 6n+4 (e.g. 16, 22, 28, 40), got {depth}")
+        n = (depth - 4) // 6
+        widths = [16, 16 * width, 32 * width, 64 * width]
+        self.num_classes = num_classes
+        self.num_features = widths[3]
+        self.drop_rate = drop_rate
+        self.stem = nn.Conv2d(in_chans, widths[0], 3, padding=1, bias=False)
+        stages, in_planes = [], widths[0]
+        for i, stride in enumerate((1, 2, 2)):
+            blocks = []
+            for j in range(n):
+                blocks.append(WideBasic(in_planes, widths[i + 1], stride if j == 0 else 1, drop_rate))
+                in_planes = widths[i + 1]
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.Sequential(*stages)
+        self.norm = nn.BatchNorm2d(self.num_features)
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self._init_weights()
+
+    def _init_weights(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Conv2d):
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            elif isinstance(m, nn.BatchNorm2d):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.Linear):
+                nn.init.kaiming_normal_(m.weight, nonlinearity="linear")
+                nn.init.zeros_(m.bias)
+
+    # The timm model interface (used by EMA, discriminative LRs, fine-tuning...).
+    def group_matcher(self, coarse: bool = False) -> dict:
+        return {"stem": r"^stem", "blocks": r"^stages\.(\d+)" if coarse else r"^stages\.(\d+)\.(\d+)"}
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes = num_classes
+        self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(self.norm(self.stages(self.stem(x))))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)
+        return x if pre_logits else self.fc(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+def _make_wrn(depth: int, width: int):
+    def entrypoint(pretrained: bool = False, **kwargs) -> WideResNet:
+        if pretrained:
+            raise LauncherError(f"wrn{depth}_{width} has no pretrained weights; load a local checkpoint instead.")
+        for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
+            kwargs.pop(key, None)
+        return WideResNet(depth=depth, width=width, **kwargs)
+
+    entrypoint.__name__ = f"wrn{depth}_{width}"
+    entrypoint.__qualname__ = entrypoint.__name__
+    entrypoint.__module__ = __name__
+    entrypoint.__doc__ = f"CIFAR WideResNet-{depth}-{width}."
+    return entrypoint
+
+
+for _depth in (10, 16, 22, 28, 40):
+    for _width in (1, 2, 4, 8, 10, 12):
+        globals()[f"wrn{_depth}_{_width}"] = register_model(_make_wrn(_depth, _width))
+
+
+def create_model(section) -> nn.Module:
+    """Build the recipe's model with timm (the WRNs above are in timm's registry)."""
+    if not timm.is_model(section.name):
+        raise LauncherError(
+            f"Unknown model '{section.name}' (model.name).{did_you_mean(section.name, timm.list_models())} "
+            "Any name from timm.list_models() works, plus the CIFAR WideResNets wrn{16,22,28,40}_{1,2,4,8,10}."
+        )
+    try:
+        model = timm.create_model(
+            section.name,
+            pretrained=False,
+            num_classes=section.num_classes,
+            in_chans=section.in_chans,
+            drop_rate=section.drop_rate,
+            **section.kwargs,
+        )
+    except TypeError as err:
+        raise LauncherError(f"model.kwargs {section.kwargs} do not fit '{section.name}': {err}") from None
+    if section.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model

@@ -1,0 +1,260 @@
+"""Recipes: YAML files validated against a typed schema before anything trains.
+
+A recipe is a YAML mapping. Command-line overrides are `key=value` (nested keys with
+dots, the value parsed as YAML: `train.epochs=3`, `data.augment.hflip=0.5`,
+`plugins.ema={decay: 0.999}`) and `~key` removes a key (`~plugins.sam`).
+
+Every section forbids unknown keys; a misspelling is an error that names the key and
+the nearest valid one. Plugin options are validated by each plugin's own schema
+(see launcher.registry), so they follow the same rules.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from launcher.errors import LauncherError, did_you_mean
+
+
+class Section(BaseModel):
+    """A recipe section: unknown keys are errors, values are type-checked (no silent coercion
+    of e.g. "abc" to a number)."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class RunSection(Section):
+    dir: Optional[str] = Field(None, description="run directory; default runs/<recipe name>")
+    log_every: int = Field(10, ge=1, description="optimizer steps between train rows in metrics.jsonl")
+    progress: bool = Field(True, description="live progress bar on the main process")
+
+
+class ModelSection(Section):
+    name: str = Field(description="any timm model name, or a CIFAR WideResNet such as wrn28_10")
+    num_classes: int = Field(gt=1)
+    in_chans: int = Field(3, ge=1, description="input channels; grayscale data is repeated to fit")
+    drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier (WRN: inside blocks)")
+    channels_last: bool = Field(False, description="NHWC memory format (faster with AMP on GPUs)")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+
+
+class AugmentSection(Section):
+    crop_padding: int = Field(0, ge=0, description="random crop after zero padding by this many pixels (0: off)")
+    hflip: float = Field(0.0, ge=0.0, le=1.0, description="horizontal flip probability")
+    rotation: float = Field(0.0, ge=0.0, le=180.0, description="random rotation, max degrees")
+    auto_augment: Optional[Literal["cifar10", "imagenet", "svhn", "randaugment", "trivialaugment"]] = Field(
+        None, description="AutoAugment policy (torchvision), or RandAugment / TrivialAugment"
+    )
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability (timm)")
+
+
+class DataSection(Section):
+    train: str = Field(description="training shards: a brace pattern, local paths or pipe:/http URLs")
+    val: Optional[str] = Field(None, description="validation shards (same forms)")
+    batch_size: int = Field(gt=0, description="samples per process per optimizer step")
+    eval_batch_size: Optional[int] = Field(None, gt=0, description="default: 2 x batch_size")
+    num_workers: int = Field(2, ge=0, description="data-loader worker processes per rank")
+    image_size: int = Field(32, gt=0, description="images are resized to this square size")
+    mean: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5])
+    std: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5])
+    shuffle: bool = True
+    shuffle_window: int = Field(
+        1000, ge=1, description="samples shuffled together inside one stream (the shuffle buffer's size)"
+    )
+    streams: Optional[int] = Field(
+        None,
+        ge=1,
+        description="sequential streams an epoch is cut into; a fixed value gives the same batches on any "
+        "process count that divides it (default: the number of processes)",
+    )
+    cache_dir: Optional[str] = Field(None, description="where pipe:/http shards are cached (default ~/.cache/launcher)")
+    augment: AugmentSection = Field(default_factory=AugmentSection)
+
+
+class TrainSection(Section):
+    epochs: int = Field(gt=0)
+    max_steps: Optional[int] = Field(None, gt=0, description="stop after this many optimizer steps")
+    eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always at the end)")
+
+
+class OptimizerSection(Section):
+    name: str = Field("sgd", description="a timm optimizer: sgd (nesterov), momentum, adamw, lamb, ...")
+    lr: float = Field(0.1, gt=0.0)
+    momentum: float = Field(0.9, ge=0.0)
+    weight_decay: float = Field(0.0, ge=0.0)
+    decay_bias_and_norm: bool = Field(False, description="apply weight decay to biases and norm layers too")
+    kwargs: dict[str, Any] = Field(default_factory=dict, description="extra optimizer arguments")
+
+
+class ScheduleSection(Section):
+    name: Literal["cosine", "step", "multistep", "poly", "tanh", "constant"] = "cosine"
+    warmup_epochs: float = Field(0.0, ge=0.0, description="linear warmup from warmup_lr, in epochs")
+    warmup_lr: float = Field(1e-5, ge=0.0)
+    min_lr: float = Field(0.0, ge=0.0)
+    cycles: int = Field(1, ge=1, description="cosine restarts (SGDR): number of cycles over the run")
+    cycle_mul: float = Field(1.0, gt=0.0, description="each cycle is this many times longer than the last")
+    cycle_decay: float = Field(1.0, gt=0.0, description="each cycle starts at this fraction of the last peak")
+    decay_epochs: float = Field(30.0, gt=0.0, description="step schedule: epochs between decays")
+    decay_milestones: list[int] = Field(default_factory=lambda: [60, 120, 160])
+    decay_rate: float = Field(0.1, gt=0.0)
+
+
+class Recipe(Section):
+    seed: int = 0
+    run: RunSection = Field(default_factory=RunSection)
+    model: ModelSection
+    data: DataSection
+    train: TrainSection
+    optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
+    schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    plugins: dict[str, Optional[dict[str, Any]]] = Field(
+        default_factory=dict, description="plugin name -> options; mapping order is execution order"
+    )
+
+    # Not a recipe key: the file's stem, used for the default run directory.
+    _name: str = "recipe"
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.run.dir) if self.run.dir else Path("runs") / self.name
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def digest(self) -> str:
+        """A hash of the resolved recipe (checkpoints use it to recognise their recipe)."""
+        canonical = json.dumps(self.to_dict(), sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------- overrides
+
+
+def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Apply `key.sub=value` and `~key.sub` to a copy of the raw recipe mapping."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        if item.startswith("~"):
+            path = item[1:].split(".")
+            parent = _walk(out, path[:-1], item, create=False)
+            if parent is None or path[-1] not in parent:
+                raise LauncherError(f"Override '{item}': there is no key '{item[1:]}' in the recipe to remove.")
+            del parent[path[-1]]
+            continue
+        if "=" not in item:
+            raise LauncherError(
+                f"Override '{item}' is not of the form key=value (or ~key to remove a key), "
+                "e.g. train.epochs=3."
+            )
+        key, _, text = item.partition("=")
+        path = key.strip().split(".")
+        if not all(path):
+            raise LauncherError(f"Override '{item}': the key '{key}' has an empty part.")
+        try:
+            value = yaml.safe_load(text) if text.strip() else None
+        except yaml.YAMLError as err:
+            raise LauncherError(f"Override '{item}': the value is not valid YAML ({err}).") from None
+        parent = _walk(out, path[:-1], item, create=True)
+        parent[path[-1]] = value
+    return out
+
+
+def _walk(tree: dict, path: list[str], item: str, create: bool) -> Optional[dict]:
+    node = tree
+    for i, part in enumerate(path):
+        if part not in node or node[part] is None:
+            if not create:
+                return None
+            node[part] = {}
+        node = node[part]
+        if not isinstance(node, dict):
+            prefix = ".".join(path[: i + 1])
+            raise LauncherError(f"Override '{item}': '{prefix}' is a value, not a section, so it has no sub-keys.")
+    return node
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
+    """Read, override and validate a recipe, including each plugin's options."""
+    path = Path(path)
+    if not path.is_file():
+        hint = ""
+        if path.parent.is_dir():
+            shipped = sorted(p.name for p in path.parent.glob("*.yaml"))
+            hint = did_you_mean(path.name, shipped) or (f" Recipes there: {', '.join(shipped)}." if shipped else "")
+        raise LauncherError(f"Recipe file '{path}' does not exist.{hint}")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as err:
+        raise LauncherError(f"Recipe '{path}' is not valid YAML: {err}") from None
+    if not isinstance(raw, dict):
+        raise LauncherError(f"Recipe '{path}' must be a YAML mapping of sections (model:, data:, train:, ...).")
+    return validate_recipe(apply_overrides(raw, list(overrides)), name=path.stem, source=str(path))
+
+
+def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "recipe") -> Recipe:
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise LauncherError(_explain(err, source)) from None
+    recipe._name = name
+    # Plugin options are typed too; imported here because the registry imports plugins.
+    from launcher.registry import validate_plugins
+
+    validate_plugins(recipe)
+    return recipe
+
+
+def _explain(err: ValidationError, source: str) -> str:
+    """Turn pydantic's report into one paragraph naming each bad key and the fix."""
+    problems = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            valid = _valid_keys(Recipe, loc[:-1])
+            problems.append(
+                f"unknown key '{key}'.{did_you_mean(loc[-1], valid)} Valid keys here: {', '.join(sorted(valid))}"
+            )
+        elif e["type"] == "missing":
+            problems.append(f"missing required key '{key}'")
+        else:
+            got = e.get("input")
+            shown = repr(got) if not isinstance(got, dict) else "a mapping"
+            problems.append(f"'{key}' = {shown}: {e['msg']}")
+    return f"Recipe {source} is invalid: " + "; ".join(problems) + "."
+
+
+def _valid_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
+    for part in loc:
+        field = model.model_fields.get(part)
+        annotation = getattr(field, "annotation", None)
+        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+            return []
+        model = annotation
+    return list(model.model_fields)
+
+
+def field_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key of the schema (used for suggestions and documentation)."""
+    out = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            out += field_paths(ann, f"{prefix}{name}.")
+        else:
+            out.append(prefix + name)
+    return out

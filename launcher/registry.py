@@ -1,0 +1,247 @@
+"""The plugin registry and the plugin contract.
+
+A plugin is a class registered under a name:
+
+    from launcher.registry import Plugin, PluginOptions, register
+
+    @register("my_trick")
+    class MyTrick(Plugin):
+        '''One line saying what it does. Hooks: transform_loss. Paper: ...'''
+
+        class Options(PluginOptions):
+            weight: float = Field(0.1, description="why it matters")
+
+        incompatible = {"other_plugin": "why they cannot run together"}
+
+        def transform_loss(self, ctx, loss, batch, logits):
+            return loss + self.options.weight * ...
+
+Built-in plugins are the modules of the `plugins` package (found by scanning it, so
+the core never names one); third-party packages register theirs through the
+`launcher.plugins` entry-point group; modules named in the environment variable
+`LAUNCHER_PLUGINS` (comma-separated, e.g. `mylab.tricks`) are imported too, for plugins
+that are not packaged. The hook methods a plugin may define are listed
+in `HOOKS` and documented in launcher/loop.py, where they are called.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import pkgutil
+import warnings
+from typing import Any, Callable, ClassVar, Optional
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from launcher.errors import LauncherError, did_you_mean
+
+ENTRY_POINT_GROUP = "launcher.plugins"
+
+# Hook name -> kind. "notify" hooks return nothing; "transform" hooks take a value and
+# return it (possibly changed), chained through the plugins in recipe order.
+HOOKS: dict[str, str] = {
+    "accelerator_options": "transform",  # (ctx, options: dict) -> dict   before Accelerator() is built
+    "setup": "notify",  # (ctx)          model/optimizer/criterion built, not yet prepared
+    "after_prepare": "notify",  # (ctx)          after accelerator.prepare; resume state is loaded after this
+    "on_epoch_start": "notify",  # (ctx)
+    "transform_batch": "transform",  # (ctx, batch: Batch) -> Batch
+    "transform_loss": "transform",  # (ctx, loss, batch, logits) -> loss   (loss is already normalised)
+    "before_optimizer_step": "notify",  # (ctx)  gradients complete and unscaled; ctx.recompute_gradients() exists
+    "after_optimizer_step": "notify",  # (ctx)
+    "eval_models": "transform",  # (ctx, models: dict[prefix, nn.Module]) -> dict
+    "eval_logits": "transform",  # (ctx, logits, images, model, prefix) -> dict[prefix, logits]
+    "on_evaluate": "notify",  # (ctx, metrics: dict)
+    "on_log": "notify",  # (ctx, row: dict)  every row written to metrics.jsonl
+    "on_train_end": "notify",  # (ctx)  after the final weights are saved
+}
+
+
+class PluginOptions(BaseModel):
+    """Base class of a plugin's options: typed fields with defaults; unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class Plugin:
+    """Base class. Override only the hooks you need; every hook defaults to doing nothing."""
+
+    name: ClassVar[str] = ""
+    Options: ClassVar[type[PluginOptions]] = PluginOptions
+    # Other plugin names this one cannot run with, each with the reason.
+    incompatible: ClassVar[dict[str, str]] = {}
+
+    def __init__(self, options: PluginOptions):
+        self.options = options
+
+    @classmethod
+    def check_recipe(cls, recipe, options: PluginOptions) -> Optional[str]:
+        """Return a reason if this plugin cannot run with this recipe (precision, strategy...)."""
+        return None
+
+    def state_dict(self) -> dict[str, Any]:
+        """What this plugin needs to continue exactly after a resume (tensors, numbers, lists)."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+
+_REGISTRY: dict[str, type[Plugin]] = {}
+_discovered = False
+
+
+def register(name: str) -> Callable[[type[Plugin]], type[Plugin]]:
+    """Class decorator: make a Plugin subclass available to recipes under `name`."""
+
+    def decorate(cls: type[Plugin]) -> type[Plugin]:
+        if not (isinstance(cls, type) and issubclass(cls, Plugin)):
+            raise TypeError(f"@register('{name}') must decorate a subclass of launcher.registry.Plugin")
+        unknown = [h for h in vars(cls) if h in _HOOKLIKE and h not in HOOKS]
+        if unknown:
+            raise TypeError(f"plugin '{name}' defines unknown hook(s) {unknown}")
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            warnings.warn(f"plugin '{name}' registered again by {cls.__module__}; the later one wins", stacklevel=2)
+        cls.name = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return decorate
+
+
+# Method names that look like hooks, used to catch typos such as `before_optimiser_step`.
+_HOOKLIKE = {
+    "accelerator_option",
+    "after_prepared",
+    "before_optimiser_step",
+    "after_optimiser_step",
+    "before_step",
+    "after_step",
+    "on_eval",
+    "on_train_start",
+    "on_step",
+}
+
+
+def discover() -> dict[str, type[Plugin]]:
+    """Import the built-in `plugins` package modules and the entry-point plugins, once."""
+    global _discovered
+    if not _discovered:
+        _discovered = True
+        import plugins as builtin
+
+        for mod in pkgutil.iter_modules(builtin.__path__):
+            importlib.import_module(f"{builtin.__name__}.{mod.name}")
+        for module in filter(None, os.environ.get("LAUNCHER_PLUGINS", "").split(",")):
+            try:
+                importlib.import_module(module.strip())
+            except ImportError as err:
+                raise LauncherError(f"LAUNCHER_PLUGINS names module '{module}', which cannot be imported: {err}")
+        for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
+            try:
+                ep.load()
+            except Exception as err:  # a broken third-party plugin must not hide the others
+                warnings.warn(f"could not load plugin entry point '{ep.name}' ({ep.value}): {err}", stacklevel=2)
+    return dict(_REGISTRY)
+
+
+def get_plugin_class(name: str) -> type[Plugin]:
+    registry = discover()
+    if name not in registry:
+        raise LauncherError(
+            f"Unknown plugin '{name}' under 'plugins:'.{did_you_mean(name, registry)} "
+            f"Registered plugins: {', '.join(sorted(registry)) or 'none'} "
+            "(python -m launcher --list-plugins shows their options)."
+        )
+    return registry[name]
+
+
+def parse_options(name: str, raw: Optional[dict]) -> PluginOptions:
+    cls = get_plugin_class(name)
+    try:
+        return cls.Options.model_validate(raw or {})
+    except ValidationError as err:
+        valid = list(cls.Options.model_fields)
+        problems = []
+        for e in err.errors():
+            key = ".".join(str(p) for p in e["loc"])
+            if e["type"] == "extra_forbidden":
+                problems.append(
+                    f"unknown option '{key}'.{did_you_mean(key, valid)} "
+                    f"Valid options: {', '.join(valid) or 'none'}"
+                )
+            else:
+                problems.append(f"'{key}' = {e.get('input')!r}: {e['msg']}")
+        raise LauncherError(f"Plugin '{name}' options are invalid: " + "; ".join(problems) + ".") from None
+
+
+def validate_plugins(recipe) -> None:
+    """Check every plugin's options and every combination before any process trains."""
+    names = list(recipe.plugins)
+    parsed = {name: parse_options(name, recipe.plugins[name]) for name in names}
+    for name in names:
+        cls = get_plugin_class(name)
+        for other, reason in cls.incompatible.items():
+            if other in parsed:
+                raise LauncherError(f"Plugins '{name}' and '{other}' cannot run together: {reason}")
+        reason = cls.check_recipe(recipe, parsed[name])
+        if reason:
+            raise LauncherError(f"Plugin '{name}' cannot run with this recipe: {reason}")
+
+
+def build_plugins(recipe) -> "PluginSet":
+    return PluginSet([get_plugin_class(n)(parse_options(n, recipe.plugins[n])) for n in recipe.plugins])
+
+
+class PluginSet:
+    """The recipe's plugins, in recipe order, and the two ways the loop calls them."""
+
+    def __init__(self, plugins: list[Plugin]):
+        self.plugins = plugins
+
+    def __iter__(self):
+        return iter(self.plugins)
+
+    def call(self, hook: str, *args) -> None:
+        """A notify hook: every plugin that defines it, in recipe order."""
+        assert HOOKS[hook] == "notify", hook
+        for plugin in self._implementing(hook):
+            getattr(plugin, hook)(*args)
+
+    def chain(self, hook: str, ctx, value, *args):
+        """A transform hook: each plugin receives the previous plugin's result."""
+        assert HOOKS[hook] == "transform", hook
+        for plugin in self._implementing(hook):
+            value = getattr(plugin, hook)(ctx, value, *args)
+        return value
+
+    def _implementing(self, hook: str) -> list[Plugin]:
+        return [p for p in self.plugins if getattr(type(p), hook, None) is not None]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {p.name: p.state_dict() for p in self.plugins}
+
+    def load_state_dict(self, states: dict[str, Any]) -> None:
+        for p in self.plugins:
+            if p.name in states:
+                p.load_state_dict(states[p.name])
+
+
+def describe_plugins() -> str:
+    """The text of `python -m launcher --list-plugins`."""
+    lines = []
+    for name, cls in sorted(discover().items()):
+        doc = (cls.__doc__ or "").strip().splitlines()
+        lines.append(f"{name}: {doc[0] if doc else ''}  [{cls.__module__}]")
+        for field_name, field in cls.Options.model_fields.items():
+            ann = field.annotation
+            ann = ann.__name__ if isinstance(ann, type) else str(ann).replace("typing.", "")
+            default = field.get_default(call_default_factory=True)
+            desc = f"  # {field.description}" if field.description else ""
+            lines.append(f"    {field_name}: {ann} = {default!r}{desc}")
+        if not cls.Options.model_fields:
+            lines.append("    (no options)")
+        for other, reason in cls.incompatible.items():
+            lines.append(f"    cannot run with '{other}': {reason}")
+    return "\n".join(lines)

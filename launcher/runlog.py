@@ -1,0 +1,115 @@
+"""The run directory: resolved recipe, manifest, metrics.jsonl, final weights.
+
+    runs/<name>/
+      recipe.yaml        the resolved recipe (after overrides)
+      manifest.json      versions, git commit, host, world size, seed, start time, command
+      metrics.jsonl      one JSON object per logged training step and per evaluation
+      final/model.safetensors
+
+Only the main process writes. Files are written to a temporary name and renamed, so a
+crash never leaves a half-written file under a real name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    atomic_write_bytes(path, text.encode())
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5,
+                             cwd=Path(__file__).resolve().parent)
+        return out.stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def manifest(recipe, world_size: int, device: str, mixed_precision: str) -> dict[str, Any]:
+    import importlib.metadata as md
+
+    versions = {}
+    for pkg in ("launcher", "torch", "torchvision", "timm", "accelerate", "webdataset", "numpy", "deepspeed"):
+        try:
+            versions[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            pass
+    return {
+        "recipe": recipe.name,
+        "recipe_digest": recipe.digest(),
+        "versions": versions,
+        "python": sys.version.split()[0],
+        "git_commit": git_commit(),
+        "host": socket.gethostname(),
+        "platform": platform.platform(),
+        "device": device,
+        "world_size": world_size,
+        "mixed_precision": mixed_precision,
+        "seed": recipe.seed,
+        "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "command": sys.argv,
+    }
+
+
+def start_run_dir(run_dir: Path, recipe, info: dict[str, Any]) -> None:
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    atomic_write_text(run_dir / "manifest.json", json.dumps(info, indent=2))
+
+
+class MetricsLog:
+    """Appends rows to metrics.jsonl (main process only; `None` path disables writing).
+
+    A run that starts at step N keeps the rows of steps up to N and drops the later ones,
+    so a resumed run replaces the rows written after its checkpoint instead of repeating
+    them; a fresh run (N = 0) starts an empty file.
+    """
+
+    def __init__(self, path: Path | None, keep_until_step: int = 0):
+        self.path = path
+        self._file = None
+        if path is None:
+            return
+        kept = []
+        if keep_until_step > 0 and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    if json.loads(line)["step"] <= keep_until_step:
+                        kept.append(line + "\n")
+                except (ValueError, KeyError):
+                    break  # a torn last line from a crash: drop it and what follows
+        atomic_write_text(path, "".join(kept))
+        self._file = open(path, "a")
+
+    def write(self, row: dict[str, Any]) -> None:
+        if self._file is not None:
+            self._file.write(json.dumps(row) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,57 @@
+"""Per-sample image transforms from the recipe, built from torchvision (v2, on uint8 tensors)
+and timm (random erasing). Randomness comes from the global RNGs, which the data layer
+seeds per sample, so draws do not depend on the rank or worker that loads a sample."""
+
+from __future__ import annotations
+
+import torch
+from timm.data.random_erasing import RandomErasing
+from torchvision.transforms import v2
+
+from launcher.errors import LauncherError
+
+
+class ImageTransform:
+    """uint8 (C, H, W) -> normalised float (in_chans, size, size)."""
+
+    def __init__(self, data, in_chans: int, train: bool):
+        if len(data.mean) != in_chans or len(data.std) != in_chans:
+            raise LauncherError(
+                f"data.mean and data.std need {in_chans} values (model.in_chans), got {len(data.mean)} and "
+                f"{len(data.std)}."
+            )
+        self.size, self.in_chans = data.image_size, in_chans
+        aug = data.augment
+        ops = []
+        if train:
+            if aug.crop_padding:
+                ops.append(v2.RandomCrop(self.size, padding=aug.crop_padding, fill=0))
+            if aug.hflip:
+                ops.append(v2.RandomHorizontalFlip(aug.hflip))
+            if aug.rotation:
+                ops.append(v2.RandomRotation(aug.rotation))
+            if aug.auto_augment in ("cifar10", "imagenet", "svhn"):
+                ops.append(v2.AutoAugment(v2.AutoAugmentPolicy(aug.auto_augment)))
+            elif aug.auto_augment == "randaugment":
+                ops.append(v2.RandAugment())
+            elif aug.auto_augment == "trivialaugment":
+                ops.append(v2.TrivialAugmentWide())
+        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(data.mean), list(data.std))]
+        self.ops = v2.Compose(ops)
+        self.erase = None
+        if train and aug.random_erasing:
+            self.erase = RandomErasing(probability=aug.random_erasing, mode="pixel", device="cpu")
+
+    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+        channels = image.shape[0]
+        if channels != self.in_chans:
+            if channels == 1:
+                image = image.expand(self.in_chans, -1, -1)  # grayscale data, colour model
+            elif self.in_chans == 1:
+                image = v2.functional.rgb_to_grayscale(image[:3])
+            else:
+                raise LauncherError(f"images have {channels} channels but model.in_chans is {self.in_chans}.")
+        if image.shape[-2:] != (self.size, self.size):
+            image = v2.functional.resize(image, [self.size, self.size], antialias=True)
+        image = self.ops(image)
+        return self.erase(image) if self.erase is not None else image

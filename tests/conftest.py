@@ -1,0 +1,78 @@
+"""Shared fixtures: real shards written once per session, and small recipes for fast runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+# Subprocess runs must find the test-only plugins (tests/recorder_plugin.py).
+os.environ.setdefault("LAUNCHER_PLUGINS", "tests.recorder_plugin")
+os.environ.setdefault("WANDB_SILENT", "true")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+def write_shards(out: Path, *args: str) -> dict:
+    from launcher.shards import main
+
+    assert main([*args, "--out", str(out)]) == 0
+    return json.loads((out / "info.json").read_text())
+
+
+@pytest.fixture(scope="session")
+def digits(tmp_path_factory) -> dict:
+    """The real digits set as raw-uint8 shards (4 train shards, 1 val shard)."""
+    return write_shards(tmp_path_factory.mktemp("digits"), "digits")
+
+
+@pytest.fixture(scope="session")
+def digits_png(tmp_path_factory) -> dict:
+    return write_shards(tmp_path_factory.mktemp("digits_png"), "digits", "--format", "png")
+
+
+def small_recipe(info: dict, run_dir: Path, **sections) -> dict:
+    """A raw recipe mapping for a fast CPU run on the shards of `info` (an info.json dict)."""
+    recipe = {
+        "seed": 0,
+        "run": {"dir": str(run_dir), "log_every": 5, "progress": False},
+        "model": {"name": "wrn10_1", "num_classes": info["num_classes"]},
+        "data": {"train": info["train"], "val": info["val"], "batch_size": 32, "num_workers": 0,
+                 "image_size": 16, "streams": 2},
+        "train": {"epochs": 1},
+        "optimizer": {"name": "momentum", "lr": 0.05, "weight_decay": 5e-4},
+        "schedule": {"name": "cosine", "warmup_epochs": 0.5},
+    }
+    for key, value in sections.items():
+        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
+            recipe[key] = {**recipe[key], **value}
+        else:
+            recipe[key] = value
+    return recipe
+
+
+def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, cwd: Path = REPO):
+    """Run a command with the repo's Python (or accelerate) and return the CompletedProcess."""
+    full_env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **(env or {})}
+    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+
+
+def accelerate_cmd(num_processes: int) -> list[str]:
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    if num_processes == 1:
+        return [sys.executable, "-m"]
+    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m"]

@@ -1,0 +1,87 @@
+"""A test-only plugin that records what each rank trained on and the order of hook calls.
+
+Loaded in subprocess runs through LAUNCHER_PLUGINS=tests.recorder_plugin (see conftest).
+"""
+
+from __future__ import annotations
+
+import json
+
+from pydantic import Field
+
+from launcher.registry import HOOKS, Plugin, PluginOptions, register
+
+
+@register("recorder")
+class Recorder(Plugin):
+    """Test helper: writes trained sample ids and the hook trace per rank."""
+
+    class Options(PluginOptions):
+        trace: bool = Field(True, description="also record every hook call")
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.steps, self.evals, self.hooks = [], [], []
+
+    def _trace(self, name):
+        if self.options.trace:
+            self.hooks.append(name)
+
+    def accelerator_options(self, ctx, options):
+        self._trace("accelerator_options")
+        return options
+
+    def setup(self, ctx):
+        self._trace("setup")
+
+    def after_prepare(self, ctx):
+        self._trace("after_prepare")
+
+    def on_epoch_start(self, ctx):
+        self._trace("on_epoch_start")
+
+    def transform_batch(self, ctx, batch):
+        self._trace("transform_batch")
+        self.steps.append({"epoch": ctx.epoch, "step": ctx.step, "ids": batch.ids.tolist(),
+                           "global_count": batch.global_count})
+        return batch
+
+    def transform_loss(self, ctx, loss, batch, logits):
+        self._trace("transform_loss")
+        return loss
+
+    def before_optimizer_step(self, ctx):
+        self._trace("before_optimizer_step")
+
+    def after_optimizer_step(self, ctx):
+        self._trace("after_optimizer_step")
+
+    def eval_models(self, ctx, models):
+        self._trace("eval_models")
+        return models
+
+    def eval_logits(self, ctx, outputs, images, model, prefix):
+        return outputs
+
+    def on_evaluate(self, ctx, metrics):
+        self._trace("on_evaluate")
+        self.evals.append(metrics)
+
+    def on_log(self, ctx, row):
+        self._trace("on_log")
+
+    def on_train_end(self, ctx):
+        self._trace("on_train_end")
+        path = ctx.run_dir / f"recorder-rank{ctx.rank}.json"
+        path.write_text(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, "steps": self.steps,
+                                    "evals": self.evals, "hooks": self.hooks,
+                                    "shards_read": sorted({str(p) for p in self._shards(ctx)})}))
+
+    def _shards(self, ctx):
+        index = ctx.train_index
+        for step in self.steps:
+            for i in step["ids"]:
+                yield index.paths[int(index.shard_of[i])]
+
+
+assert set(HOOKS) >= {"setup", "transform_batch", "on_train_end"}

@@ -1,0 +1,307 @@
+"""Data: the epoch plan (exactly-once, world-size invariance, seeking), the shard reader,
+the shard writer, and reading shards written by others."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import pickle
+import tarfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from launcher.data import (EpochPlan, EvalStream, TrainStream, batches, decode_image, expand_pattern,
+                           index_shards)
+from launcher.errors import LauncherError
+from launcher.recipe import validate_recipe
+from launcher.transforms import ImageTransform
+from tests.conftest import small_recipe, write_shards
+
+
+def all_ids(plan: EpochPlan, epoch: int) -> list[list[np.ndarray]]:
+    """ids[step][rank]"""
+    return [[plan.rank_ids(epoch, s, r) for r in range(plan.world_size)] for s in range(plan.steps_per_epoch())]
+
+
+@pytest.mark.parametrize("sizes, batch, streams, world", [
+    ((400, 400, 400, 237), 32, 2, 2),
+    ((400, 400, 400, 237), 32, 2, 1),
+    ((10, 3, 7, 1, 50), 4, 4, 4),
+    ((1000,), 64, 8, 2),
+    ((5, 5), 3, 3, 3),     # a tail smaller than one sample per rank gets merged
+    ((33,), 16, 2, 2),
+])
+def test_every_training_sample_is_used_exactly_once_per_epoch(sizes, batch, streams, world):
+    plan = EpochPlan(sizes, global_batch=batch * world, streams=streams, world_size=world, seed=3)
+    for epoch in range(3):
+        steps = all_ids(plan, epoch)
+        flat = np.concatenate([ids for step in steps for ids in step])
+        assert sorted(flat.tolist()) == list(range(sum(sizes)))
+        for s, per_rank in enumerate(steps):
+            assert sum(len(x) for x in per_rank) == plan.global_count(epoch, s)
+            assert min(len(x) for x in per_rank) >= min(2, sum(sizes) // world)  # BatchNorm needs 2
+            if s < len(steps) - 1:
+                assert all(len(x) == batch for x in per_rank)  # full batches except the last step
+
+
+def test_epochs_differ_and_are_reproducible():
+    plan = EpochPlan((400, 400, 400, 237), global_batch=64, streams=2, world_size=2, seed=0)
+    first = plan.rank_ids(0, 0, 0)
+    assert not np.array_equal(first, plan.rank_ids(1, 0, 0))
+    again = EpochPlan((400, 400, 400, 237), global_batch=64, streams=2, world_size=2, seed=0)
+    assert np.array_equal(first, again.rank_ids(0, 0, 0))
+    assert not np.array_equal(first, EpochPlan((400, 400, 400, 237), 64, 2, 2, seed=1).rank_ids(0, 0, 0))
+
+
+def test_global_batches_do_not_depend_on_the_number_of_processes():
+    """With a fixed `streams`, 1, 2 and 4 processes train on the same global batches."""
+    sizes = (400, 400, 400, 237)
+    plans = {w: EpochPlan(sizes, global_batch=64, streams=4, world_size=w, seed=5) for w in (1, 2, 4)}
+    for epoch in (0, 1):
+        reference = [np.concatenate(step) for step in all_ids(plans[1], epoch)]
+        for w in (2, 4):
+            other = [np.concatenate(step) for step in all_ids(plans[w], epoch)]
+            assert len(other) == len(reference)
+            for a, b in zip(reference, other):
+                assert np.array_equal(a, b)
+
+
+def test_ranks_read_different_parts_of_the_shard_stream():
+    sizes = (400, 400, 400, 237)
+    plan = EpochPlan(sizes, global_batch=64, streams=2, world_size=2, seed=0)
+    shard_of = np.repeat(np.arange(4), sizes)
+    for epoch in range(3):
+        shards = [set(), set()]
+        for step in all_ids(plan, epoch):
+            for rank in (0, 1):
+                shards[rank] |= set(shard_of[step[rank]].tolist())
+        # Each rank reads a contiguous half of the permuted shard stream: at most the one
+        # shard that straddles the half-way point is read by both.
+        assert len(shards[0] & shards[1]) <= 1 and len(shards[0] | shards[1]) == 4
+
+
+def test_streams_must_fit_the_process_count():
+    with pytest.raises(LauncherError, match="data.streams=3 must be a multiple of the number of processes"):
+        EpochPlan((100,), global_batch=64, streams=3, world_size=2)
+
+
+def test_shuffle_window_limits_how_far_samples_move():
+    plan = EpochPlan((1000,), global_batch=10, streams=1, world_size=1, seed=0, window=100)
+    order = np.concatenate([plan.rank_ids(0, s, 0) for s in range(plan.steps_per_epoch())])
+    assert sorted(order.tolist()) == list(range(1000))
+    assert np.all(np.abs(order - np.arange(1000)) < 100) and not np.array_equal(order, np.arange(1000))
+
+
+def _recipe(digits, tmp_path, **augment):
+    return validate_recipe(small_recipe(digits, tmp_path, data={"augment": augment} if augment else {}))
+
+
+def _stream_batches(digits, tmp_path, num_workers, start_step=0, epoch=0, **augment):
+    recipe = _recipe(digits, tmp_path, **augment)
+    index = index_shards(recipe.data.train, "data.train")
+    plan = EpochPlan(tuple(index.shard_sizes.tolist()), global_batch=32, streams=2, world_size=1, seed=0)
+    transform = ImageTransform(recipe.data, 3, train=True)
+    return list(batches(TrainStream(index, plan, transform, epoch, rank=0, start_step=start_step), num_workers))
+
+
+AUGMENT = dict(crop_padding=2, rotation=10, hflip=0.5, random_erasing=0.5, auto_augment="cifar10")
+
+
+def test_workers_deliver_steps_in_order_with_identical_augmentation(digits, tmp_path):
+    """Random augmentation is seeded per sample, so 0 or 2 workers give bit-identical batches."""
+    in_process = _stream_batches(digits, tmp_path, 0, **AUGMENT)
+    two_workers = _stream_batches(digits, tmp_path, 2, **AUGMENT)
+    assert [b.step_in_epoch for b in two_workers] == list(range(len(in_process)))
+    for a, b in zip(in_process, two_workers):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    # ...and augmentation really is random: two epochs differ for the same sample.
+    other_epoch = {int(i): img for b in _stream_batches(digits, tmp_path, 0, epoch=1, **AUGMENT)
+                   for i, img in zip(b.ids, b.images)}
+    first = in_process[0]
+    assert not torch.equal(first.images[0], other_epoch[int(first.ids[0])])
+
+
+def test_starting_mid_epoch_seeks_to_the_same_batches(digits, tmp_path):
+    full = _stream_batches(digits, tmp_path, 2, **AUGMENT)
+    tail = _stream_batches(digits, tmp_path, 2, start_step=17, **AUGMENT)
+    assert len(tail) == len(full) - 17
+    for a, b in zip(full[17:], tail):
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.images, b.images)
+
+
+def test_in_process_loading_leaves_the_training_rng_alone(digits, tmp_path):
+    torch.manual_seed(123)
+    expected = torch.rand(3)
+    torch.manual_seed(123)
+    _stream_batches(digits, tmp_path, 0, **AUGMENT)
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_evaluation_counts_every_validation_sample_exactly_once(digits, tmp_path):
+    recipe = _recipe(digits, tmp_path)
+    index = index_shards(recipe.data.val, "data.val")
+    transform = ImageTransform(recipe.data, 3, train=False)
+    for world in (1, 2, 3, 7):
+        seen = []
+        for rank in range(world):
+            for b in batches(EvalStream(index, transform, 64, rank, world), num_workers=2 if world == 2 else 0):
+                seen += b.ids.tolist()
+        assert sorted(seen) == list(range(len(index))) == list(range(360))
+
+
+def test_digits_writer_makes_a_stratified_80_20_split(digits):
+    assert (digits["num_train"], digits["num_val"], digits["num_classes"]) == (1437, 360, 10)
+    train = index_shards(digits["train"], "t")
+    val = index_shards(digits["val"], "v")
+    assert train.shard_sizes.tolist() == [400, 400, 400, 237]
+    train_frac = np.bincount(train.labels) / len(train)
+    val_frac = np.bincount(val.labels) / len(val)
+    assert np.abs(train_frac - val_frac).max() < 0.01  # stratified
+
+
+def test_png_and_raw_shards_hold_the_same_pixels(digits, digits_png):
+    raw, png = index_shards(digits["train"], "t"), index_shards(digits_png["train"], "t")
+    assert np.array_equal(raw.labels, png.labels) and set(png.exts) == {"png"} and set(raw.exts) == {"npy"}
+    files_raw, files_png = {}, {}
+    for i in (0, 5, 1436):
+        a = decode_image(*raw.read_image(i, files_raw))
+        b = decode_image(*png.read_image(i, files_png))
+        assert a.shape == (1, 8, 8) and torch.equal(a, b)
+
+
+def test_written_shards_are_plain_webdataset(digits):
+    import webdataset as wds
+
+    samples = list(wds.WebDataset(digits["train"], shardshuffle=False).decode())
+    assert len(samples) == 1437
+    assert samples[0]["npy"].dtype == np.uint8 and samples[0]["npy"].shape == (8, 8)
+    index = index_shards(digits["train"], "t")
+    assert [int(s["cls"]) for s in samples] == index.labels.tolist()
+
+
+def test_reads_shards_written_by_others_with_png_and_cls(tmp_path):
+    """A tar made with the standard library only (keys with dots in folders, .png + .cls)."""
+    from PIL import Image
+
+    path = tmp_path / "foreign-0.tar"
+    expected = []
+    with tarfile.open(path, "w") as tar:
+        for i in range(5):
+            pixels = np.full((6, 7, 3), i * 40, dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(pixels).save(buf, format="PNG")
+            for ext, data in (("png", buf.getvalue()), ("cls", str(i % 2).encode()), ("json", b"{}")):
+                info = tarfile.TarInfo(f"some.dir/sample{i}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+            expected.append((pixels, i % 2))
+    index = index_shards(str(path), "data.train")
+    assert index.labels.tolist() == [0, 1, 0, 1, 0]
+    files = {}
+    for i, (pixels, _) in enumerate(expected):
+        assert torch.equal(decode_image(*index.read_image(i, files)), torch.from_numpy(pixels).permute(2, 0, 1))
+
+
+def test_pipe_urls_are_streamed_into_a_cache(digits, tmp_path):
+    first = expand_pattern(digits["train"])[0]
+    index = index_shards(f"pipe:cat {first}", "data.train", cache_dir=str(tmp_path / "cache"))
+    direct = index_shards(first, "data.train")
+    assert np.array_equal(index.labels, direct.labels) and len(list((tmp_path / "cache").iterdir())) == 1
+
+
+def test_brace_patterns_expand():
+    assert expand_pattern("a-{000..002}.tar") == ["a-000.tar", "a-001.tar", "a-002.tar"]
+    assert expand_pattern("x.tar::y.tar") == ["x.tar", "y.tar"]
+
+
+# ---------------------------------------------------------------- bad shards
+
+
+def test_missing_shard_names_the_file(tmp_path):
+    with pytest.raises(LauncherError, match=r"shard '.*nothere-0.tar' does not exist"):
+        index_shards(str(tmp_path / "nothere-{0..1}.tar"), "data.train")
+
+
+def test_empty_shard_is_refused(tmp_path):
+    path = tmp_path / "empty.tar"
+    tarfile.open(path, "w").close()
+    with pytest.raises(LauncherError, match="holds no samples"):
+        index_shards(str(path), "data.train")
+
+
+def test_truncated_shard_is_refused_with_its_name(digits, tmp_path):
+    src = Path(expand_pattern(digits["train"])[0])
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(src.read_bytes()[: src.stat().st_size // 2 + 100])
+    with pytest.raises(LauncherError, match=r"'.*cut.tar' is truncated"):
+        index_shards(str(cut), "data.train")
+
+
+def test_shard_cut_exactly_between_two_samples_is_refused(digits, tmp_path):
+    src = Path(expand_pattern(digits["train"])[0])
+    with tarfile.open(src) as tar:
+        boundary = tar.getmembers()[20].offset  # the header of the 11th sample
+    cut = tmp_path / "cut.tar"
+    cut.write_bytes(src.read_bytes()[:boundary])
+    with pytest.raises(LauncherError, match=r"'.*cut.tar' is truncated \(no end-of-archive marker"):
+        index_shards(str(cut), "data.train")
+
+
+def test_garbage_file_is_refused(tmp_path):
+    path = tmp_path / "junk.tar"
+    path.write_bytes(b"this is not a tar file" * 100)
+    with pytest.raises(LauncherError, match="junk.tar"):
+        index_shards(str(path), "data.train")
+
+
+def test_labels_outside_num_classes_are_refused(digits):
+    with pytest.raises(LauncherError, match="label 9, outside 0..4.*model.num_classes"):
+        index_shards(digits["train"], "data.train", num_classes=5)
+
+
+# ---------------------------------------------------------------- other writer sources
+
+
+def test_npz_source(tmp_path):
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 255, (20, 4, 4, 3), dtype=np.uint8), "y_train": np.arange(20) % 3,
+              "x_val": rng.integers(0, 255, (6, 4, 4, 3), dtype=np.uint8), "y_val": np.arange(6) % 3}
+    np.savez(tmp_path / "a.npz", **arrays)
+    info = write_shards(tmp_path / "out", "npz", "--src", str(tmp_path / "a.npz"), "--shard-size", "8")
+    index = index_shards(info["train"], "t")
+    assert index.shard_sizes.tolist() == [8, 8, 4] and info["num_classes"] == 3
+    assert torch.equal(decode_image(*index.read_image(13, {})), torch.from_numpy(arrays["x_train"][13]).permute(2, 0, 1))
+
+
+def test_cifar100_source_from_the_python_pickles(tmp_path):
+    src = tmp_path / "cifar-100-python"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for name, n in (("train", 30), ("test", 10)):
+        data = rng.integers(0, 255, (n, 3072), dtype=np.uint8)
+        with open(src / name, "wb") as f:
+            pickle.dump({b"data": data, b"fine_labels": list(rng.integers(0, 100, n))}, f)
+        if name == "train":
+            first = data[0].reshape(3, 32, 32)
+    with open(src / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"c{i}".encode() for i in range(100)]}, f)
+    info = write_shards(tmp_path / "out", "cifar100", "--src", str(src))
+    assert (info["num_train"], info["num_val"], info["classes"][3]) == (30, 10, "c3")
+    index = index_shards(info["train"], "t")
+    assert torch.equal(decode_image(*index.read_image(0, {})), torch.from_numpy(first))
+
+
+def test_imagefolder_source(tmp_path):
+    from PIL import Image
+
+    for c in ("cat", "dog"):
+        (tmp_path / "src" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((5, 5, 3), i, np.uint8)).save(tmp_path / "src" / c / f"{i}.png")
+    info = write_shards(tmp_path / "out", "imagefolder", "--src", str(tmp_path / "src"), "--format", "keep")
+    assert info["classes"] == ["cat", "dog"] and info["num_train"] + info["num_val"] == 10
+    index = index_shards(info["train"], "t")
+    assert set(index.exts) == {"png"} and sorted(set(index.labels.tolist())) == [0, 1]

@@ -1,0 +1,109 @@
+"""The training loop end to end on one process: run directory, metrics, final weights,
+optimizer and schedule set-up, and bit-identical weights to a plain hand-written loop."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import timm
+import torch
+from safetensors.torch import load_file
+
+from benchmarks.plain_loop import plain_train
+from launcher.loop import create_optimizer, create_schedule, train
+from launcher.recipe import validate_recipe
+from tests.conftest import small_recipe
+
+
+def test_a_short_run_writes_the_run_directory(digits, tmp_path):
+    recipe = validate_recipe(small_recipe(digits, tmp_path / "run", train={"epochs": 2}), name="small")
+    ctx = train(recipe)
+    run = tmp_path / "run"
+    assert ctx.steps_per_epoch == 45 and ctx.step == 90  # ceil(1437 / 32)
+    resolved = validate_recipe(__import__("yaml").safe_load((run / "recipe.yaml").read_text()))
+    assert resolved.to_dict() == recipe.to_dict()
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["world_size"] == 1 and manifest["seed"] == 0 and manifest["recipe_digest"] == recipe.digest()
+    assert {"torch", "timm", "accelerate", "webdataset"} <= set(manifest["versions"])
+    assert manifest["host"] and manifest["start_time"]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    eval_rows = [r for r in rows if "val/top1" in r]
+    assert [r["step"] for r in train_rows] == list(range(5, 91, 5))
+    assert [(r["step"], r["epoch"]) for r in eval_rows] == [(45, 1), (90, 2)]
+    assert all(r["val/samples"] == 360 for r in eval_rows)
+    assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
+    assert eval_rows[-1]["val/top1"] > 0.5  # a tiny WRN at 16x16 after 2 epochs; chance is 0.1
+    weights = load_file(run / "final" / "model.safetensors")
+    model = timm.create_model("wrn10_1", num_classes=10)
+    model.load_state_dict(weights)
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, ctx.accelerator.unwrap_model(ctx.model).state_dict()[name]), name
+
+
+def test_launcher_matches_a_plain_pytorch_loop_bit_for_bit(digits, tmp_path):
+    """Same seed, data, SGD and cosine schedule: identical weights after crossing an epoch
+    boundary (45 steps per epoch, so the short last batch of 29 is included)."""
+    raw = small_recipe(digits, tmp_path / "run", train={"epochs": 3, "max_steps": 50},
+                       data={"augment": {"crop_padding": 2, "rotation": 10}, "num_workers": 2})
+    recipe = validate_recipe(raw)
+    ctx = train(recipe)
+    reference, _ = plain_train(recipe, max_steps=50)
+    ours = ctx.accelerator.unwrap_model(ctx.model).state_dict()
+    for name, value in reference.state_dict().items():
+        assert torch.equal(value, ours[name]), name
+
+
+def test_weight_decay_skips_biases_and_norm_layers(digits, tmp_path):
+    recipe = validate_recipe(small_recipe(digits, tmp_path))
+    model = timm.create_model("wrn10_1", num_classes=10)
+    optimizer = create_optimizer(recipe.optimizer, model)
+    by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
+    names = {id(p): n for n, p in model.named_parameters()}
+    assert {names[i] for i in by_decay[0.0]} == {n for n, p in model.named_parameters() if p.ndim == 1}
+    assert all(names[i].endswith("weight") and "bn" not in names[i] for i in by_decay[5e-4])
+    recipe = validate_recipe(small_recipe(digits, tmp_path, optimizer={"decay_bias_and_norm": True}))
+    assert [g["weight_decay"] for g in create_optimizer(recipe.optimizer, model).param_groups] == [5e-4]
+
+
+def test_schedule_is_linear_warmup_then_cosine_per_step(digits, tmp_path):
+    recipe = validate_recipe(small_recipe(digits, tmp_path, optimizer={"lr": 0.1},
+                                          schedule={"warmup_epochs": 1, "warmup_lr": 0.0, "min_lr": 0.001}))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = create_schedule(recipe.schedule, optimizer, epochs=5, steps_per_epoch=10)
+    lrs = []
+    for step in range(50):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    for step in range(10):  # warmup: 0 -> 0.1 over 10 steps
+        assert lrs[step] == pytest.approx(0.1 * step / 10)
+    for step in range(10, 50):  # cosine from 0.1 to 0.001 over the remaining 40 steps
+        t = (step - 10) / 40
+        assert lrs[step] == pytest.approx(0.001 + 0.5 * (0.1 - 0.001) * (1 + math.cos(math.pi * t)))
+
+
+def test_cosine_restarts_fill_the_run(digits, tmp_path):
+    recipe = validate_recipe(small_recipe(digits, tmp_path, optimizer={"lr": 0.1},
+                                          schedule={"cycles": 3, "cycle_mul": 2.0,
+                                                                    "warmup_epochs": 0}))
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    scheduler = create_schedule(recipe.schedule, optimizer, epochs=7, steps_per_epoch=10)
+    lrs = []
+    for step in range(70):
+        scheduler.step_update(step)
+        lrs.append(optimizer.param_groups[0]["lr"])
+    # Cycles of 10, 20 and 40 steps: the LR jumps back to its peak at steps 10 and 30.
+    assert lrs[0] == lrs[10] == lrs[30] == pytest.approx(0.1)
+    assert lrs[9] < 0.01 and lrs[29] < 0.01 and lrs[69] < 0.001
+
+
+def test_max_steps_stops_and_still_evaluates_and_saves(digits, tmp_path):
+    recipe = validate_recipe(small_recipe(digits, tmp_path / "run", train={"epochs": 5, "max_steps": 7}))
+    ctx = train(recipe)
+    assert ctx.step == 7
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["step"] == 7 and "val/top1" in rows[-1]
+    assert [r["step"] for r in rows if "train/loss" in r] == [5, 7]
+    assert (tmp_path / "run" / "final" / "model.safetensors").exists()

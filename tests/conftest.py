@@ -70,9 +70,18 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, cwd: P
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def accelerate_cmd(num_processes: int) -> list[str]:
-    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    """The command prefix that runs `-m launcher ...` on N CPU processes (see FACTS.md)."""
     if num_processes == 1:
         return [sys.executable, "-m"]
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
     return [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", "0", "-m"]
+            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m"]

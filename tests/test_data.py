@@ -172,6 +172,18 @@ def test_png_and_raw_shards_hold_the_same_pixels(digits, digits_png):
         assert a.shape == (1, 8, 8) and torch.equal(a, b)
 
 
+@pytest.mark.parametrize("array", [np.arange(64, dtype=np.uint8).reshape(8, 8),
+                                   np.arange(105, dtype=np.uint8).reshape(5, 7, 3),
+                                   np.ones((4, 4), np.float32), np.asfortranarray(np.eye(3, dtype=np.uint8))])
+def test_fast_npy_reader_agrees_with_numpy(array):
+    from launcher.data import _read_npy
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    out = _read_npy(buf.getvalue())
+    assert out.dtype == array.dtype and np.array_equal(out, array)
+
+
 def test_written_shards_are_plain_webdataset(digits):
     import webdataset as wds
 

@@ -1,0 +1,77 @@
+"""The command line: bad input gives one paragraph naming the problem and the fix, exit
+status 2, no traceback, and no run directory that a later run could mistake for a real one."""
+
+from __future__ import annotations
+
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import yaml
+
+from launcher.__main__ import main
+from launcher.data import expand_pattern
+from tests.conftest import REPO, run_cli, small_recipe
+
+
+def write_recipe(tmp_path: Path, raw: dict) -> Path:
+    path = tmp_path / "bad.yaml"
+    path.write_text("# python -m launcher bad.yaml\n" + yaml.safe_dump(raw))
+    return path
+
+
+def bad_inputs(digits, tmp_path):
+    empty = tmp_path / "empty.tar"
+    tarfile.open(empty, "w").close()
+    first = Path(expand_pattern(digits["train"])[0])
+    truncated = tmp_path / "truncated.tar"
+    truncated.write_bytes(first.read_bytes()[:30000])
+    run = tmp_path / "run"
+    return {
+        "misspelled key": (small_recipe(digits, run, train={"epochs": 1, "epoch": 2}), [],
+                           "unknown key 'train.epoch'. Did you mean 'epochs'?"),
+        "wrong type": (small_recipe(digits, run), ["data.batch_size=many"], "'data.batch_size' = 'many'"),
+        "missing shards": (small_recipe(digits, run, data={"train": str(tmp_path / "none-{0..3}.tar")}), [],
+                           "none-0.tar' does not exist"),
+        "empty shard": (small_recipe(digits, run, data={"train": str(empty)}), [], "holds no samples"),
+        "truncated shard": (small_recipe(digits, run, data={"train": str(truncated)}), [], "is truncated"),
+        "unknown plugin": (small_recipe(digits, run, plugins={"wandbx": {}}), [], "Did you mean 'wandb'?"),
+        "unknown model": (small_recipe(digits, run, model={"name": "resnet181", "num_classes": 10}), [],
+                          "Unknown model 'resnet181'"),
+        "bad override": (small_recipe(digits, run), ["optimizer.nam=adamw"], "Did you mean 'name'?"),
+    }
+
+
+@pytest.mark.parametrize("case", ["misspelled key", "wrong type", "missing shards", "empty shard",
+                                  "truncated shard", "unknown plugin", "unknown model", "bad override"])
+def test_bad_input_is_one_paragraph_and_leaves_no_run_directory(case, digits, tmp_path, capsys):
+    raw, overrides, message = bad_inputs(digits, tmp_path)[case]
+    status = main([str(write_recipe(tmp_path, raw)), *overrides])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("error: ") and err.count("\n") == 1, err  # one paragraph
+    assert message in err
+    assert not (tmp_path / "run").exists()
+
+
+def test_bad_input_from_the_real_command_has_no_traceback(digits, tmp_path):
+    raw, overrides, _ = bad_inputs(digits, tmp_path)["missing shards"]
+    result = run_cli([sys.executable, "-m", "launcher", str(write_recipe(tmp_path, raw))])
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr and "does not exist" in result.stderr
+
+
+def test_check_prints_the_resolved_recipe(capsys):
+    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), "train.epochs=3"]) == 0
+    out = capsys.readouterr().out
+    assert yaml.safe_load(out)["train"]["epochs"] == 3 and "run directory: runs/digits" in out
+
+
+def test_list_plugins_command(capsys):
+    assert main(["--list-plugins"]) == 0
+    assert "wandb: " in capsys.readouterr().out
+
+
+def test_usage_without_arguments(capsys):
+    assert main([]) == 2 and "python -m launcher RECIPE" in capsys.readouterr().out

@@ -1,0 +1,158 @@
+"""The plugin registry: registration, discovery, option schemas, incompatibilities, the
+golden order of hook calls, and --list-plugins."""
+
+from __future__ import annotations
+
+import json
+import sys
+import types
+
+import pytest
+from pydantic import Field
+
+from launcher import registry
+from launcher.errors import LauncherError
+from launcher.loop import train
+from launcher.recipe import validate_recipe
+from launcher.registry import HOOKS, Plugin, PluginOptions, PluginSet, register
+from tests.conftest import small_recipe
+
+
+@pytest.fixture
+def scratch_registry(monkeypatch):
+    """Register throw-away plugins without leaking them into other tests."""
+    registry.discover()
+    monkeypatch.setattr(registry, "_REGISTRY", dict(registry._REGISTRY))
+    return registry._REGISTRY
+
+
+def test_builtin_plugins_are_found_by_scanning_the_plugins_package():
+    import pkgutil
+
+    import plugins
+
+    modules = {m.name for m in pkgutil.iter_modules(plugins.__path__)}
+    found = {cls.__module__.split(".")[-1] for cls in registry.discover().values()
+             if cls.__module__.startswith("plugins.")}
+    assert found == modules
+
+
+def test_entry_point_plugins_are_loaded(monkeypatch, scratch_registry):
+    module = types.ModuleType("thirdparty_trick")
+
+    def load():
+        @register("thirdparty_trick")
+        class ThirdParty(Plugin):
+            """From another package."""
+        module.ThirdParty = ThirdParty
+
+    class FakeEntryPoint:
+        name, value = "thirdparty_trick", "thirdparty_trick:ThirdParty"
+
+        def load(self):
+            load()
+
+    monkeypatch.setattr(registry, "_discovered", False)
+    monkeypatch.setattr(registry.importlib.metadata, "entry_points",
+                        lambda group: [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else [])
+    assert "thirdparty_trick" in registry.discover()
+
+
+def test_register_rejects_non_plugins_and_misspelled_hooks(scratch_registry):
+    with pytest.raises(TypeError, match="subclass"):
+        register("x")(object)
+    with pytest.raises(TypeError, match="unknown hook"):
+        @register("typo")
+        class Typo(Plugin):
+            def before_optimiser_step(self, ctx):
+                pass
+
+
+def test_incompatible_combinations_are_refused_at_load(digits, tmp_path, scratch_registry):
+    @register("alpha")
+    class Alpha(Plugin):
+        """A."""
+        incompatible = {"beta": "both rewrite the loss"}
+
+    @register("beta")
+    class Beta(Plugin):
+        """B."""
+
+        class Options(PluginOptions):
+            level: int = 1
+
+        @classmethod
+        def check_recipe(cls, recipe, options):
+            return "needs an evaluation set (data.val)" if recipe.data.val is None else None
+
+    with pytest.raises(LauncherError, match="'alpha' and 'beta' cannot run together: both rewrite the loss"):
+        validate_recipe(small_recipe(digits, tmp_path, plugins={"alpha": {}, "beta": {}}))
+    with pytest.raises(LauncherError, match="Plugin 'beta' cannot run with this recipe: needs an evaluation set"):
+        validate_recipe(small_recipe(digits, tmp_path, data={"val": None}, plugins={"beta": {"level": 2}}))
+
+
+def test_transform_hooks_chain_in_recipe_order_and_notify_hooks_all_run():
+    calls = []
+
+    class Add(Plugin):
+        def __init__(self, k):
+            super().__init__(PluginOptions())
+            self.k = k
+
+        def transform_batch(self, ctx, value):
+            calls.append(self.k)
+            return value * 10 + self.k
+
+        def on_log(self, ctx, row):
+            calls.append(f"log{self.k}")
+
+    plugins = PluginSet([Add(1), Add(2), Plugin(PluginOptions())])
+    assert plugins.chain("transform_batch", None, 0) == 12
+    plugins.call("on_log", None, {})
+    assert calls == [1, 2, "log1", "log2"]
+
+
+def test_plugin_state_is_keyed_by_name():
+    class Counter(Plugin):
+        name = "counter"
+
+        def __init__(self):
+            super().__init__(PluginOptions())
+            self.n = 0
+
+        def state_dict(self):
+            return {"n": self.n}
+
+        def load_state_dict(self, state):
+            self.n = state["n"]
+
+    a = Counter()
+    a.n = 7
+    b = Counter()
+    PluginSet([b]).load_state_dict(PluginSet([a]).state_dict())
+    assert PluginSet([a]).state_dict() == {"counter": {"n": 7}} and b.n == 7
+
+
+def test_golden_hook_order_for_a_short_run(digits, tmp_path):
+    """The exact order of hook calls: 3 steps per epoch (global batch 512 of 1,437 samples),
+    stop after 4 steps, log every 2 steps, evaluate every epoch and at the end."""
+    raw = small_recipe(digits, tmp_path / "run", train={"epochs": 2, "max_steps": 4},
+                       run={"log_every": 2}, data={"batch_size": 512}, plugins={"recorder": {}})
+    train(validate_recipe(raw))
+    hooks = json.loads((tmp_path / "run" / "recorder-rank0.json").read_text())["hooks"]
+    step = ["transform_batch", "transform_loss", "before_optimizer_step", "after_optimizer_step"]
+    evaluation = ["eval_models", "on_evaluate", "on_log"]
+    expected = (["accelerator_options", "setup", "after_prepare"]
+                + ["on_epoch_start"] + step + step + ["on_log"] + step + evaluation  # epoch 0: steps 1-3
+                + ["on_epoch_start"] + step + ["on_log"] + evaluation              # epoch 1: step 4, stop
+                + ["on_train_end"])
+    assert hooks == expected
+
+
+def test_list_plugins_prints_every_plugin_with_options_and_defaults():
+    text = registry.describe_plugins()
+    for name, cls in registry.discover().items():
+        assert f"{name}: " in text
+        for option in cls.Options.model_fields:
+            assert f"    {option}: " in text
+    assert "mode: Literal['offline', 'online', 'disabled'] = 'offline'" in text

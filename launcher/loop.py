@@ -18,10 +18,11 @@ each in recipe order. Notify hooks return nothing; transform hooks return their 
                 loss = criterion(logits, targets) * len(micro) * world / global_count
                 loss = H transform_loss(ctx, loss, micro, logits)   # distillation...
                 accelerator.backward(loss)
+            accelerator.unscale_gradients()              # fp16 only
             H before_optimizer_step(ctx)                 # grads complete & unscaled; SAM, clipping
             optimizer.step(); optimizer.zero_grad(); ctx.step += 1; schedule.step_update(ctx.step)
             H after_optimizer_step(ctx)                  # EMA
-            every run.log_every steps: row -> metrics.jsonl; H on_log(ctx, row)
+            every run.log_every steps: row = H log_row(ctx, row) -> metrics.jsonl; H on_log(ctx, row)
             stop at train.max_steps or when a plugin sets ctx.stop_training
         every train.eval_every epochs and at the end:
             models = H eval_models(ctx, {"val": model})  # EMA adds "val_ema"
@@ -118,9 +119,16 @@ class RunContext:
 
     def recompute_gradients(self) -> torch.Tensor:
         """For before_optimizer_step hooks (SAM): zero the gradients and recompute them on
-        the same step's batch (same micro-batches, same transformed targets)."""
+        the same step's batch (same micro-batches, same transformed targets), unscaled."""
         self.optimizer.zero_grad(set_to_none=True)
-        return self.forward_backward(self.batch)
+        scaler = self.accelerator.scaler
+        if scaler is not None:
+            # fp16: GradScaler allows one unscale_ per step; forget the first pass's so the new
+            # gradients are unscaled and checked for overflow in their turn. No public API does this.
+            scaler._per_optimizer_states.clear()
+        loss = self.forward_backward(self.batch)
+        self.accelerator.unscale_gradients()
+        return loss
 
 
 def train(recipe) -> RunContext:
@@ -128,6 +136,12 @@ def train(recipe) -> RunContext:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
+    from accelerate.state import AcceleratorState
+
+    # Accelerate keeps its settings in a process-wide singleton; a second run in the same
+    # process (tests, notebooks) must not inherit the first one's precision. The process
+    # group (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
     plugins = build_plugins(recipe)
     ctx = RunContext(recipe=recipe, plugins=plugins, run_dir=recipe.run_dir)
     options = plugins.chain("accelerator_options", ctx, {"cpu": not torch.cuda.is_available()})
@@ -184,6 +198,7 @@ def train(recipe) -> RunContext:
             ctx.model.train()
             ctx.batch = plugins.chain("transform_batch", ctx, batch.to(accelerator.device, memory_format))
             ctx.loss = ctx.forward_backward(ctx.batch)
+            accelerator.unscale_gradients()  # fp16: hooks see true gradients (no-op otherwise)
             plugins.call("before_optimizer_step", ctx)
             ctx.optimizer.step()
             ctx.optimizer.zero_grad(set_to_none=True)
@@ -232,6 +247,7 @@ def _done(ctx: RunContext) -> bool:
 
 
 def _emit(ctx: RunContext, log: MetricsLog, row: dict) -> None:
+    row = ctx.plugins.chain("log_row", ctx, row)
     log.write(row)
     ctx.plugins.call("on_log", ctx, row)
 

@@ -53,6 +53,7 @@ HOOKS: dict[str, str] = {
     "eval_models": "transform",  # (ctx, models: dict[prefix, nn.Module]) -> dict
     "eval_logits": "transform",  # (ctx, logits, images, model, prefix) -> dict[prefix, logits]
     "on_evaluate": "notify",  # (ctx, metrics: dict)
+    "log_row": "transform",  # (ctx, row: dict) -> dict   add metrics to a row before it is written
     "on_log": "notify",  # (ctx, row: dict)  every row written to metrics.jsonl
     "on_train_end": "notify",  # (ctx)  after the final weights are saved
 }

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import json
 
+import torch
+
 from pydantic import Field
 
 from launcher.registry import HOOKS, Plugin, PluginOptions, register
@@ -33,6 +35,9 @@ class Recorder(Plugin):
 
     def setup(self, ctx):
         self._trace("setup")
+        # The dtype the convolutions compute in (Accelerate casts the model's outputs back to fp32).
+        conv = next(m for m in ctx.model.modules() if isinstance(m, torch.nn.Conv2d))
+        conv.register_forward_hook(lambda module, args, out: setattr(self, "compute_dtype", str(out.dtype)))
 
     def after_prepare(self, ctx):
         self._trace("after_prepare")
@@ -75,6 +80,7 @@ class Recorder(Plugin):
         path = ctx.run_dir / f"recorder-rank{ctx.rank}.json"
         path.write_text(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, "steps": self.steps,
                                     "evals": self.evals, "hooks": self.hooks,
+                                    "compute_dtype": getattr(self, "compute_dtype", None),
                                     "shards_read": sorted({str(p) for p in self._shards(ctx)})}))
 
     def _shards(self, ctx):

@@ -47,7 +47,9 @@ def reference_sam_step(model, x, y, lr, rho, adaptive=False, eta=0.01):
 
 def launcher_sam_step(model, x, y, lr, **options):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
 
+    AcceleratorState._reset_state(reset_partial_state=False)
     ctx = RunContext(recipe=None, accelerator=Accelerator(cpu=True), model=model, plugins=PluginSet([]))
     ctx.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     ctx.batch = Batch(images=x, targets=y, ids=torch.arange(len(x)), global_count=len(x))

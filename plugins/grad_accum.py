@@ -1,0 +1,127 @@
+"""grad_accum: gradient accumulation. Each optimizer step's batch (data.batch_size per
+process) is split into k micro-batches; their gradients add up to the gradient of the whole
+batch, because the loop scales each micro-batch's mean loss by its share of the global
+batch. Only the last micro-batch all-reduces under DDP (Accelerate's no_sync on the others).
+A short last batch is split into at most k non-empty parts.
+
+Keeping data.batch_size as the batch per *step* means that switching accumulation on, or
+changing k, does not change the data order, the LR schedule or the epoch length. With
+BatchNorm, each micro-batch normalises with its own statistics, as with any accumulation.
+
+mode: auto rescues out-of-memory runs. The first step is tried with k micro-batches
+locally (no all-reduce); on torch.OutOfMemoryError, k doubles (the micro-batch halves)
+down to min_micro_batch. The ranks agree on the largest k any of them needed, the result
+is written to <run dir>/grad_accum.json and kept in the plugin's state, and a resumed run
+reuses it without probing again. A later OOM on one process retries with a doubled k
+too; under several processes it stops with the k to set instead.
+
+Hooks: setup (installs ctx.micro_batches and wraps ctx.forward_backward). State: k.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from typing import Literal
+
+import torch
+from pydantic import Field
+
+from launcher.errors import LauncherError
+from launcher.registry import Plugin, PluginOptions, register
+from launcher.runlog import atomic_write_text
+
+
+def split_batch(batch, parts: int) -> list:
+    """The batch as at most `parts` non-empty micro-batches, in order."""
+    from dataclasses import replace
+
+    n = len(batch.targets)
+    chunks = [c for c in torch.arange(n).tensor_split(min(parts, n)) if len(c)]
+    return [replace(batch, images=batch.images[c[0]:c[-1] + 1], targets=batch.targets[c[0]:c[-1] + 1],
+                    ids=batch.ids[c[0]:c[-1] + 1]) for c in chunks]
+
+
+@register("grad_accum")
+class GradientAccumulation(Plugin):
+    """Split each step's batch into k micro-batches (auto: find k that fits in memory)."""
+
+    class Options(PluginOptions):
+        micro_batches: int = Field(2, ge=1, description="k: micro-batches per optimizer step")
+        mode: Literal["fixed", "auto"] = Field("fixed", description="auto: double k on out-of-memory")
+        min_micro_batch: int = Field(1, ge=1, description="auto: never split below this many samples")
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.k = options.micro_batches
+        self.settled = options.mode == "fixed"
+
+    @classmethod
+    def check_recipe(cls, recipe, options):
+        if options.micro_batches > recipe.data.batch_size:
+            return (f"micro_batches={options.micro_batches} is more than data.batch_size={recipe.data.batch_size}; "
+                    "data.batch_size is the batch per optimizer step, which grad_accum splits")
+        return None
+
+    def setup(self, ctx) -> None:
+        ctx.micro_batches = lambda batch: split_batch(batch, self.k)
+        plain = ctx.forward_backward
+        ctx.forward_backward = lambda batch: self._forward_backward(ctx, plain, batch)
+
+    def _forward_backward(self, ctx, plain, batch):
+        if not self.settled:
+            self._probe(ctx, plain, batch)
+        while True:
+            try:
+                return plain(batch)
+            except torch.OutOfMemoryError:
+                if ctx.world_size > 1 or self.options.mode == "fixed":
+                    raise LauncherError(
+                        f"Out of memory with {self.k} micro-batches of about {len(batch.targets) // self.k} "
+                        f"samples. Set plugins.grad_accum.micro_batches={self.k * 2} (or mode: auto).") from None
+                self._halve(ctx, batch)
+
+    def _probe(self, ctx, plain, batch) -> None:
+        """Find the k that fits, without all-reducing, then agree on it across ranks. The probe
+        leaves no trace: buffers (BatchNorm statistics) and RNG states are restored, so the
+        step that follows is exactly the one a run with that k from the start would take."""
+        buffers = {name: b.clone() for name, b in ctx.model.named_buffers()}
+        devices = [torch.cuda.current_device()] if ctx.accelerator.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            while True:
+                try:
+                    with ctx.accelerator.no_sync(ctx.model):
+                        plain(batch)
+                    break
+                except torch.OutOfMemoryError:
+                    self._halve(ctx, batch)
+        with torch.no_grad():
+            for name, b in ctx.model.named_buffers():
+                b.copy_(buffers[name])
+        ctx.optimizer.zero_grad(set_to_none=True)
+        needed = torch.tensor(self.k, device=ctx.accelerator.device)
+        self.k = int(ctx.accelerator.reduce(needed, "max").item()) if ctx.world_size > 1 else self.k
+        self.settled = True
+        if ctx.is_main:
+            micro = -(-len(batch.targets) // self.k)
+            atomic_write_text(ctx.run_dir / "grad_accum.json",
+                              json.dumps({"micro_batches": self.k, "micro_batch_size": micro}) + "\n")
+
+    def _halve(self, ctx, batch) -> None:
+        ctx.optimizer.zero_grad(set_to_none=True)
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        micro = -(-len(batch.targets) // (self.k * 2))
+        if micro < self.options.min_micro_batch or self.k >= len(batch.targets):
+            raise LauncherError(
+                f"Out of memory even with micro-batches of {-(-len(batch.targets) // self.k)} samples "
+                f"(plugins.grad_accum.min_micro_batch={self.options.min_micro_batch}). Use a smaller model or "
+                "image size, mixed precision (plugins.amp), or more devices.") from None
+        self.k *= 2
+
+    def state_dict(self) -> dict:
+        return {"micro_batches": self.k, "settled": self.settled}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.k, self.settled = state["micro_batches"], state["settled"]

@@ -15,8 +15,9 @@ each in recipe order. Notify hooks return nothing; transform hooks return their 
             batch = H transform_batch(ctx, batch)        # mixup, cutmix...
             for micro in ctx.micro_batches(batch):       # one, or several with accumulation
                 logits = model(micro.images)
-                loss = criterion(logits, targets) * len(micro) * world / global_count
+                loss = criterion(logits, targets)                   # mean over the micro-batch
                 loss = H transform_loss(ctx, loss, micro, logits)   # distillation...
+                loss = loss * len(micro) * world / global_count
                 accelerator.backward(loss)
             accelerator.unscale_gradients()              # fp16 only
             H before_optimizer_step(ctx)                 # grads complete & unscaled; SAM, clipping
@@ -108,11 +109,11 @@ class RunContext:
             with nullcontext() if sync else self.accelerator.no_sync(self.model):
                 with self.accelerator.autocast():
                     logits = self.model(mb.images)
-                    # The mean over this micro-batch, rescaled to its share of the global batch.
-                    # The factor is exactly 1.0 for a full batch on one process and one micro-batch.
-                    share = len(mb.targets) * self.world_size / mb.global_count
-                    loss = self.criterion(logits, mb.targets) * share
+                    loss = self.criterion(logits, mb.targets)  # the mean over this micro-batch
                     loss = self.plugins.chain("transform_loss", self, loss, mb, logits)
+                # Rescaled to the micro-batch's share of the global batch; the factor is exactly
+                # 1.0 for a full batch on one process in one micro-batch.
+                loss = loss * (len(mb.targets) * self.world_size / mb.global_count)
                 self.accelerator.backward(loss)
             total += loss.detach()
         return total

@@ -47,7 +47,7 @@ HOOKS: dict[str, str] = {
     "after_prepare": "notify",  # (ctx)          after accelerator.prepare; resume state is loaded after this
     "on_epoch_start": "notify",  # (ctx)
     "transform_batch": "transform",  # (ctx, batch: Batch) -> Batch
-    "transform_loss": "transform",  # (ctx, loss, batch, logits) -> loss   (loss is already normalised)
+    "transform_loss": "transform",  # (ctx, loss, micro_batch, logits) -> loss   the micro-batch's mean loss
     "before_optimizer_step": "notify",  # (ctx)  gradients complete and unscaled; ctx.recompute_gradients() exists
     "after_optimizer_step": "notify",  # (ctx)
     "eval_models": "transform",  # (ctx, models: dict[prefix, nn.Module]) -> dict

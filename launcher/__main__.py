@@ -46,8 +46,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         from launcher.loop import train
 
-        train(recipe)
-        return 0
+        # 0 when the run finished; 75 when it checkpointed on a signal and should be relaunched.
+        return train(recipe).exit_code
     except LauncherError as err:
         # Every rank fails the same way on bad input; only one of them prints it.
         if os.environ.get("RANK", "0") == "0":

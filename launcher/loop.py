@@ -24,11 +24,14 @@ each in recipe order. Notify hooks return nothing; transform hooks return their 
             optimizer.step(); optimizer.zero_grad(); ctx.step += 1; schedule.step_update(ctx.step)
             H after_optimizer_step(ctx)                  # EMA
             every run.log_every steps: row = H log_row(ctx, row) -> metrics.jsonl; H on_log(ctx, row)
-            stop at train.max_steps or when a plugin sets ctx.stop_training
+            H on_step_end(ctx)                           # step complete and logged: checkpoints
+            stop at train.max_steps, when a plugin sets ctx.stop_training, or ctx.interrupted
         every train.eval_every epochs and at the end:
             models = H eval_models(ctx, {"val": model})  # EMA adds "val_ema"
             per batch: outputs = H eval_logits(ctx, {prefix: logits}, images, model, prefix)  # TTA
             metrics reduced over ranks -> row; H on_evaluate(ctx, metrics); H on_log(ctx, row)
+        H on_epoch_end(ctx)                              # after the epoch's evaluation
+    if ctx.interrupted (preemption): return now, no final evaluation or weights
     write final/model.safetensors; H on_train_end(ctx)
 
 Why the loss is normalised by the global batch: each rank's loss is
@@ -95,9 +98,36 @@ class RunContext:
     metrics: dict = field(default_factory=dict)  # the latest evaluation, reduced over ranks
     stop_training: bool = False  # set by a plugin on every rank alike (e.g. from reduced metrics)
     stop_reason: str = ""
+    # Set (on every rank) when the run must stop before its end, e.g. preemption: no final
+    # evaluation, no final weights, and the process exits with `exit_code`.
+    interrupted: bool = False
+    exit_code: int = 0
+    last_eval_step: int = -1
+    # The training-loss window since the last logged row (per rank; summed at log time).
+    loss_window: Optional[torch.Tensor] = None
+    loss_window_steps: int = 0
+    metrics_log: Optional[MetricsLog] = None
+    metrics_rows: int = 0  # rows of metrics.jsonl to keep when the run starts (a resume sets it)
     # Splits a step's batch into micro-batches (gradient accumulation replaces it).
     micro_batches: Callable[[Batch], list] = field(default=lambda batch: [batch])
     extras: dict = field(default_factory=dict)  # free-form space for plugins' shared facts
+
+    def make_plan(self, streams: Optional[int] = None) -> None:
+        """(Re)build the epoch plan; a resume may ask for the stream count it was saved with."""
+        data = self.recipe.data
+        self.plan = EpochPlan(
+            shard_sizes=tuple(int(n) for n in self.train_index.shard_sizes),
+            global_batch=data.batch_size * self.world_size,
+            streams=streams or data.streams or self.world_size,
+            world_size=self.world_size,
+            seed=self.recipe.seed,
+            shuffle=data.shuffle,
+            window=data.shuffle_window,
+        )
+        self.steps_per_epoch = self.plan.steps_per_epoch()
+        self.total_steps = self.recipe.train.epochs * self.steps_per_epoch
+        if self.recipe.train.max_steps:
+            self.total_steps = min(self.total_steps, self.recipe.train.max_steps)
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns the summed loss.
@@ -155,19 +185,7 @@ def train(recipe) -> RunContext:
     ctx.train_index = index_shards(data.train, "data.train", data.cache_dir, recipe.model.num_classes)
     if data.val:
         ctx.val_index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes)
-    ctx.plan = EpochPlan(
-        shard_sizes=tuple(int(n) for n in ctx.train_index.shard_sizes),
-        global_batch=data.batch_size * ctx.world_size,
-        streams=data.streams or ctx.world_size,
-        world_size=ctx.world_size,
-        seed=recipe.seed,
-        shuffle=data.shuffle,
-        window=data.shuffle_window,
-    )
-    ctx.steps_per_epoch = ctx.plan.steps_per_epoch()
-    ctx.total_steps = recipe.train.epochs * ctx.steps_per_epoch
-    if recipe.train.max_steps:
-        ctx.total_steps = min(ctx.total_steps, recipe.train.max_steps)
+    ctx.make_plan()
     train_transform = ImageTransform(data, recipe.model.in_chans, train=True)
     eval_transform = ImageTransform(data, recipe.model.in_chans, train=False)
 
@@ -184,14 +202,15 @@ def train(recipe) -> RunContext:
     if ctx.is_main:
         start_run_dir(ctx.run_dir, recipe, manifest(recipe, ctx.world_size, str(accelerator.device),
                                                      str(accelerator.mixed_precision)))
-    log = MetricsLog(ctx.run_dir / "metrics.jsonl" if ctx.is_main else None, keep_until_step=ctx.step)
+    ctx.metrics_log = log = MetricsLog(ctx.run_dir / "metrics.jsonl" if ctx.is_main else None,
+                                       keep_rows=ctx.metrics_rows)
     memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
     progress = _progress(ctx, enabled=ctx.is_main and recipe.run.progress)
     if ctx.scheduler is not None:
         ctx.scheduler.step_update(ctx.step)
 
-    running_loss, running_steps = torch.zeros((), device=accelerator.device), 0
-    last_eval_step = -1
+    if ctx.loss_window is None:
+        ctx.loss_window = torch.zeros((), device=accelerator.device)
     while ctx.epoch < recipe.train.epochs and not _done(ctx):
         plugins.call("on_epoch_start", ctx)
         stream = TrainStream(ctx.train_index, ctx.plan, train_transform, ctx.epoch, ctx.rank, ctx.step_in_epoch)
@@ -209,20 +228,24 @@ def train(recipe) -> RunContext:
                 ctx.scheduler.step_update(ctx.step)
             plugins.call("after_optimizer_step", ctx)
 
-            running_loss += ctx.loss
-            running_steps += 1
+            ctx.loss_window += ctx.loss
+            ctx.loss_window_steps += 1
             if ctx.step % recipe.run.log_every == 0 or _done(ctx):
                 # One all-reduce per logged row, not per step: .item() is a sync point.
-                mean_loss = accelerator.reduce(running_loss, "sum").item() / (ctx.world_size * running_steps)
+                window = accelerator.reduce(ctx.loss_window, "sum").item()
+                mean_loss = window / (ctx.world_size * ctx.loss_window_steps)
                 row = {"step": ctx.step, "epoch": ctx.epoch, "train/loss": mean_loss,
                        "train/lr": ctx.optimizer.param_groups[0]["lr"]}
                 _emit(ctx, log, row)
                 progress.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
-                running_loss.zero_()
-                running_steps = 0
+                ctx.loss_window.zero_()
+                ctx.loss_window_steps = 0
             progress.update(1)
-            if _done(ctx):
+            plugins.call("on_step_end", ctx)  # the step is complete and logged (checkpoints go here)
+            if _done(ctx) or ctx.interrupted:
                 break
+        if ctx.interrupted:
+            break
         epoch_finished = ctx.step_in_epoch >= ctx.steps_per_epoch
         if epoch_finished:
             ctx.epoch += 1
@@ -230,10 +253,14 @@ def train(recipe) -> RunContext:
         if ctx.val_index is not None and ((epoch_finished and ctx.epoch % recipe.train.eval_every == 0)
                                           or _done(ctx)):
             evaluate(ctx, eval_transform, log)
-            last_eval_step = ctx.step
-    if ctx.val_index is not None and last_eval_step != ctx.step:
-        evaluate(ctx, eval_transform, log)
+        if epoch_finished:
+            plugins.call("on_epoch_end", ctx)  # after the epoch's evaluation is logged
     progress.close()
+    if ctx.interrupted:
+        log.close()
+        return ctx
+    if ctx.val_index is not None and ctx.last_eval_step != ctx.step:
+        evaluate(ctx, eval_transform, log)
 
     if ctx.is_main:
         save_weights(accelerator.unwrap_model(ctx.model), ctx.run_dir / "final" / "model.safetensors")
@@ -284,6 +311,7 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
         metrics.update({f"{name}/loss": loss_sum / count, f"{name}/top1": top1 / count,
                         f"{name}/top5": top5 / count, f"{name}/samples": int(count)})
     ctx.metrics = metrics
+    ctx.last_eval_step = ctx.step
     ctx.plugins.call("on_evaluate", ctx, metrics)
     _emit(ctx, log, {"step": ctx.step, "epoch": ctx.epoch, **metrics})
     if ctx.is_main and recipe.run.progress:

@@ -50,11 +50,13 @@ HOOKS: dict[str, str] = {
     "transform_loss": "transform",  # (ctx, loss, micro_batch, logits) -> loss   the micro-batch's mean loss
     "before_optimizer_step": "notify",  # (ctx)  gradients complete and unscaled; ctx.recompute_gradients() exists
     "after_optimizer_step": "notify",  # (ctx)
+    "on_step_end": "notify",  # (ctx)  the step is complete and its row logged (checkpoint here)
     "eval_models": "transform",  # (ctx, models: dict[prefix, nn.Module]) -> dict
     "eval_logits": "transform",  # (ctx, logits, images, model, prefix) -> dict[prefix, logits]
     "on_evaluate": "notify",  # (ctx, metrics: dict)
     "log_row": "transform",  # (ctx, row: dict) -> dict   add metrics to a row before it is written
     "on_log": "notify",  # (ctx, row: dict)  every row written to metrics.jsonl
+    "on_epoch_end": "notify",  # (ctx)  after the epoch's evaluation was logged
     "on_train_end": "notify",  # (ctx)  after the final weights are saved
 }
 

@@ -83,28 +83,31 @@ def start_run_dir(run_dir: Path, recipe, info: dict[str, Any]) -> None:
 class MetricsLog:
     """Appends rows to metrics.jsonl (main process only; `None` path disables writing).
 
-    A run that starts at step N keeps the rows of steps up to N and drops the later ones,
-    so a resumed run replaces the rows written after its checkpoint instead of repeating
-    them; a fresh run (N = 0) starts an empty file.
+    A run that starts from a checkpoint keeps the first `keep_rows` rows (those written
+    before the checkpoint) and drops the rest, so a resumed run replaces the rows written
+    after its checkpoint instead of repeating them; a fresh run starts an empty file.
     """
 
-    def __init__(self, path: Path | None, keep_until_step: int = 0):
+    def __init__(self, path: Path | None, keep_rows: int = 0):
         self.path = path
         self._file = None
+        self.rows = 0
         if path is None:
             return
         kept = []
-        if keep_until_step > 0 and path.exists():
-            for line in path.read_text().splitlines():
+        if keep_rows > 0 and path.exists():
+            for line in path.read_text().splitlines()[:keep_rows]:
                 try:
-                    if json.loads(line)["step"] <= keep_until_step:
-                        kept.append(line + "\n")
-                except (ValueError, KeyError):
-                    break  # a torn last line from a crash: drop it and what follows
+                    json.loads(line)
+                except ValueError:
+                    break  # a torn line from a crash: drop it and what follows
+                kept.append(line + "\n")
         atomic_write_text(path, "".join(kept))
+        self.rows = len(kept)
         self._file = open(path, "a")
 
     def write(self, row: dict[str, Any]) -> None:
+        self.rows += 1
         if self._file is not None:
             self._file.write(json.dumps(row) + "\n")
             self._file.flush()

@@ -20,6 +20,7 @@ class Recorder(Plugin):
 
     class Options(PluginOptions):
         trace: bool = Field(True, description="also record every hook call")
+        stream: bool = Field(False, description="append each step's sample ids to ids-rank<R>.jsonl at once")
 
     def __init__(self, options):
         super().__init__(options)
@@ -47,8 +48,11 @@ class Recorder(Plugin):
 
     def transform_batch(self, ctx, batch):
         self._trace("transform_batch")
-        self.steps.append({"epoch": ctx.epoch, "step": ctx.step, "ids": batch.ids.tolist(),
-                           "global_count": batch.global_count})
+        entry = {"epoch": ctx.epoch, "step": ctx.step, "ids": batch.ids.tolist(), "global_count": batch.global_count}
+        self.steps.append(entry)
+        if self.options.stream:  # survives a kill -9: one flushed line per step
+            with open(ctx.run_dir / f"ids-rank{ctx.rank}.jsonl", "a") as f:
+                f.write(json.dumps(entry) + "\n")
         return batch
 
     def transform_loss(self, ctx, loss, batch, logits):
@@ -74,6 +78,12 @@ class Recorder(Plugin):
 
     def on_log(self, ctx, row):
         self._trace("on_log")
+
+    def on_step_end(self, ctx):
+        self._trace("on_step_end")
+
+    def on_epoch_end(self, ctx):
+        self._trace("on_epoch_end")
 
     def on_train_end(self, ctx):
         self._trace("on_train_end")

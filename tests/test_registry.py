@@ -141,10 +141,12 @@ def test_golden_hook_order_for_a_short_run(digits, tmp_path):
     train(validate_recipe(raw))
     hooks = json.loads((tmp_path / "run" / "recorder-rank0.json").read_text())["hooks"]
     step = ["transform_batch", "transform_loss", "before_optimizer_step", "after_optimizer_step"]
+    end = ["on_step_end"]
     evaluation = ["eval_models", "on_evaluate", "on_log"]
     expected = (["accelerator_options", "setup", "after_prepare"]
-                + ["on_epoch_start"] + step + step + ["on_log"] + step + evaluation  # epoch 0: steps 1-3
-                + ["on_epoch_start"] + step + ["on_log"] + evaluation              # epoch 1: step 4, stop
+                + ["on_epoch_start"] + step + end + step + ["on_log"] + end + step + end  # epoch 0: steps 1-3
+                + evaluation + ["on_epoch_end"]
+                + ["on_epoch_start"] + step + ["on_log"] + end + evaluation  # epoch 1: step 4, stop
                 + ["on_train_end"])
     assert hooks == expected
 

@@ -1,0 +1,371 @@
+"""checkpoint: crash-proof checkpoints and exact resume.
+
+Relaunching the same command continues from the newest complete checkpoint in
+<run dir>/checkpoints (resume: auto), as if nothing had happened: same samples, same
+augmentation draws, same weights bit for bit, same metrics.jsonl rows.
+
+What a checkpoint holds (checkpoints/step-NNNNNNNN/):
+  model.safetensors   the weights
+  trainer.pt          optimizer, LR schedule, loss scaler, every plugin's state by name
+  rank-R.pt           per rank: RNG states (torch, CUDA, python, numpy), the loss window
+  meta.json           step, epoch, position in the epoch, the data plan, the recipe and its
+                      hash, metrics.jsonl rows to keep, and the size and SHA-256 of each file
+The data position needs no worker state: what a step reads, and every augmentation draw,
+is a function of (seed, epoch, step) (see launcher/data.py), so resuming seeks straight to
+the next step, whatever the number of loader workers.
+
+Atomic: every rank writes into checkpoints/.tmp-step-N, then the main process writes
+meta.json last and renames the folder. A crash at any moment leaves the previous
+checkpoint as the newest complete one; a checkpoint whose files do not match meta.json
+(truncated, corrupted) is skipped with a warning naming the file. A failed write (a full
+disk) stops the run loudly and keeps the previous checkpoints. Loading never unpickles
+code (safetensors, JSON and torch.load(weights_only=True)).
+
+Signals: on SIGTERM or SIGUSR1 every rank finishes its current step, a checkpoint is
+written, and the process exits with status 75 (EX_TEMPFAIL: relaunch to continue).
+
+Changing the number of processes: a checkpoint taken on W processes resumes on W' when
+the global batch (data.batch_size x processes) is the same and W' divides the saved
+data.streams: the epoch then continues with exactly the samples not yet used. RNG states
+are restored per rank when W' = W; otherwise ranks are re-seeded (a warning says so).
+
+Hooks: after_prepare (resume), on_step_end (every_steps, signals), on_epoch_end
+(every_epochs), on_train_end (a final checkpoint).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import time
+import warnings
+from pathlib import Path
+from typing import Literal, Optional
+
+import numpy as np
+import torch
+from pydantic import Field
+
+from launcher.errors import LauncherError
+from launcher.registry import Plugin, PluginOptions, register
+from launcher.runlog import atomic_write_text
+
+FORMAT = 1
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch it to continue
+# Recipe keys that may differ between a checkpoint and the run resuming it.
+SAFE_TO_CHANGE = ("train.epochs", "train.max_steps", "train.eval_every", "run.", "data.num_workers",
+                  "data.cache_dir", "data.eval_batch_size", "data.batch_size", "data.train", "data.val",
+                  "plugins.checkpoint.", "plugins.wandb.")
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def recipe_differences(saved: dict, current: dict) -> list[str]:
+    """Keys whose values differ, except those declared safe to change."""
+    a, b = _flatten(saved), _flatten(current)
+    diffs = []
+    for key in sorted(set(a) | set(b)):
+        if a.get(key) != b.get(key) and not any(key == s or key.startswith(s) for s in SAFE_TO_CHANGE):
+            diffs.append(f"{key}: {a.get(key, '(absent)')!r} -> {b.get(key, '(absent)')!r}")
+    return diffs
+
+
+def verify(folder: Path) -> Optional[str]:
+    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    meta_file = folder / "meta.json"
+    try:
+        meta = json.loads(meta_file.read_text())
+    except (OSError, ValueError) as err:
+        return f"'{meta_file}' is missing or unreadable ({err})"
+    for name, expected in meta["files"].items():
+        path = folder / name
+        if not path.is_file() or path.stat().st_size != expected["size"]:
+            return f"'{path}' is missing or truncated"
+        if _sha256(path) != expected["sha256"]:
+            return f"'{path}' is corrupt (its SHA-256 does not match meta.json)"
+    return None
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    """Complete-looking checkpoint folders, newest first (temporary folders are ignored)."""
+    folder = run_dir / "checkpoints"
+    if not folder.is_dir():
+        return []
+    return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
+
+
+def _rng_state() -> dict:
+    np_state = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
+             "numpy": [np_state[0], torch.from_numpy(np_state[1].copy()), *np_state[2:]]}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    random.setstate(state["python"])
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), *rest))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@register("checkpoint")
+class Checkpoint(Plugin):
+    """Atomic checkpoints and exact resume (also on SIGTERM/SIGUSR1)."""
+
+    class Options(PluginOptions):
+        every_steps: Optional[int] = Field(None, ge=1, description="save every N optimizer steps")
+        every_epochs: Optional[int] = Field(1, ge=1, description="save every N epochs (after evaluation)")
+        keep_last: int = Field(2, ge=1, description="keep the newest N checkpoints")
+        keep_best: int = Field(0, ge=0, description="also keep the best N by `monitor`")
+        monitor: str = Field("val/top1", description="metric that ranks checkpoints for keep_best")
+        mode: Literal["max", "min"] = Field("max", description="whether a larger monitor value is better")
+        resume: str = Field("auto", description="auto (newest complete checkpoint), none, or a checkpoint path")
+        signals: bool = Field(True, description="on SIGTERM/SIGUSR1: checkpoint and exit with status 75")
+
+    def __init__(self, options):
+        super().__init__(options)
+        self.scores: dict[str, float] = {}  # checkpoint name -> monitor value
+        self.signalled = 0
+        self.last_saved_step = -1
+
+    # ------------------------------------------------------------ hooks
+
+    def after_prepare(self, ctx) -> None:
+        if self.options.signals:
+            for signum in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(signum, self._on_signal)
+        folder = self._choose(ctx)
+        if folder is not None:
+            self._load(ctx, folder)
+
+    def on_step_end(self, ctx) -> None:
+        every = self.options.every_steps
+        if every and ctx.step % every == 0:
+            self.save(ctx)
+        if self.options.signals and self._signal_agreed(ctx):
+            self.save(ctx)
+            ctx.interrupted, ctx.exit_code = True, EXIT_PREEMPTED
+            ctx.stop_reason = f"signal {signal.Signals(self.signalled).name if self.signalled else 'on another rank'}"
+            if ctx.is_main:
+                print(f"\n[checkpoint] {ctx.stop_reason}: saved step {ctx.step}, exiting with status "
+                      f"{EXIT_PREEMPTED}; relaunch the same command to continue.", flush=True)
+
+    def on_epoch_end(self, ctx) -> None:
+        every = self.options.every_epochs
+        if every and ctx.epoch % every == 0:
+            self.save(ctx)
+
+    def on_train_end(self, ctx) -> None:
+        self.save(ctx)
+
+    def state_dict(self) -> dict:
+        return {"scores": dict(self.scores)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scores = dict(state["scores"])
+
+    # ------------------------------------------------------------ signals
+
+    def _on_signal(self, signum, frame) -> None:
+        self.signalled = signum  # acted on at the end of the current step
+
+    def _signal_agreed(self, ctx) -> bool:
+        """True on every rank if any rank was signalled (one tiny all-reduce per step)."""
+        if ctx.world_size == 1:
+            return bool(self.signalled)
+        flag = torch.tensor(1.0 if self.signalled else 0.0, device=ctx.accelerator.device)
+        return bool(ctx.accelerator.reduce(flag, "sum").item() > 0)
+
+    # ------------------------------------------------------------ saving
+
+    def save(self, ctx) -> None:
+        if ctx.step == self.last_saved_step:
+            return  # e.g. a step checkpoint that is also the epoch's
+        self.last_saved_step = ctx.step
+        accelerator = ctx.accelerator
+        root = ctx.run_dir / "checkpoints"
+        name = f"step-{ctx.step:08d}"
+        tmp = root / f".tmp-{name}"
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
+            tmp.mkdir(parents=True)
+        accelerator.wait_for_everyone()
+        error = None
+        try:
+            torch.save({"rng": _rng_state(), "loss_window": ctx.loss_window.detach().cpu(),
+                        "loss_window_steps": ctx.loss_window_steps}, tmp / f"rank-{ctx.rank}.pt")
+            if ctx.is_main:
+                self._write_main(ctx, tmp, name)
+        except OSError as err:
+            error = err
+        ok = torch.tensor(0.0 if error else 1.0, device=accelerator.device)
+        if ctx.world_size > 1:
+            ok = accelerator.reduce(ok, "sum") / ctx.world_size
+        if ok.item() < 1.0:
+            if ctx.is_main:
+                shutil.rmtree(tmp, ignore_errors=True)
+            kept = list_checkpoints(ctx.run_dir)
+            raise LauncherError(
+                f"Could not write the checkpoint at step {ctx.step} ({error or 'failed on another rank'}). "
+                f"Nothing was lost: the newest complete checkpoint is "
+                f"{kept[0] if kept else 'none yet'}. Free disk space and relaunch the same command."
+            ) from error
+        if ctx.is_main:
+            meta_files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+            atomic_write_text(tmp / "meta.json", json.dumps(self._meta(ctx, meta_files), indent=1))
+            if (root / name).exists():  # a corrupt checkpoint of this step, skipped at resume: set aside
+                os.replace(root / name, root / f".corrupt-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(tmp, root / name)  # the checkpoint becomes visible only when complete
+            _fsync_dir(root)
+            self._prune(ctx)
+        accelerator.wait_for_everyone()
+
+    def _write_main(self, ctx, folder: Path, name: str) -> None:
+        from safetensors.torch import save_model
+
+        if self.options.keep_best and ctx.last_eval_step == ctx.step and self.options.monitor in ctx.metrics:
+            self.scores[name] = float(ctx.metrics[self.options.monitor])  # before the state is saved
+        save_model(ctx.accelerator.unwrap_model(ctx.model), str(folder / "model.safetensors"))
+        trainer = {
+            "optimizer": ctx.optimizer.state_dict(),
+            "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else None,
+            "scaler": ctx.accelerator.scaler.state_dict() if ctx.accelerator.scaler is not None else None,
+            "plugins": ctx.plugins.state_dict(),
+        }
+        torch.save(trainer, folder / "trainer.pt")
+        delay = float(os.environ.get("LAUNCHER_TEST_CHECKPOINT_DELAY", "0"))
+        if delay:  # tests only: widen the window in which a kill lands mid-write
+            time.sleep(delay)
+
+    def _meta(self, ctx, files: dict) -> dict:
+        return {
+            "format": FORMAT, "step": ctx.step, "epoch": ctx.epoch, "step_in_epoch": ctx.step_in_epoch,
+            "last_eval_step": ctx.last_eval_step, "metrics": ctx.metrics,
+            "metrics_rows": ctx.metrics_log.rows if ctx.metrics_log else 0,
+            "world_size": ctx.world_size, "streams": ctx.plan.streams, "global_batch": ctx.plan.global_batch,
+            "recipe_digest": ctx.recipe.digest(), "recipe": ctx.recipe.to_dict(),
+            "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
+        }
+
+    def _prune(self, ctx) -> None:
+        names = [p.name for p in list_checkpoints(ctx.run_dir)]
+        keep = set(names[: self.options.keep_last])
+        if self.options.keep_best:
+            scored = [n for n in names if n in self.scores]
+            best = sorted(scored, key=lambda n: self.scores[n], reverse=self.options.mode == "max")
+            keep |= set(best[: self.options.keep_best])
+        for name in names:
+            if name not in keep:
+                shutil.rmtree(ctx.run_dir / "checkpoints" / name, ignore_errors=True)
+
+    # ------------------------------------------------------------ resuming
+
+    def _choose(self, ctx) -> Optional[Path]:
+        resume = self.options.resume
+        if resume == "none":
+            old = ctx.run_dir / "checkpoints"
+            if ctx.is_main and old.is_dir() and any(old.iterdir()):
+                kept = old.with_name(f"checkpoints-{time.strftime('%Y%m%d-%H%M%S')}")
+                os.replace(old, kept)  # a fresh start never deletes what an earlier run saved
+                warnings.warn(f"resume: none; the earlier checkpoints were moved to {kept}", stacklevel=2)
+            ctx.accelerator.wait_for_everyone()
+            return None
+        if resume != "auto":
+            folder = Path(resume)
+            problem = verify(folder) if folder.is_dir() else f"'{folder}' is not a folder"
+            if problem:
+                raise LauncherError(f"plugins.checkpoint.resume: cannot resume from '{folder}': {problem}.")
+            return folder
+        for folder in list_checkpoints(ctx.run_dir):
+            problem = verify(folder)
+            if problem is None:
+                return folder
+            if ctx.is_main:
+                warnings.warn(f"skipping checkpoint {folder.name}: {problem}; trying an older one", stacklevel=2)
+        return None
+
+    def _load(self, ctx, folder: Path) -> None:
+        from safetensors.torch import load_model
+
+        meta = json.loads((folder / "meta.json").read_text())
+        diffs = recipe_differences(meta["recipe"], ctx.recipe.to_dict())
+        if diffs:
+            raise LauncherError(
+                f"The checkpoint {folder} was written by a different recipe; refusing to resume. Differences: "
+                + "; ".join(diffs) + ". Resume with the original recipe, or start afresh with "
+                "plugins.checkpoint.resume=none (the old checkpoints are kept) or another run.dir."
+            )
+        if meta["step_in_epoch"]:
+            self._check_plan(ctx, meta)
+        if meta["streams"] != ctx.plan.streams and meta["streams"] % ctx.world_size == 0:
+            ctx.make_plan(streams=meta["streams"])  # continue the epoch with the saved lanes
+        load_model(ctx.accelerator.unwrap_model(ctx.model), str(folder / "model.safetensors"))
+        trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
+        ctx.optimizer.load_state_dict(trainer["optimizer"])
+        if ctx.scheduler is not None and trainer["scheduler"] is not None:
+            ctx.scheduler.load_state_dict(trainer["scheduler"])
+        if ctx.accelerator.scaler is not None and trainer["scaler"] is not None:
+            ctx.accelerator.scaler.load_state_dict(trainer["scaler"])
+        ctx.plugins.load_state_dict(trainer["plugins"])
+        ctx.step, ctx.epoch, ctx.step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
+        ctx.last_eval_step, ctx.metrics, ctx.metrics_rows = meta["last_eval_step"], meta["metrics"], meta["metrics_rows"]
+        self.last_saved_step = ctx.step
+        rank_file = folder / f"rank-{ctx.rank}.pt"
+        if meta["world_size"] == ctx.world_size and rank_file.is_file():
+            rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
+            _set_rng_state(rank_state["rng"])
+            ctx.loss_window = rank_state["loss_window"].to(ctx.accelerator.device)
+            ctx.loss_window_steps = rank_state["loss_window_steps"]
+        elif ctx.is_main:
+            warnings.warn(f"resuming {meta['world_size']}-process checkpoint on {ctx.world_size} processes: "
+                          "random states are re-seeded and the current loss window restarts", stacklevel=2)
+        if ctx.is_main:
+            print(f"[checkpoint] resumed from {folder} (step {ctx.step}, epoch {ctx.epoch}, "
+                  f"step {ctx.step_in_epoch} of the epoch)", flush=True)
+
+    def _check_plan(self, ctx, meta: dict) -> None:
+        """Mid-epoch, the new run must be able to follow the saved epoch plan."""
+        if meta["global_batch"] != ctx.plan.global_batch:
+            raise LauncherError(
+                f"The checkpoint stopped mid-epoch with a global batch of {meta['global_batch']} samples; this run "
+                f"has {ctx.plan.global_batch} (data.batch_size x {ctx.world_size} processes). Set data.batch_size="
+                f"{meta['global_batch'] // ctx.world_size} to continue the epoch exactly.")
+        if meta["streams"] % ctx.world_size:
+            raise LauncherError(
+                f"The checkpoint stopped mid-epoch with data.streams={meta['streams']}, which {ctx.world_size} "
+                f"processes cannot share evenly; resume on a number of processes that divides {meta['streams']}.")
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass

@@ -1,0 +1,142 @@
+"""checkpoint: exact resume (bit-identical weights, identical metrics.jsonl), corrupt and
+failed checkpoints, recipe changes, retention, and every plugin's state across a resume."""
+
+from __future__ import annotations
+
+import errno
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from launcher import registry
+from launcher.errors import LauncherError
+from launcher.loop import train
+from launcher.recipe import validate_recipe
+from plugins.checkpoint import list_checkpoints, recipe_differences, verify
+from tests.conftest import small_recipe
+
+AUGMENT = {"crop_padding": 2, "rotation": 10, "random_erasing": 0.3}
+
+
+def recipe(digits, run_dir, max_steps, plugins=None, **sections):
+    raw = small_recipe(digits, run_dir, train={"epochs": 2, "max_steps": max_steps},
+                       data={"num_workers": 2, "augment": AUGMENT},
+                       plugins={"checkpoint": {"every_steps": 10}, **(plugins or {})}, **sections)
+    return validate_recipe(raw)
+
+
+def same_run(a, b):
+    wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+
+
+def test_stopping_and_resuming_gives_the_same_model_and_metrics(digits, tmp_path):
+    """45 steps per epoch: stop at 30 (mid-epoch) and at 60, resume, finish at 70."""
+    train(recipe(digits, tmp_path / "straight", 70))
+    for stop in (30, 60, 70):
+        train(recipe(digits, tmp_path / "pieces", stop))
+    same_run(tmp_path / "straight", tmp_path / "pieces")
+    names = [p.name for p in list_checkpoints(tmp_path / "pieces")]
+    assert names == ["step-00000070", "step-00000060"]  # keep_last: 2
+
+
+def test_a_corrupt_newest_checkpoint_is_skipped_with_a_warning(digits, tmp_path):
+    train(recipe(digits, tmp_path / "straight", 40))
+    train(recipe(digits, tmp_path / "run", 30))
+    newest = list_checkpoints(tmp_path / "run")[0]
+    model_file = newest / "model.safetensors"
+    model_file.write_bytes(model_file.read_bytes()[:1000])  # truncated
+    with pytest.warns(UserWarning, match=r"skipping checkpoint step-00000030: '.*model.safetensors' is missing or truncated"):
+        train(recipe(digits, tmp_path / "run", 40))
+    same_run(tmp_path / "straight", tmp_path / "run")
+
+
+def test_bit_flips_are_caught_by_the_checksum(digits, tmp_path):
+    train(recipe(digits, tmp_path / "run", 10))
+    folder = list_checkpoints(tmp_path / "run")[0]
+    data = bytearray((folder / "trainer.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (folder / "trainer.pt").write_bytes(bytes(data))
+    assert "trainer.pt' is corrupt" in verify(folder)
+
+
+def test_a_failed_write_fails_loudly_and_keeps_the_previous_checkpoint(digits, tmp_path, monkeypatch):
+    train(recipe(digits, tmp_path / "run", 10))
+    import plugins.checkpoint as ck
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(ck.torch, "save", full_disk)
+    with pytest.raises(LauncherError, match=r"Could not write the checkpoint at step 20 .*No space left.*step-00000010"):
+        train(recipe(digits, tmp_path / "run", 20))
+    folders = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert folders == ["step-00000010"] and verify(tmp_path / "run" / "checkpoints" / "step-00000010") is None
+
+
+def test_resuming_with_a_changed_recipe_is_refused_with_the_differences(digits, tmp_path):
+    train(recipe(digits, tmp_path / "run", 10))
+    changed = recipe(digits, tmp_path / "run", 20, optimizer={"lr": 0.2, "name": "momentum"})
+    with pytest.raises(LauncherError, match=r"different recipe.*optimizer.lr: 0.05 -> 0.2"):
+        train(changed)
+    # train.max_steps and train.epochs are safe to change
+    assert recipe_differences({"train": {"epochs": 1, "max_steps": 5}}, {"train": {"epochs": 3, "max_steps": 9}}) == []
+
+
+def test_resume_none_starts_afresh_and_keeps_the_old_checkpoints(digits, tmp_path):
+    train(recipe(digits, tmp_path / "run", 10))
+    fresh = recipe(digits, tmp_path / "run", 10, plugins={"checkpoint": {"every_steps": 10, "resume": "none"}})
+    with pytest.warns(UserWarning, match="moved to"):
+        ctx = train(fresh)
+    assert ctx.step == 10 and len(list(tmp_path.joinpath("run").glob("checkpoints-*"))) == 1
+
+
+def test_keep_best_keeps_the_best_by_the_monitored_metric(digits, tmp_path):
+    raw = small_recipe(digits, tmp_path / "run", train={"epochs": 4}, data={"batch_size": 256},
+                       plugins={"checkpoint": {"every_epochs": 1, "keep_last": 1, "keep_best": 1,
+                                               "monitor": "val/loss", "mode": "min"}})
+    train(validate_recipe(raw))
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    evals = {r["step"]: r["val/loss"] for r in rows if "val/loss" in r}
+    best_step = min(evals, key=evals.get)
+    kept = {p.name for p in list_checkpoints(tmp_path / "run")}
+    assert kept == {f"step-{max(evals):08d}", f"step-{best_step:08d}"}
+
+
+# Options that make each plugin runnable in a short CPU run; every registered plugin must
+# appear here, so a new plugin cannot skip the resume test.
+PLUGIN_OPTIONS = {
+    "amp": {"dtype": "bf16"},
+    "ema": {"decay": 0.9},
+    "grad_accum": {"micro_batches": 2},
+    "label_smoothing": {"smoothing": 0.1},
+    "sam": {"rho": 0.05},
+    "tta": {},
+    "wandb": {"mode": "disabled"},
+    "distill": "teacher",
+    "checkpoint": None,  # the mechanism under test
+    "recorder": {"trace": False},
+}
+
+
+def test_every_registered_plugin_is_covered():
+    builtin = {n for n, c in registry.discover().items() if c.__module__.startswith(("plugins.", "tests."))
+               and not n.startswith(("test_", "bench_"))}
+    assert builtin <= set(PLUGIN_OPTIONS), builtin - set(PLUGIN_OPTIONS)
+
+
+@pytest.mark.parametrize("name", [n for n, o in PLUGIN_OPTIONS.items() if o is not None])
+def test_every_plugin_survives_save_and_resume(name, digits, tmp_path):
+    """2N steps straight equals N steps, a checkpoint, a resume and N more."""
+    options = PLUGIN_OPTIONS[name]
+    if options == "teacher":
+        train(validate_recipe(small_recipe(digits, tmp_path / "teacher", train={"epochs": 1, "max_steps": 5})))
+        options = {"checkpoint": str(tmp_path / "teacher")}
+    for run, stops in (("straight", (20,)), ("resumed", (10, 20))):
+        for stop in stops:
+            train(recipe(digits, tmp_path / run, stop, plugins={name: options}))
+    same_run(tmp_path / "straight", tmp_path / "resumed")

@@ -1,13 +1,15 @@
 """amp: automatic mixed precision through Accelerate (Micikevicius et al. 2018).
 
-bf16 runs on GPUs and on the CPU (torch.autocast). fp16 needs a GPU: Accelerate's
-GradScaler scales the loss, the loop unscales the gradients before the
-before_optimizer_step hooks, and a step whose gradients overflowed is skipped by the
-scaler; skipped steps are counted and logged as `train/skipped_steps`. Weights, optimizer
-state and the loss stay in float32.
+bf16 and fp16 both run on GPUs and on the CPU (torch.autocast). With fp16 a GradScaler
+scales the loss, the loop unscales the gradients before the before_optimizer_step hooks,
+and a step whose gradients overflowed is skipped by the scaler; skipped steps are counted
+and logged as `train/skipped_steps`. Weights, optimizer state and the loss stay in float32.
+On the CPU both are emulated on most processors (slow): meant for GPUs, and for checking a
+GPU recipe on a laptop.
 
-Hooks: accelerator_options (sets mixed_precision), after_optimizer_step (counts skips),
-log_row. State: the skip count (the scaler's own state is Accelerate's).
+Hooks: accelerator_options (sets mixed_precision), setup (CPU fp16: the scaler),
+after_optimizer_step (counts skips), log_row. State: the skip count (the scaler's state is
+saved by the checkpoint with the trainer).
 """
 
 from __future__ import annotations
@@ -17,7 +19,6 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
 
 
@@ -26,15 +27,20 @@ class MixedPrecision(Plugin):
     """Mixed precision (bf16 or fp16 with loss scaling) through Accelerate."""
 
     class Options(PluginOptions):
-        dtype: Literal["bf16", "fp16"] = Field("bf16", description="bf16 (GPU or CPU) or fp16 (GPU, loss scaling)")
+        dtype: Literal["bf16", "fp16"] = Field("bf16", description="bf16, or fp16 with loss scaling")
 
     skipped = 0
 
     def accelerator_options(self, ctx, options: dict) -> dict:
-        if self.options.dtype == "fp16" and not torch.cuda.is_available():
-            raise LauncherError("plugins.amp.dtype=fp16 needs a CUDA GPU (Accelerate has no fp16 loss scaling on "
-                                "the CPU); use dtype: bf16 there.")
         return {**options, "mixed_precision": self.options.dtype}
+
+    def setup(self, ctx) -> None:
+        accelerator = ctx.accelerator
+        if self.options.dtype == "fp16" and accelerator.scaler is None and accelerator.device.type == "cpu":
+            # Written by hand: Accelerate turns fp16 off on the CPU (no scaler, no autocast),
+            # while torch has both. Set before prepare(), so the wrapped optimizer uses it.
+            accelerator.scaler = torch.amp.GradScaler("cpu")
+            accelerator.native_amp = True
 
     def after_optimizer_step(self, ctx) -> None:
         if getattr(ctx.optimizer, "step_was_skipped", False):

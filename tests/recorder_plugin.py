@@ -21,6 +21,7 @@ class Recorder(Plugin):
     class Options(PluginOptions):
         trace: bool = Field(True, description="also record every hook call")
         stream: bool = Field(False, description="append each step's sample ids to ids-rank<R>.jsonl at once")
+        count_allreduce: bool = Field(False, description="count DDP gradient all-reduces per optimizer step")
 
     def __init__(self, options):
         super().__init__(options)
@@ -42,6 +43,15 @@ class Recorder(Plugin):
 
     def after_prepare(self, ctx):
         self._trace("after_prepare")
+        self.allreduce_calls, self.allreduce_per_step = 0, []
+        if self.options.count_allreduce and isinstance(ctx.model, torch.nn.parallel.DistributedDataParallel):
+            from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+            def counting(process_group, bucket):
+                self.allreduce_calls += 1
+                return allreduce_hook(process_group, bucket)
+
+            ctx.model.register_comm_hook(None, counting)
 
     def on_epoch_start(self, ctx):
         self._trace("on_epoch_start")
@@ -64,6 +74,8 @@ class Recorder(Plugin):
 
     def after_optimizer_step(self, ctx):
         self._trace("after_optimizer_step")
+        self.allreduce_per_step.append(self.allreduce_calls)
+        self.allreduce_calls = 0
 
     def eval_models(self, ctx, models):
         self._trace("eval_models")
@@ -91,6 +103,7 @@ class Recorder(Plugin):
         path.write_text(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, "steps": self.steps,
                                     "evals": self.evals, "hooks": self.hooks,
                                     "compute_dtype": getattr(self, "compute_dtype", None),
+                                    "allreduce_per_step": self.allreduce_per_step,
                                     "shards_read": sorted({str(p) for p in self._shards(ctx)})}))
 
     def _shards(self, ctx):

@@ -46,3 +46,20 @@ def test_two_processes_split_the_data_exactly(digits, tmp_path):
     assert len(single["steps"]) == 46
     for one, a, b in zip(single["steps"], ranks[0]["steps"], ranks[1]["steps"]):
         assert one["ids"] == a["ids"] + b["ids"] and one["global_count"] == a["global_count"]
+
+
+def test_accumulation_all_reduces_once_per_step_under_ddp(digits, tmp_path):
+    """grad_accum with k=4 micro-batches all-reduces the gradients as often as k=1 does:
+    only on the last micro-batch (Accelerate's no_sync on the others)."""
+    counts = {}
+    for k in (1, 4):
+        raw = small_recipe(digits, tmp_path / f"k{k}", train={"epochs": 1, "max_steps": 5}, data={"val": None},
+                           plugins={"grad_accum": {"micro_batches": k},
+                                    "recorder": {"trace": False, "count_allreduce": True}})
+        recipe = tmp_path / f"k{k}.yaml"
+        recipe.write_text(yaml.safe_dump(raw))
+        result = run_cli([*accelerate_cmd(2), "launcher", str(recipe)])
+        assert result.returncode == 0, result.stderr[-3000:]
+        counts[k] = json.loads((tmp_path / f"k{k}" / "recorder-rank0.json").read_text())["allreduce_per_step"]
+    assert len(counts[1]) == 5 and all(c >= 1 for c in counts[1])  # the hook did see the all-reduces
+    assert counts[4] == counts[1]

@@ -24,6 +24,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.plain_loop import plain_train  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 from launcher.data import EpochPlan, TrainStream, batches, index_shards  # noqa: E402
 from launcher.loop import train  # noqa: E402
 from launcher.recipe import AugmentSection, load_recipe  # noqa: E402
@@ -143,11 +144,7 @@ def main() -> int:
         f"| loader, PNG shards, recipe augmentation | {rates['png', True]:.0f} samples/s per worker |",
         f"| images/s, launcher (wall) | {recipe.data.batch_size / ours_wall:.0f} |",
     ]
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + f"\n\nCommand: `python benchmarks/loop_overhead.py {' '.join(sys.argv[1:])}`\n")
+    emit(lines, args.out)
     return 0
 
 

@@ -21,6 +21,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.loop_overhead import launcher_run, medians  # noqa: E402
+from benchmarks.report import emit  # noqa: E402
 from launcher.shards import main as write_shards  # noqa: E402
 
 
@@ -67,11 +68,7 @@ def main() -> int:
         wall, cpu = medians(ts)
         lines.append(f"| {name} | {wall * 1e3:.1f} ms | {wall / base_wall:.2f}x | {cpu * 1e3:.1f} ms | "
                      f"{cpu / base_cpu:.2f}x |")
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + f"\n\nCommand: `python benchmarks/plugin_cost.py {' '.join(sys.argv[1:])}`\n")
+    emit(lines, args.out)
     return 0
 
 

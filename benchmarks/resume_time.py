@@ -20,6 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from benchmarks.report import emit  # noqa: E402
 from launcher.loop import train  # noqa: E402
 from launcher.recipe import load_recipe  # noqa: E402
 from launcher.registry import Plugin, register  # noqa: E402
@@ -85,11 +86,7 @@ def main() -> int:
     for fraction, (at, seconds) in results.items():
         lines.append(f"| {fraction:.0%} of the epoch | {at} | {seconds:.2f} s |")
     lines.append(f"| ratio 90% / 10% | | {results[0.9][1] / results[0.1][1]:.2f} |")
-    report = "\n".join(lines)
-    print(report)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(report + f"\n\nCommand: `python benchmarks/resume_time.py {' '.join(sys.argv[1:])}`\n")
+    emit(lines, args.out)
     return 0
 
 

@@ -125,7 +125,8 @@ def test_sigkill_at_several_moments_then_relaunch_gives_the_same_model(digits, t
     assert_each_sample_once_per_epoch(trained_ids(run, 1))
 
 
-def test_sigterm_checkpoints_exits_75_and_resumes_exactly(digits, tmp_path):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
+def test_a_signal_checkpoints_exits_75_and_resumes_exactly(sig, digits, tmp_path):
     recipe, straight = write_recipe(digits, tmp_path, "straight")
     finish([sys.executable, "-m", "launcher", str(recipe)], tmp_path / "straight.log")
     recipe, run = write_recipe(digits, tmp_path, "stopped")
@@ -134,7 +135,7 @@ def test_sigterm_checkpoints_exits_75_and_resumes_exactly(digits, tmp_path):
     proc = start(cmd, log)
     assert wait_for(lambda: (run / "ids-rank0.jsonl").exists()
                     and len((run / "ids-rank0.jsonl").read_text().splitlines()) >= 13, proc)
-    os.kill(proc.pid, signal.SIGTERM)
+    os.kill(proc.pid, sig)
     assert proc.wait(timeout=120) == 75, log.read_text()[-2000:]
     step = int(checkpoints(run)[-1].name.split("-")[1])
     assert step >= 13 and step % 10 != 0  # saved at the step it was working on, not a periodic one

@@ -118,6 +118,9 @@ PLUGIN_OPTIONS = {
     "tta": {},
     "wandb": {"mode": "disabled"},
     "distill": "teacher",
+    "mixup": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0},
+    "early_stopping": {"monitor": "val/loss", "mode": "min", "patience": 3},
+    "grad_clip": {"max_norm": 1.0},
     "checkpoint": None,  # the mechanism under test
     "recorder": {"trace": False},
 }

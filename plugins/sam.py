@@ -24,14 +24,15 @@ from launcher.registry import Plugin, PluginOptions, register
 
 
 @torch.no_grad()
-def sam_perturbation(params: list[torch.nn.Parameter], rho: float, adaptive: bool, eta: float) -> list[torch.Tensor]:
-    """e(w) for every parameter that has a gradient (zeros for the others)."""
+def sam_perturbation(params: list[torch.nn.Parameter], rho: float, adaptive: bool,
+                     eta: float) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """e(w) for every parameter (zeros where there is no gradient), and the gradient norm."""
     scales = [(p.abs() + eta) if adaptive else None for p in params]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     scaled = [g * s if s is not None else g for g, s in zip(grads, scales)]
     norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in scaled]))
     factor = rho / (norm + 1e-12)
-    return [(g * s * factor) if s is not None else g * factor for g, s in zip(scaled, scales)]
+    return [(g * s * factor) if s is not None else g * factor for g, s in zip(scaled, scales)], norm
 
 
 def _batchnorm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
@@ -50,7 +51,9 @@ class SharpnessAwareMinimization(Plugin):
     def before_optimizer_step(self, ctx) -> None:
         model = ctx.model
         params = [p for group in ctx.optimizer.param_groups for p in group["params"] if p.requires_grad]
-        perturbation = sam_perturbation(params, self.options.rho, self.options.adaptive, self.options.eta)
+        perturbation, norm = sam_perturbation(params, self.options.rho, self.options.adaptive, self.options.eta)
+        if not torch.isfinite(norm):
+            return  # an fp16 overflow: the loss scaler skips this step; do not perturb with inf/nan
         bn_state = [b.clone() for b in _batchnorm_buffers(model)]
         with torch.no_grad():
             original = [p.detach().clone() for p in params]  # restored exactly: (w + e) - e != w in floats

@@ -84,3 +84,18 @@ def test_the_loop_runs_two_passes_per_step_on_the_same_batch(digits, tmp_path):
     step = ["transform_batch", "transform_loss", "before_optimizer_step", "transform_loss", "after_optimizer_step"]
     first = hooks.index("transform_batch")
     assert hooks[first:first + 5] == step and hooks.count("transform_loss") == 8
+
+
+def test_non_finite_gradients_are_not_used_to_perturb():
+    """Under fp16 an overflowed first pass must leave the step to the loss scaler to skip."""
+    model = tiny_model()
+    for p in model.parameters():
+        p.grad = torch.full_like(p, float("inf"))
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+    ctx = RunContext(recipe=None, model=model, plugins=PluginSet([]))
+    ctx.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ctx.recompute_gradients = lambda: calls.append(1)
+    SharpnessAwareMinimization(SharpnessAwareMinimization.Options()).before_optimizer_step(ctx)
+    assert calls == [] and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    assert all(torch.isinf(p.grad).all() for p in model.parameters())

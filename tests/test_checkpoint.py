@@ -121,6 +121,8 @@ PLUGIN_OPTIONS = {
     "mixup": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0},
     "early_stopping": {"monitor": "val/loss", "mode": "min", "patience": 3},
     "grad_clip": {"max_norm": 1.0},
+    "nan_guard": {"action": "skip"},
+    "focal_loss": {"gamma": 2.0, "class_weights": "balanced"},
     "checkpoint": None,  # the mechanism under test
     "recorder": {"trace": False},
 }

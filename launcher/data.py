@@ -283,6 +283,14 @@ class EpochPlan:
                 f"data.streams={self.streams} must be a multiple of the number of processes ({self.world_size}) "
                 f"and divide the global batch ({self.global_batch} = data.batch_size x processes)."
             )
+        # Lane lengths (near-equal cuts of the stream) and the step count do not depend on the
+        # epoch: computed once here, not on every step in every loader worker.
+        n, L = self.num_samples, self.streams
+        object.__setattr__(self, "lane_lengths", [((lane + 1) * n) // L - (lane * n) // L for lane in range(L)])
+        steps = max(1, math.ceil(max(self.lane_lengths) / self.per_lane))
+        if steps > 1 and self._smallest_rank_share(steps - 1) < self.min_rank_samples:
+            steps -= 1  # the tiny tail is merged into the step before
+        object.__setattr__(self, "_steps", steps)
 
     @property
     def num_samples(self) -> int:
@@ -301,7 +309,7 @@ class EpochPlan:
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 1]).permutation(order)
         stream = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in order])
-        bounds = [(lane * len(stream)) // self.streams for lane in range(self.streams + 1)]
+        bounds = np.concatenate([[0], np.cumsum(self.lane_lengths)])
         lanes = []
         for lane in range(self.streams):
             ids = stream[bounds[lane]:bounds[lane + 1]].copy()
@@ -317,11 +325,7 @@ class EpochPlan:
         return self.global_batch // self.streams
 
     def steps_per_epoch(self) -> int:
-        longest = -(-self.num_samples // self.streams)
-        steps = max(1, math.ceil(longest / self.per_lane))
-        if steps > 1 and self._smallest_rank_share(steps - 1) < self.min_rank_samples:
-            steps -= 1  # the tiny tail is merged into the step before
-        return steps
+        return self._steps
 
     def _lane_range(self, lane_len: int, step: int, steps: int) -> tuple[int, int]:
         start = step * self.per_lane
@@ -329,33 +333,24 @@ class EpochPlan:
         return min(start, lane_len), end
 
     def _smallest_rank_share(self, step: int) -> int:
-        # Lane lengths are known without building the lanes: they differ by at most one.
-        n, L = self.num_samples, self.streams
-        lengths = [((lane + 1) * n) // L - (lane * n) // L for lane in range(L)]
-        per_rank = L // self.world_size
-        shares = []
-        for rank in range(self.world_size):
-            share = 0
-            for lane in range(rank * per_rank, (rank + 1) * per_rank):
-                start = step * self.per_lane
-                share += max(0, min(lengths[lane], start + self.per_lane) - start)
-            shares.append(share)
-        return min(shares)
+        """The fewest samples any rank would get at `step` if it were not merged."""
+        per_rank, start = self.streams // self.world_size, step * self.per_lane
+        return min(sum(max(0, min(length, start + self.per_lane) - start)
+                       for length in self.lane_lengths[rank * per_rank:(rank + 1) * per_rank])
+                   for rank in range(self.world_size))
 
     def rank_ids(self, epoch: int, step: int, rank: int) -> np.ndarray:
         """Sample ids that `rank` trains on at `step` of `epoch`."""
-        steps = self.steps_per_epoch()
         per_rank = self.streams // self.world_size
         parts = []
         for lane_ids in self.lanes(epoch)[rank * per_rank:(rank + 1) * per_rank]:
-            start, end = self._lane_range(len(lane_ids), step, steps)
+            start, end = self._lane_range(len(lane_ids), step, self._steps)
             parts.append(lane_ids[start:end])
         return np.concatenate(parts)
 
     def global_count(self, epoch: int, step: int) -> int:
         """Samples in the whole global batch of `step` (the loss is normalised by it)."""
-        steps = self.steps_per_epoch()
-        ranges = [self._lane_range(len(ids), step, steps) for ids in self.lanes(epoch)]
+        ranges = [self._lane_range(length, step, self._steps) for length in self.lane_lengths]
         return int(sum(end - start for start, end in ranges))
 
 

@@ -42,9 +42,7 @@ of ranks or micro-batches, and however unevenly the last step of an epoch is spl
 
 from __future__ import annotations
 
-import math
 import os
-import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path

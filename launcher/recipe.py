@@ -246,15 +246,3 @@ def _valid_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
             return []
         model = annotation
     return list(model.model_fields)
-
-
-def field_paths(model: type[BaseModel] = Recipe, prefix: str = "") -> list[str]:
-    """Every dotted key of the schema (used for suggestions and documentation)."""
-    out = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            out += field_paths(ann, f"{prefix}{name}.")
-        else:
-            out.append(prefix + name)
-    return out

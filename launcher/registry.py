@@ -140,7 +140,7 @@ def discover() -> dict[str, type[Plugin]]:
             try:
                 importlib.import_module(module.strip())
             except ImportError as err:
-                raise LauncherError(f"LAUNCHER_PLUGINS names module '{module}', which cannot be imported: {err}")
+                raise LauncherError(f"LAUNCHER_PLUGINS names module '{module}', which cannot be imported: {err}") from None
         for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP):
             try:
                 ep.load()

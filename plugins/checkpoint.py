@@ -235,6 +235,7 @@ class Checkpoint(Plugin):
                 f"{kept[0] if kept else 'none yet'}. Free disk space and relaunch the same command."
             ) from error
         if ctx.is_main:
+            # Hashed from the disk, after writing: the checksums vouch for the bytes that were stored.
             meta_files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
             atomic_write_text(tmp / "meta.json", json.dumps(self._meta(ctx, meta_files), indent=1))
             if (root / name).exists():  # a corrupt checkpoint of this step, skipped at resume: set aside
@@ -285,28 +286,39 @@ class Checkpoint(Plugin):
     # ------------------------------------------------------------ resuming
 
     def _choose(self, ctx) -> Optional[Path]:
+        """The main process picks (and verifies) the checkpoint; the others receive its choice,
+        so the files are hashed once, not once per rank, and every rank fails alike."""
+        choice = [self._choose_on_main(ctx) if ctx.is_main else None]
+        if ctx.world_size > 1:
+            from accelerate.utils import broadcast_object_list
+
+            broadcast_object_list(choice)
+        kind, value = choice[0]
+        if kind == "error":
+            raise LauncherError(value)
+        return Path(value) if kind == "path" else None
+
+    def _choose_on_main(self, ctx) -> tuple[str, Optional[str]]:
         resume = self.options.resume
         if resume == "none":
             old = ctx.run_dir / "checkpoints"
-            if ctx.is_main and old.is_dir() and any(old.iterdir()):
+            if old.is_dir() and any(old.iterdir()):
                 kept = old.with_name(f"checkpoints-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(old, kept)  # a fresh start never deletes what an earlier run saved
                 warnings.warn(f"resume: none; the earlier checkpoints were moved to {kept}", stacklevel=2)
-            ctx.accelerator.wait_for_everyone()
-            return None
+            return "none", None
         if resume != "auto":
             folder = Path(resume)
             problem = verify(folder) if folder.is_dir() else f"'{folder}' is not a folder"
             if problem:
-                raise LauncherError(f"plugins.checkpoint.resume: cannot resume from '{folder}': {problem}.")
-            return folder
+                return "error", f"plugins.checkpoint.resume: cannot resume from '{folder}': {problem}."
+            return "path", str(folder)
         for folder in list_checkpoints(ctx.run_dir):
             problem = verify(folder)
             if problem is None:
-                return folder
-            if ctx.is_main:
-                warnings.warn(f"skipping checkpoint {folder.name}: {problem}; trying an older one", stacklevel=2)
-        return None
+                return "path", str(folder)
+            warnings.warn(f"skipping checkpoint {folder.name}: {problem}; trying an older one", stacklevel=2)
+        return "none", None
 
     def _load(self, ctx, folder: Path) -> None:
         from safetensors.torch import load_model

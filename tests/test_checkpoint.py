@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import errno
 import json
-import shutil
 
 import pytest
 import torch
@@ -88,11 +87,17 @@ def test_resuming_with_a_changed_recipe_is_refused_with_the_differences(digits, 
 
 
 def test_resume_none_starts_afresh_and_keeps_the_old_checkpoints(digits, tmp_path):
-    train(recipe(digits, tmp_path / "run", 10))
-    fresh = recipe(digits, tmp_path / "run", 10, plugins={"checkpoint": {"every_steps": 10, "resume": "none"}})
+    recorder = {"recorder": {"trace": False}}
+    train(recipe(digits, tmp_path / "run", 10, plugins=recorder))
+    fresh = recipe(digits, tmp_path / "run", 10,
+                   plugins={"checkpoint": {"every_steps": 10, "resume": "none"}, **recorder})
     with pytest.warns(UserWarning, match="moved to"):
-        ctx = train(fresh)
-    assert ctx.step == 10 and len(list(tmp_path.joinpath("run").glob("checkpoints-*"))) == 1
+        train(fresh)
+    # All 10 steps were trained again (a resume from step 10 would have trained none).
+    trained = json.loads((tmp_path / "run" / "recorder-rank0.json").read_text())["steps"]
+    assert [s["step"] for s in trained] == list(range(10))
+    moved = list(tmp_path.joinpath("run").glob("checkpoints-*"))
+    assert len(moved) == 1 and verify(moved[0] / "step-00000010") is None
 
 
 def test_keep_best_keeps_the_best_by_the_monitored_metric(digits, tmp_path):

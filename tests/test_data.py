@@ -4,7 +4,6 @@ the shard writer, and reading shards written by others."""
 from __future__ import annotations
 
 import io
-import itertools
 import pickle
 import tarfile
 from pathlib import Path

@@ -4,17 +4,15 @@ golden order of hook calls, and --list-plugins."""
 from __future__ import annotations
 
 import json
-import sys
 import types
 
 import pytest
-from pydantic import Field
 
 from launcher import registry
 from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.recipe import validate_recipe
-from launcher.registry import HOOKS, Plugin, PluginOptions, PluginSet, register
+from launcher.registry import Plugin, PluginOptions, PluginSet, register
 from tests.conftest import small_recipe
 
 

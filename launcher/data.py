@@ -275,6 +275,8 @@ class EpochPlan:
     shuffle: bool = True
     window: int = 1000
     min_rank_samples: int = 2
+    # Relative sampling weight per sample (index order); None: every sample once per epoch.
+    sample_weights: Optional[np.ndarray] = field(default=None, compare=False, hash=False, repr=False)
     _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
@@ -309,6 +311,8 @@ class EpochPlan:
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 1]).permutation(order)
         stream = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in order])
+        if self.sample_weights is not None:
+            stream = self._resample(stream, epoch)
         bounds = np.concatenate([[0], np.cumsum(self.lane_lengths)])
         lanes = []
         for lane in range(self.streams):
@@ -319,6 +323,30 @@ class EpochPlan:
                     ids[w:w + self.window] = rng.permutation(ids[w:w + self.window])
             lanes.append(ids)
         return lanes
+
+    def repeat_counts(self, epoch: int) -> np.ndarray:
+        """How often each sample (index order) is drawn this epoch: systematic resampling
+        (one uniform offset, N evenly spaced points through the cumulative weights), so the
+        epoch keeps exactly N samples and each sample is drawn floor or ceil of N * w_i / sum(w)
+        times; the lowest-variance unbiased scheme, written here because samplers in torch
+        draw independently (multinomial) and need random access, which shards do not give."""
+        w = np.asarray(self.sample_weights, dtype=np.float64)
+        n = self.num_samples
+        edges = np.concatenate([[0.0], np.cumsum(w / w.sum() * n)])
+        edges[-1] = n  # exact, whatever the rounding
+        u = np.random.default_rng([self.seed, epoch, 3]).random()
+        hits = np.floor(edges - u).astype(np.int64)  # points u + k below each edge, minus one
+        return np.diff(np.maximum(hits, -1))
+
+    def _resample(self, stream: np.ndarray, epoch: int) -> np.ndarray:
+        """The stream with each sample repeated as drawn. Repeats stay next to their shard
+        (streaming locality; the window shuffle mixes them). The k-th copy of sample i gets the
+        id i + k * N, so its augmentation is seeded apart; readers take the id modulo N."""
+        counts = self.repeat_counts(epoch)[stream]
+        repeated = np.repeat(stream, counts)
+        first = np.repeat(np.cumsum(counts) - counts, counts)
+        copy = np.arange(len(repeated)) - first
+        return repeated + copy * self.num_samples
 
     @property
     def per_lane(self) -> int:
@@ -404,12 +432,13 @@ class _ShardReader(IterableDataset):
         self.index, self.transform, self.seed, self.epoch = index, transform, seed, epoch
 
     def _load(self, ids: np.ndarray, files: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """ids may be resampling copies (id + k * N): read sample id % N, seed with the copy's id."""
         images = []
         for sample_id in ids:
-            raw, ext = self.index.read_image(int(sample_id), files)
+            raw, ext = self.index.read_image(int(sample_id) % len(self.index), files)
             seed_for_sample(self.seed, self.epoch, int(sample_id))
             images.append(self.transform(decode_image(raw, ext)))
-        return torch.stack(images), torch.from_numpy(self.index.labels[ids])
+        return torch.stack(images), torch.from_numpy(self.index.labels[ids % len(self.index)])
 
     def _my_share(self, items: list) -> Iterator:
         """This data-loader worker's items (every nw-th), and a per-worker file cache."""
@@ -440,7 +469,7 @@ class TrainStream(_ShardReader):
         for step, files in self._my_share(steps):
             ids = self.plan.rank_ids(self.epoch, step, self.rank)
             images, targets = self._load(ids, files)
-            yield {"images": images, "targets": targets, "ids": torch.from_numpy(ids),
+            yield {"images": images, "targets": targets, "ids": torch.from_numpy(ids % len(self.index)),
                    "global_count": self.plan.global_count(self.epoch, step), "step_in_epoch": step}
 
 

@@ -5,12 +5,14 @@ each in recipe order. Notify hooks return nothing; transform hooks return their 
 
     options  = H accelerator_options(ctx, {cpu, ...})     # e.g. amp sets mixed_precision
     accelerator = Accelerator(**options)
-    index the shards, build model (seeded), optimizer (timm), schedule (timm), criterion
+    index the shards, build the model (seeded)
+    groups = H param_groups(ctx, weight-decay groups)     # discriminative LRs
+    optimizer (timm) over the groups, schedule (timm), criterion
     H setup(ctx)                                         # may replace ctx.criterion / wrap model
     model, optimizer = accelerator.prepare(model, optimizer)
     H after_prepare(ctx)                                 # resume sets ctx.epoch/step here
     for epoch in epochs:
-        H on_epoch_start(ctx)
+        H on_epoch_start(ctx)                            # may set ctx.image_size (progressive resizing)
         for batch in this rank's batches of the epoch (from ctx.step_in_epoch on):
             batch = H transform_batch(ctx, batch)        # mixup, cutmix...
             for micro in ctx.micro_batches(batch):       # one, or several with accumulation
@@ -84,6 +86,10 @@ class RunContext:
     train_index: Optional[ShardIndex] = None
     val_index: Optional[ShardIndex] = None
     plan: Optional[EpochPlan] = None
+    # Per training sample (shard-index order): relative sampling weight; None = each sample
+    # exactly once per epoch. Set by a plugin, then ctx.make_plan().
+    sample_weights: Optional[Any] = None
+    image_size: int = 0  # the training image size of the current epoch (evaluation: data.image_size)
     steps_per_epoch: int = 0
     total_steps: int = 0
     # Progress: optimizer steps done, current epoch, next step inside the epoch.
@@ -121,6 +127,7 @@ class RunContext:
             seed=self.recipe.seed,
             shuffle=data.shuffle,
             window=data.shuffle_window,
+            sample_weights=self.sample_weights,
         )
         self.steps_per_epoch = self.plan.steps_per_epoch()
         self.total_steps = self.recipe.train.epochs * self.steps_per_epoch
@@ -184,14 +191,13 @@ def train(recipe) -> RunContext:
     if data.val:
         ctx.val_index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes)
     ctx.make_plan()
-    train_transform = ImageTransform(data, recipe.model.in_chans, train=True)
     eval_transform = ImageTransform(data, recipe.model.in_chans, train=False)
 
     set_seed(recipe.seed)  # the same initial weights on every rank
-    model = create_model(recipe.model).to(accelerator.device)
-    ctx.optimizer = create_optimizer(recipe.optimizer, model)
+    ctx.model = create_model(recipe.model).to(accelerator.device)
+    groups = plugins.chain("param_groups", ctx, default_param_groups(ctx.model, recipe.optimizer))
+    ctx.optimizer = create_optimizer(recipe.optimizer, groups)
     ctx.scheduler = create_schedule(recipe.schedule, ctx.optimizer, recipe.train.epochs, ctx.steps_per_epoch)
-    ctx.model = model
     plugins.call("setup", ctx)
     ctx.model, ctx.optimizer = accelerator.prepare(ctx.model, ctx.optimizer)
     set_seed(recipe.seed + ctx.rank)  # dropout and other draws differ per rank
@@ -210,7 +216,9 @@ def train(recipe) -> RunContext:
     if ctx.loss_window is None:
         ctx.loss_window = torch.zeros((), device=accelerator.device)
     while ctx.epoch < recipe.train.epochs and not _done(ctx):
-        plugins.call("on_epoch_start", ctx)
+        ctx.image_size = data.image_size
+        plugins.call("on_epoch_start", ctx)  # may change ctx.image_size (progressive resizing)
+        train_transform = ImageTransform(data, recipe.model.in_chans, train=True, image_size=ctx.image_size)
         stream = TrainStream(ctx.train_index, ctx.plan, train_transform, ctx.epoch, ctx.rank, ctx.step_in_epoch)
         for batch in batches(stream, data.num_workers, pin_memory=accelerator.device.type == "cuda"):
             ctx.model.train()
@@ -327,8 +335,25 @@ def _eval_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
                         torch.tensor(float(len(targets)), device=logits.device, dtype=torch.float64)])
 
 
-def create_optimizer(section, model: nn.Module) -> torch.optim.Optimizer:
-    """timm's optimizer factory; biases and norm weights get no weight decay by default."""
+def default_param_groups(model: nn.Module, section) -> list[dict]:
+    """timm's grouping: with weight decay, biases and norm weights (1-d parameters, and the
+    model's no_weight_decay() names) go to a group without decay."""
+    from timm.optim import param_groups_weight_decay
+
+    if section.weight_decay and not section.decay_bias_and_norm:
+        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
+        try:
+            groups = param_groups_weight_decay(model, section.weight_decay, no_weight_decay_list=skip,
+                                               weight_decay_exclude_1d=True)
+        except TypeError:  # timm before the exclude_1d switch always excluded 1-d parameters
+            groups = param_groups_weight_decay(model, section.weight_decay, no_weight_decay_list=skip)
+    else:
+        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    return [g for g in groups if g["params"]]
+
+
+def create_optimizer(section, groups: list[dict]) -> torch.optim.Optimizer:
+    """timm's optimizer factory over parameter groups (plugins may have set per-group lr)."""
     from timm.optim import create_optimizer_v2, list_optimizers
 
     if section.name not in list_optimizers():
@@ -340,8 +365,8 @@ def create_optimizer(section, model: nn.Module) -> torch.optim.Optimizer:
     if section.name in ("sgd", "momentum", "nesterov", "rmsprop", "lars", "nlars"):
         kwargs.setdefault("momentum", section.momentum)
     try:
-        return create_optimizer_v2(model, opt=section.name, lr=section.lr, weight_decay=section.weight_decay,
-                                   filter_bias_and_bn=not section.decay_bias_and_norm, **kwargs)
+        return create_optimizer_v2(groups, opt=section.name, lr=section.lr, weight_decay=section.weight_decay,
+                                   **kwargs)
     except TypeError as err:
         raise LauncherError(f"optimizer options do not fit '{section.name}': {err}") from None
 
@@ -352,6 +377,8 @@ def create_schedule(section, optimizer, epochs: int, steps_per_epoch: int):
 
     if section.name == "constant" and not section.warmup_epochs:
         return None
+    if section.name == "onecycle":
+        return OneCycleSchedule(optimizer, section, max(1, round(epochs * steps_per_epoch)))
     # Warmup comes first, then the decay runs over the remaining steps (timm's warmup_prefix);
     # with restarts, the first cycle's length is chosen so that all cycles fill those steps.
     decay_epochs = max(epochs - section.warmup_epochs, 1.0 / steps_per_epoch)
@@ -375,6 +402,42 @@ def create_schedule(section, optimizer, epochs: int, steps_per_epoch: int):
         updates_per_epoch=steps_per_epoch,
     )
     return scheduler
+
+
+class OneCycleSchedule:
+    """The one-cycle policy (Smith & Topin 2017) as torch's OneCycleLR, driven like timm's
+    schedulers: step_update(n) sets the LR (and momentum) of optimizer step n. OneCycleLR's
+    value depends only on its step counter, so setting the counter makes it stateless (what a
+    resume needs). Each parameter group peaks at its own initial LR."""
+
+    def __init__(self, optimizer, section, total_steps: int):
+        from torch.optim.lr_scheduler import OneCycleLR
+
+        if section.warmup_epochs:
+            raise LauncherError("schedule.warmup_epochs does not apply to onecycle (its first phase is the "
+                                "warmup): set schedule.pct_start instead.")
+        momentum = section.cycle_momentum and ("momentum" in optimizer.defaults or "betas" in optimizer.defaults)
+        if momentum and optimizer.defaults.get("momentum", 1.0) == 0:
+            momentum = False  # plain SGD has no momentum to cycle
+        self.total_steps = total_steps
+        self.schedule = OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
+                                   total_steps=total_steps, pct_start=section.pct_start,
+                                   div_factor=section.div_factor, final_div_factor=section.final_div_factor,
+                                   cycle_momentum=momentum)
+
+    def step_update(self, num_updates: int) -> None:
+        import warnings
+
+        self.schedule.last_epoch = min(num_updates, self.total_steps - 1) - 1
+        with warnings.catch_warnings():  # "step() before optimizer.step()": we set the step directly
+            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            self.schedule.step()
+
+    def state_dict(self) -> dict:
+        return {}  # nothing: the values follow from the step count
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
 
 
 def save_weights(model: nn.Module, path: Path) -> None:

@@ -94,7 +94,8 @@ class OptimizerSection(Section):
 
 
 class ScheduleSection(Section):
-    name: Literal["cosine", "step", "multistep", "poly", "tanh", "constant"] = "cosine"
+    name: Literal["cosine", "step", "multistep", "poly", "tanh", "constant", "onecycle"] = Field(
+        "cosine", description="timm's schedules, or onecycle (Smith & Topin: torch's OneCycleLR, peak optimizer.lr)")
     warmup_epochs: float = Field(0.0, ge=0.0, description="linear warmup from warmup_lr, in epochs")
     warmup_lr: float = Field(1e-5, ge=0.0)
     min_lr: float = Field(0.0, ge=0.0)
@@ -104,6 +105,10 @@ class ScheduleSection(Section):
     decay_epochs: float = Field(30.0, gt=0.0, description="step schedule: epochs between decays")
     decay_milestones: list[int] = Field(default_factory=lambda: [60, 120, 160])
     decay_rate: float = Field(0.1, gt=0.0)
+    pct_start: float = Field(0.25, gt=0.0, lt=1.0, description="onecycle: fraction of the run spent increasing the LR")
+    div_factor: float = Field(25.0, gt=0.0, description="onecycle: starting LR = optimizer.lr / div_factor")
+    final_div_factor: float = Field(1e4, gt=0.0, description="onecycle: final LR = starting LR / final_div_factor")
+    cycle_momentum: bool = Field(True, description="onecycle: momentum moves inversely to the LR (0.95 -> 0.85)")
 
 
 class Recipe(Section):

@@ -43,6 +43,7 @@ ENTRY_POINT_GROUP = "launcher.plugins"
 # return it (possibly changed), chained through the plugins in recipe order.
 HOOKS: dict[str, str] = {
     "accelerator_options": "transform",  # (ctx, options: dict) -> dict   before Accelerator() is built
+    "param_groups": "transform",  # (ctx, groups: list[dict]) -> list   the optimizer's groups; ctx.model is built
     "setup": "notify",  # (ctx)          model/optimizer/criterion built, not yet prepared
     "after_prepare": "notify",  # (ctx)          after accelerator.prepare; resume state is loaded after this
     "on_epoch_start": "notify",  # (ctx)

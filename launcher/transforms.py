@@ -14,13 +14,13 @@ from launcher.errors import LauncherError
 class ImageTransform:
     """uint8 (C, H, W) -> normalised float (in_chans, size, size)."""
 
-    def __init__(self, data, in_chans: int, train: bool):
+    def __init__(self, data, in_chans: int, train: bool, image_size: int = 0):
         if len(data.mean) != in_chans or len(data.std) != in_chans:
             raise LauncherError(
                 f"data.mean and data.std need {in_chans} values (model.in_chans), got {len(data.mean)} and "
                 f"{len(data.std)}."
             )
-        self.size, self.in_chans = data.image_size, in_chans
+        self.size, self.in_chans = image_size or data.image_size, in_chans
         aug = data.augment
         ops = []
         if train:

@@ -12,7 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.plain_loop import plain_train
-from launcher.loop import create_optimizer, create_schedule, train
+from launcher.loop import create_optimizer, create_schedule, default_param_groups, train
 from launcher.recipe import validate_recipe
 from tests.conftest import small_recipe
 
@@ -59,13 +59,14 @@ def test_launcher_matches_a_plain_pytorch_loop_bit_for_bit(digits, tmp_path):
 def test_weight_decay_skips_biases_and_norm_layers(digits, tmp_path):
     recipe = validate_recipe(small_recipe(digits, tmp_path))
     model = timm.create_model("wrn10_1", num_classes=10)
-    optimizer = create_optimizer(recipe.optimizer, model)
+    optimizer = create_optimizer(recipe.optimizer, default_param_groups(model, recipe.optimizer))
     by_decay = {g["weight_decay"]: {id(p) for p in g["params"]} for g in optimizer.param_groups}
     names = {id(p): n for n, p in model.named_parameters()}
     assert {names[i] for i in by_decay[0.0]} == {n for n, p in model.named_parameters() if p.ndim == 1}
     assert all(names[i].endswith("weight") and "bn" not in names[i] for i in by_decay[5e-4])
     recipe = validate_recipe(small_recipe(digits, tmp_path, optimizer={"decay_bias_and_norm": True}))
-    assert [g["weight_decay"] for g in create_optimizer(recipe.optimizer, model).param_groups] == [5e-4]
+    groups = default_param_groups(model, recipe.optimizer)
+    assert [g["weight_decay"] for g in create_optimizer(recipe.optimizer, groups).param_groups] == [5e-4]
 
 
 def test_schedule_is_linear_warmup_then_cosine_per_step(digits, tmp_path):
@@ -107,3 +108,31 @@ def test_max_steps_stops_and_still_evaluates_and_saves(digits, tmp_path):
     assert rows[-1]["step"] == 7 and "val/top1" in rows[-1]
     assert [r["step"] for r in rows if "train/loss" in r] == [5, 7]
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
+
+
+def test_onecycle_follows_smith_and_topin_per_group_and_is_stateless(digits, tmp_path):
+    """Two cosine phases (Smith & Topin 2017, fastai/torch form): lr/div -> lr over pct_start of
+    the run, then down to lr/div/final_div; momentum moves the other way (0.95 -> 0.85 -> 0.95).
+    Each parameter group peaks at its own LR; any step can be set directly (resume)."""
+    recipe = validate_recipe(small_recipe(digits, tmp_path, schedule={
+        "name": "onecycle", "warmup_epochs": 0, "pct_start": 0.3, "div_factor": 10, "final_div_factor": 100}))
+    a, b = torch.nn.Parameter(torch.zeros(1)), torch.nn.Parameter(torch.zeros(1))
+    optimizer = torch.optim.SGD([{"params": [a], "lr": 0.1}, {"params": [b], "lr": 0.02}], lr=0.1, momentum=0.9)
+    scheduler = create_schedule(recipe.schedule, optimizer, epochs=5, steps_per_epoch=20)
+    total, up_end = 100, 0.3 * 100 - 1
+
+    def anneal(start, end, frac):
+        return end + (start - end) / 2 * (1 + math.cos(math.pi * frac))
+
+    for step in [0, 5, 29, 30, 64, 99, 17]:  # out of order: nothing depends on the previous call
+        scheduler.step_update(step)
+        for group, peak in zip(optimizer.param_groups, (0.1, 0.02)):
+            low, final = peak / 10, peak / 10 / 100
+            if step <= up_end:
+                lr, momentum = anneal(low, peak, step / up_end), anneal(0.95, 0.85, step / up_end)
+            else:
+                frac = (step - up_end) / (total - 1 - up_end)
+                lr, momentum = anneal(peak, final, frac), anneal(0.85, 0.95, frac)
+            assert group["lr"] == pytest.approx(lr, rel=1e-9), step
+            assert group["momentum"] == pytest.approx(momentum, rel=1e-9), step
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * anneal(1 / 10, 1, 17 / up_end))

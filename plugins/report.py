@@ -1,0 +1,60 @@
+"""report: write the evaluation report (launcher/report.py) at the end of a run: training
+curves, confusion matrix, per-class PR and ROC curves (PNGs) and report.json with
+precision / recall / F1 / AUC per class, into <run dir>/report/. The same report on demand:
+`python -m launcher.report RUN_DIR`.
+
+The main process predicts the validation set once with the final model; other ranks wait.
+When a wandb run is active, the images and the per-class table are logged to it; list
+`report` before `wandb` in the recipe so the wandb run is still open at that point.
+
+Hooks: on_train_end. No state.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+
+from launcher.registry import Plugin, PluginOptions, register
+
+
+@register("report")
+class Report(Plugin):
+    """Evaluation report at the end of the run: curves, confusion matrix, PR/ROC, report.json."""
+
+    class Options(PluginOptions):
+        wandb: bool = Field(True, description="also log the images and table to the active wandb run, if any")
+
+    @classmethod
+    def check_recipe(cls, recipe, options):
+        if recipe.data.val is None:
+            return "the report evaluates the validation set, and the recipe sets no data.val"
+        return None
+
+    def on_train_end(self, ctx) -> None:
+        if ctx.is_main:
+            from launcher.report import predict, write_report
+
+            model = ctx.accelerator.unwrap_model(ctx.model)
+            with ctx.accelerator.autocast():
+                probs, labels = predict(ctx.recipe, model, ctx.accelerator.device)
+            report, images = write_report(ctx.run_dir, ctx.recipe, probs, labels,
+                                          weights=ctx.run_dir / "final" / "model.safetensors")
+            self.report = report
+            print(f"\n[report] accuracy {report['accuracy']:.4f}, macro F1 {report['macro']['f1']:.4f}: "
+                  f"{images[0].parent}", flush=True)
+            if self.options.wandb:
+                self._log_to_wandb(report, images)
+        ctx.accelerator.wait_for_everyone()
+
+    @staticmethod
+    def _log_to_wandb(report: dict, images: list) -> None:
+        try:
+            import wandb
+        except ImportError:
+            return
+        if wandb.run is None:
+            return
+        columns = ["class", "precision", "recall", "f1", "support", "roc_auc", "average_precision"]
+        table = wandb.Table(columns=columns, data=[[name] + [entry[c] for c in columns[1:]]
+                                                   for name, entry in report["per_class"].items()])
+        wandb.log({"report/per_class": table, **{f"report/{p.stem}": wandb.Image(str(p)) for p in images}})

@@ -59,7 +59,7 @@ def load_pretrained(model, weights: Path, head: str) -> list[str]:
         raise LauncherError(f"plugins.pretrained: '{weights}' does not fit model: {shown}. Check model.name "
                             "and model.kwargs against the run that wrote these weights.")
     model.load_state_dict({n: t for n, t in state.items() if n not in skipped}, strict=False)
-    return skipped
+    return sorted(skipped)
 
 
 @register("pretrained")

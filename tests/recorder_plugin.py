@@ -104,7 +104,15 @@ class Recorder(Plugin):
                                     "evals": self.evals, "hooks": self.hooks,
                                     "compute_dtype": getattr(self, "compute_dtype", None),
                                     "allreduce_per_step": self.allreduce_per_step,
-                                    "shards_read": sorted({str(p) for p in self._shards(ctx)})}))
+                                    "shards_read": sorted({str(p) for p in self._shards(ctx)}),
+                                    "weights": self._weights(ctx)}))
+
+    @staticmethod
+    def _weights(ctx) -> dict:
+        """Per parameter: a float64 sum and a sum of squares (ranks must agree bit for bit)."""
+        model = ctx.accelerator.unwrap_model(ctx.model)
+        return {n: [p.detach().double().sum().item(), p.detach().double().square().sum().item()]
+                for n, p in model.named_parameters()}
 
     def _shards(self, ctx):
         index = ctx.train_index

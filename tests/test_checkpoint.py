@@ -128,6 +128,14 @@ PLUGIN_OPTIONS = {
     "grad_clip": {"max_norm": 1.0},
     "nan_guard": {"action": "skip"},
     "focal_loss": {"gamma": 2.0, "class_weights": "balanced"},
+    "layer_lr": {"lrs": [0.01, 0.05], "freeze_epochs": 1},
+    "pretrained": "teacher",
+    "progressive_resize": {"sizes": [8, 16], "epochs": [0, 1]},
+    "balanced_sampling": {"power": 0.5},
+    "weight_init": {"scheme": "orthogonal"},
+    "overfit_batch": {"threshold": 0.0},
+    "report": {},
+    "lr_finder": None,  # declares itself incompatible with checkpoint (a throw-away sweep)
     "checkpoint": None,  # the mechanism under test
     "recorder": {"trace": False},
 }
@@ -137,15 +145,19 @@ def test_every_registered_plugin_is_covered():
     builtin = {n for n, c in registry.discover().items() if c.__module__.startswith(("plugins.", "tests."))
                and not n.startswith(("test_", "bench_"))}
     assert builtin <= set(PLUGIN_OPTIONS), builtin - set(PLUGIN_OPTIONS)
+    # Only a plugin that refuses to run with checkpoints may skip the resume test.
+    skipped = {n for n, o in PLUGIN_OPTIONS.items() if o is None} - {"checkpoint"}
+    assert all("checkpoint" in registry.discover()[n].incompatible for n in skipped), skipped
 
 
 @pytest.mark.parametrize("name", [n for n, o in PLUGIN_OPTIONS.items() if o is not None])
 def test_every_plugin_survives_save_and_resume(name, digits, tmp_path):
     """2N steps straight equals N steps, a checkpoint, a resume and N more."""
     options = PLUGIN_OPTIONS[name]
-    if options == "teacher":
+    if options == "teacher":  # a finished run whose weights the plugin reads
         train(validate_recipe(small_recipe(digits, tmp_path / "teacher", train={"epochs": 1, "max_steps": 5})))
-        options = {"checkpoint": str(tmp_path / "teacher")}
+        options = {"distill": {"checkpoint": str(tmp_path / "teacher")},
+                   "pretrained": {"weights": str(tmp_path / "teacher")}}[name]
     for run, stops in (("straight", (20,)), ("resumed", (10, 20))):
         for stop in stops:
             train(recipe(digits, tmp_path / run, stop, plugins={name: options}))

@@ -63,3 +63,29 @@ def test_accumulation_all_reduces_once_per_step_under_ddp(digits, tmp_path):
         counts[k] = json.loads((tmp_path / f"k{k}" / "recorder-rank0.json").read_text())["allreduce_per_step"]
     assert len(counts[1]) == 5 and all(c >= 1 for c in counts[1])  # the hook did see the all-reduces
     assert counts[4] == counts[1]
+
+
+def test_freezing_then_unfreezing_keeps_ranks_in_step_under_ddp(digits, tmp_path):
+    """layer_lr freezes the backbone after DDP wrapped the model: the frozen epoch must not hang
+    DDP (find_unused_parameters) and, once unfrozen, the backbone's gradients must be
+    all-reduced again, so both ranks end with identical weights that did train."""
+    raw = small_recipe(digits, tmp_path / "run", train={"epochs": 2}, data={"batch_size": 64, "val": None},
+                       plugins={"layer_lr": {"freeze_epochs": 1}, "recorder": {"trace": False}})
+    recipe = tmp_path / "freeze.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    result = run_cli([*accelerate_cmd(2), "launcher", str(recipe)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ranks = [json.loads((tmp_path / "run" / f"recorder-rank{r}.json").read_text())["weights"] for r in range(2)]
+    assert ranks[0] == ranks[1]
+    import torch
+    from accelerate.utils import set_seed
+
+    from launcher.models import create_model
+    from launcher.recipe import validate_recipe
+
+    set_seed(0)
+    initial = create_model(validate_recipe(raw).model)
+    backbone = [n for n, _ in initial.named_parameters() if not n.startswith("fc.")]
+    changed = [n for n in backbone
+               if ranks[0][n][1] != torch.sum(dict(initial.named_parameters())[n].detach().double() ** 2).item()]
+    assert changed == backbone  # the second epoch trained every backbone parameter

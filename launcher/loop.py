@@ -58,7 +58,7 @@ from launcher.data import Batch, EpochPlan, EvalStream, ShardIndex, TrainStream,
 from launcher.errors import LauncherError
 from launcher.models import create_model
 from launcher.registry import PluginSet, build_plugins
-from launcher.runlog import MetricsLog, manifest, start_run_dir
+from launcher.runlog import MetricsLog, manifest, start_run_dir, write_status
 from launcher.transforms import ImageTransform
 
 
@@ -206,6 +206,7 @@ def train(recipe) -> RunContext:
     if ctx.is_main:
         start_run_dir(ctx.run_dir, recipe, manifest(recipe, ctx.world_size, str(accelerator.device),
                                                      str(accelerator.mixed_precision)))
+        write_status(ctx.run_dir, "running", step=ctx.step)
     ctx.metrics_log = log = MetricsLog(ctx.run_dir / "metrics.jsonl" if ctx.is_main else None,
                                        keep_rows=ctx.metrics_rows)
     memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
@@ -264,6 +265,8 @@ def train(recipe) -> RunContext:
     progress.close()
     if ctx.interrupted:
         log.close()
+        if ctx.is_main:
+            write_status(ctx.run_dir, "interrupted", step=ctx.step, reason=ctx.stop_reason, exit_code=ctx.exit_code)
         return ctx
     if ctx.val_index is not None and ctx.last_eval_step != ctx.step:
         evaluate(ctx, eval_transform, log)
@@ -273,6 +276,8 @@ def train(recipe) -> RunContext:
     accelerator.wait_for_everyone()
     plugins.call("on_train_end", ctx)
     log.close()
+    if ctx.is_main:
+        write_status(ctx.run_dir, "finished", step=ctx.step)
     return ctx
 
 

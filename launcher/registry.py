@@ -79,9 +79,19 @@ class Plugin:
     def __init__(self, options: PluginOptions):
         self.options = options
 
+    # True for a plugin that saves and restores runs, so that an interrupted job can be
+    # relaunched (job schedulers check for one before submitting).
+    resumes_runs: ClassVar[bool] = False
+
     @classmethod
     def check_recipe(cls, recipe, options: PluginOptions) -> Optional[str]:
         """Return a reason if this plugin cannot run with this recipe (precision, strategy...)."""
+        return None
+
+    @classmethod
+    def check_run_dir(cls, recipe, options: PluginOptions, run_dir) -> Optional[str]:
+        """Return a reason if this recipe cannot continue in this existing run directory
+        (checked by `python -m launcher.slurm submit` before a job waits in the queue)."""
         return None
 
     def state_dict(self) -> dict[str, Any]:
@@ -192,6 +202,14 @@ def validate_plugins(recipe) -> None:
         reason = cls.check_recipe(recipe, parsed[name])
         if reason:
             raise LauncherError(f"Plugin '{name}' cannot run with this recipe: {reason}")
+
+
+def check_run_dir(recipe, run_dir) -> None:
+    """Raise if any of the recipe's plugins says the recipe cannot continue in run_dir."""
+    for name in recipe.plugins:
+        reason = get_plugin_class(name).check_run_dir(recipe, parse_options(name, recipe.plugins[name]), run_dir)
+        if reason:
+            raise LauncherError(f"Run directory '{run_dir}': {reason}")
 
 
 def build_plugins(recipe) -> "PluginSet":

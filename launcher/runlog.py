@@ -74,6 +74,14 @@ def manifest(recipe, world_size: int, device: str, mixed_precision: str) -> dict
     }
 
 
+def write_status(run_dir: Path, state: str, **facts: Any) -> None:
+    """<run dir>/status.json: running, interrupted (checkpointed on a signal; relaunch to
+    continue) or finished. Job scripts (slurm/train.sbatch) decide on requeueing from it."""
+    import time
+
+    atomic_write_text(run_dir / "status.json", json.dumps({"state": state, "time": time.time(), **facts}) + "\n")
+
+
 def start_run_dir(run_dir: Path, recipe, info: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))

@@ -146,6 +146,23 @@ class Checkpoint(Plugin):
         resume: str = Field("auto", description="auto (newest complete checkpoint), none, or a checkpoint path")
         signals: bool = Field(True, description="on SIGTERM/SIGUSR1: checkpoint and exit with status 75")
 
+    resumes_runs = True
+
+    @classmethod
+    def check_run_dir(cls, recipe, options, run_dir) -> Optional[str]:
+        """A run directory whose newest intact checkpoint another recipe wrote cannot be resumed."""
+        if options.resume != "auto":
+            return None
+        for folder in list_checkpoints(Path(run_dir)):
+            if verify(folder) is None:
+                diffs = recipe_differences(json.loads((folder / "meta.json").read_text())["recipe"], recipe.to_dict())
+                if diffs:
+                    return (f"its checkpoint {folder.name} was written by a different recipe ("
+                            + "; ".join(diffs) + "). Submit the original recipe, another run.dir, or "
+                            "plugins.checkpoint.resume=none to start afresh (the old checkpoints are kept).")
+                return None
+        return None
+
     def __init__(self, options):
         super().__init__(options)
         self.scores: dict[str, float] = {}  # checkpoint name -> monitor value

@@ -1,0 +1,222 @@
+"""Slurm, against a real cluster: slurm/cluster.sh installs and starts Debian's slurm-wlm and
+munge with two emulated nodes on this machine (and stops them afterwards).
+
+- a 2-node job trains with two ranks and ends with the same weights as a local 2-process run;
+- the time-limit warning (SIGUSR1 to the batch shell) and `scancel --signal=USR1` both make
+  every rank checkpoint; the job requeues itself, restarts with SLURM_RESTART_COUNT=1,
+  resumes, and ends with the same weights as the uninterrupted run;
+- --dry-run prints the script (snapshot), a sweep makes one run directory per value, and bad
+  input (invalid recipe, another recipe's run directory, no sbatch) fails before the queue.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.conftest import REPO, accelerate_cmd, run_cli, small_recipe
+
+pytestmark = pytest.mark.slow
+SNAPSHOT = REPO / "tests" / "snapshots" / "slurm_dry_run.sbatch"
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    if os.environ.get("LAUNCHER_SKIP_SLURM") == "1":
+        pytest.skip("LAUNCHER_SKIP_SLURM=1")
+    start = subprocess.run(["bash", str(REPO / "slurm" / "cluster.sh"), "start"], capture_output=True, text=True,
+                           timeout=600)
+    assert start.returncode == 0, f"could not start the test cluster:\n{start.stdout}\n{start.stderr}"
+    yield
+    for job in subprocess.run(["squeue", "-h", "-o", "%i"], capture_output=True, text=True).stdout.split():
+        subprocess.run(["scancel", job])
+    subprocess.run(["bash", str(REPO / "slurm" / "cluster.sh"), "stop"], capture_output=True, timeout=120)
+
+
+def recipe_file(digits, tmp_path, name, epochs=100, **sections) -> Path:
+    """About 1 s per epoch on 2 CPU ranks: long enough to interrupt, short enough to finish."""
+    raw = small_recipe(digits, tmp_path / name, train={"epochs": epochs, "eval_every": 20},
+                       data={"image_size": 8, "batch_size": 32},
+                       plugins={"checkpoint": {"every_epochs": 10}}, **sections)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def submit(*args: str) -> tuple[str, subprocess.CompletedProcess]:
+    proc = run_cli([sys.executable, "-m", "launcher.slurm", "submit", *args])
+    match = re.search(r"submitted job (\d+)", proc.stdout)
+    return (match.group(1) if match else ""), proc
+
+
+def job(job_id: str) -> dict:
+    out = subprocess.run(["scontrol", "show", "job", "-o", job_id], capture_output=True, text=True).stdout
+    return dict(re.findall(r"(\w+)=(\S*)", out))
+
+
+def wait_for(predicate, timeout: float, what: str, poll: float = 1.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(poll)
+    raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+
+
+def wait_done(job_id: str, timeout: float = 400) -> dict:
+    return wait_for(lambda: (lambda j: j if j.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+                             else None)(job(job_id)), timeout, f"job {job_id} to end")
+
+
+def trained_steps(run_dir: Path) -> int:
+    rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
+    return max((json.loads(r)["step"] for r in rows), default=0)
+
+
+def weights(run_dir: Path) -> bytes:
+    return (run_dir / "final" / "model.safetensors").read_bytes()
+
+
+def logs(run_dir: Path) -> str:
+    return "\n".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*")) if p.suffix in (".out", ".log"))
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, digits, tmp_path_factory):
+    """The same recipe as a 2-node Slurm job and as a local 2-process run."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    recipe = recipe_file(digits, tmp, "ref")
+    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "10", f"run.dir={tmp / 'slurm_run'}")
+    assert job_id, proc.stderr
+    local = run_cli([*accelerate_cmd(2), "launcher", str(recipe), f"run.dir={tmp / 'local_run'}"])
+    assert local.returncode == 0, local.stderr[-3000:]
+    state = wait_done(job_id)
+    assert state["JobState"] == "COMPLETED", logs(tmp / "slurm_run")
+    return recipe, tmp
+
+
+def test_two_nodes_train_with_two_ranks_like_a_local_run(uninterrupted):
+    recipe, tmp = uninterrupted
+    manifest = json.loads((tmp / "slurm_run" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    log = logs(tmp / "slurm_run")
+    assert "on n[1-2] (2 nodes x 1 processes)" in log and "run state: finished" in log
+    assert weights(tmp / "slurm_run") == weights(tmp / "local_run")
+    on_slurm, local = ([json.loads(r) for r in (tmp / run / "metrics.jsonl").read_text().splitlines()]
+                       for run in ("slurm_run", "local_run"))
+    assert on_slurm == local
+    status = run_cli([sys.executable, "-m", "launcher.slurm", "status", str(tmp / "slurm_run")])
+    assert re.search(r"job \d+: COMPLETED, restarts 0, run finished at step 2300, last checkpoint step-00002300",
+                     status.stdout), status.stdout
+
+
+def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt) -> Path:
+    run_dir = tmp / name
+    # A grace far longer than the signal path needs; the limit itself is far away until a test shortens it.
+    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", "--grace", "600", f"run.dir={run_dir}")
+    assert job_id, proc.stderr
+    wait_for(lambda: trained_steps(run_dir) >= 100, 180, "training to reach step 100")
+    interrupt(job_id)
+    # The job checkpoints, requeues itself and waits (Slurm holds a requeued job ~2 min).
+    wait_for(lambda: job(job_id).get("Restarts") == "1", 180, "the job to requeue itself")
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted" and 100 <= status["step"] < 2300, status
+    assert (run_dir / "checkpoints" / f"step-{status['step']:08d}").is_dir()  # the checkpoint of the signal
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=30"], check=True)
+    state = wait_done(job_id)
+    log = logs(run_dir)
+    assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log
+    assert "restart 1 on n[1-2]" in log and "run state: finished" in log
+    assert (run_dir / "slurm" / f"job-{job_id}-restart-0.log").exists()
+    assert (run_dir / "slurm" / f"job-{job_id}-restart-1.log").exists()
+    return run_dir
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(uninterrupted):
+    recipe, tmp = uninterrupted
+
+    def shorten_time_limit(job_id):
+        # Leave 1-2 minutes, less than the 600 s grace: at its next check (every 30 s or so) Slurm
+        # sends the warning, SIGUSR1 to the batch shell, well before the job would time out.
+        elapsed = sum(int(x) * m for x, m in zip(reversed(job(job_id)["RunTime"].split(":")), (1, 60, 3600)))
+        minutes = math.ceil((elapsed + 61) / 60)
+        subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
+
+    run_dir = interrupted_then_resumed(tmp, recipe, "time_limit", shorten_time_limit)
+    assert "SIGUSR1 received" in logs(run_dir)
+    assert weights(run_dir) == weights(tmp / "slurm_run")
+
+
+def test_scancel_usr1_behaves_the_same(uninterrupted):
+    recipe, tmp = uninterrupted
+    run_dir = interrupted_then_resumed(
+        tmp, recipe, "scancel", lambda job_id: subprocess.run(["scancel", "--signal=USR1", job_id], check=True))
+    assert weights(run_dir) == weights(tmp / "slurm_run")
+
+
+def normalise(script: str, run_dir: Path) -> str:
+    accelerate = str(Path(sys.executable).with_name("accelerate"))
+    return (script.replace(str(run_dir), "<RUN_DIR>").replace(accelerate, "<ACCELERATE>")
+            .replace(sys.executable, "<PYTHON>").replace(str(REPO), "<WORKDIR>"))
+
+
+def test_dry_run_matches_the_snapshot(digits, tmp_path):
+    recipe = recipe_file(digits, tmp_path, "dry")
+    proc = run_cli([sys.executable, "-m", "launcher.slurm", "submit", str(recipe), "--dry-run", "--nodes", "2",
+                    "--gpus-per-node", "8", "--time", "24:00:00", "--partition", "gpu", "--account", "lab",
+                    "--sbatch=--mem=64G", "--grace", "120", f"run.dir={tmp_path / 'dry_run'}"])
+    assert proc.returncode == 0, proc.stderr
+    script = normalise(proc.stdout, tmp_path / "dry_run")
+    if os.environ.get("UPDATE_SNAPSHOTS") == "1":
+        SNAPSHOT.parent.mkdir(exist_ok=True)
+        SNAPSHOT.write_text(script)
+    assert script == SNAPSHOT.read_text()
+    assert not (tmp_path / "dry_run").exists()  # nothing written, nothing submitted
+
+
+def test_a_sweep_makes_one_run_directory_per_value(cluster, digits, tmp_path):
+    recipe = recipe_file(digits, tmp_path, "sweep", epochs=1)
+    base = tmp_path / "sweep_run"
+    job_id, proc = submit(str(recipe), "--sweep", "seed=3,4", "--time", "5", f"run.dir={base}")
+    assert job_id, proc.stderr
+    for index, seed in enumerate((3, 4)):
+        run_dir = base / f"seed={seed}"
+        assert yaml.safe_load((run_dir / "slurm" / "recipe.yaml").read_text())["seed"] == seed
+        state = wait_done(f"{job_id}_{index}")
+        assert state["JobState"] == "COMPLETED", logs(run_dir)
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "finished"
+        assert (run_dir / "final" / "model.safetensors").exists()
+    status = run_cli([sys.executable, "-m", "launcher.slurm", "status", str(base)])
+    assert status.stdout.count("COMPLETED") == 2, status.stdout
+
+
+def test_bad_input_fails_before_the_queue(cluster, digits, tmp_path):
+    recipe = recipe_file(digits, tmp_path, "bad", epochs=1)
+    before = subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout
+    _, proc = submit(str(recipe), "train.epochz=3")
+    assert proc.returncode == 2 and "train.epochz" in proc.stderr and "epochs" in proc.stderr
+    # A run directory whose checkpoints another recipe wrote.
+    run_dir = tmp_path / "taken"
+    every = "plugins.checkpoint.every_epochs=1"
+    done = run_cli([sys.executable, "-m", "launcher", str(recipe), every, f"run.dir={run_dir}"])
+    assert done.returncode == 0, done.stderr[-2000:]
+    _, proc = submit(str(recipe), every, "optimizer.lr=0.2", f"run.dir={run_dir}")
+    assert proc.returncode == 2 and "different recipe (optimizer.lr: 0.05 -> 0.2)" in proc.stderr, proc.stderr
+    assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+    # No sbatch on PATH.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    os.symlink(sys.executable, bin_dir / "python")
+    proc = run_cli([sys.executable, "-m", "launcher.slurm", "submit", str(recipe)], env={"PATH": str(bin_dir)})
+    assert proc.returncode == 2 and "'sbatch' is not on PATH" in proc.stderr, proc.stderr

@@ -24,7 +24,6 @@ from __future__ import annotations
 import json
 import math
 
-import torch
 from pydantic import Field
 
 from launcher.registry import Plugin, PluginOptions, register

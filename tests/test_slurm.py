@@ -15,7 +15,6 @@ import json
 import math
 import os
 import re
-import shutil
 import subprocess
 import sys
 import time
@@ -129,7 +128,9 @@ def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt) -> P
     wait_for(lambda: trained_steps(run_dir) >= 100, 180, "training to reach step 100")
     interrupt(job_id)
     # The job checkpoints, requeues itself and waits (Slurm holds a requeued job ~2 min).
-    wait_for(lambda: job(job_id).get("Restarts") == "1", 180, "the job to requeue itself")
+    # Restarts=1 shows while the first run still completes; wait for the requeued job itself.
+    wait_for(lambda: (lambda j: j.get("Restarts") == "1" and j.get("JobState") in ("PENDING", "RUNNING"))(job(job_id)),
+             180, "the job to requeue itself")
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and 100 <= status["step"] < 2300, status
     assert (run_dir / "checkpoints" / f"step-{status['step']:08d}").is_dir()  # the checkpoint of the signal

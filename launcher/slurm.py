@@ -42,6 +42,17 @@ def _require(command: str) -> str:
     return path
 
 
+def time_limit_seconds(value: str) -> int:
+    """Slurm's time forms: M, M:S, H:M:S, D-H, D-H:M, D-H:M:S."""
+    days, _, rest = value.rpartition("-") if "-" in value else ("", "", value)
+    parts = [int(p) for p in rest.split(":")]
+    if days:
+        seconds = [3600, 60, 1][:len(parts)]
+        return int(days) * 86400 + sum(p * m for p, m in zip(parts, seconds))
+    seconds = {1: [60], 2: [60, 1], 3: [3600, 60, 1]}[len(parts)]
+    return sum(p * m for p, m in zip(parts, seconds))
+
+
 def parse_sweep(items: list[str]) -> list[list[str]]:
     """['seed=0,1', 'optimizer.lr=0.1,0.2'] -> every combination as a list of overrides."""
     axes = []
@@ -118,6 +129,9 @@ def submit(args) -> int:
 
     if not re.fullmatch(r"(\d+-)?\d{1,3}(:\d{2}){0,2}", args.time):
         raise LauncherError(f"--time '{args.time}': use Slurm's forms, e.g. 30, 4:00:00 or 1-12:00:00.")
+    if args.grace >= time_limit_seconds(args.time):
+        raise LauncherError(f"--grace {args.grace} s is not shorter than --time {args.time}: the time-limit warning "
+                            "would arrive as the job starts. Ask for more time or a shorter --grace.")
     combos = parse_sweep(args.sweep)
     base_recipe = load_recipe(args.recipe, args.overrides)  # errors now, not after the queue
     base = base_recipe.run_dir.resolve()

@@ -96,7 +96,7 @@ def uninterrupted(cluster, digits, tmp_path_factory):
     """The same recipe as a 2-node Slurm job and as a local 2-process run."""
     tmp = tmp_path_factory.mktemp("slurm")
     recipe = recipe_file(digits, tmp, "ref")
-    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "10", f"run.dir={tmp / 'slurm_run'}")
+    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", f"run.dir={tmp / 'slurm_run'}")
     assert job_id, proc.stderr
     local = run_cli([*accelerate_cmd(2), "launcher", str(recipe), f"run.dir={tmp / 'local_run'}"])
     assert local.returncode == 0, local.stderr[-3000:]
@@ -166,6 +166,13 @@ def test_scancel_usr1_behaves_the_same(uninterrupted):
     assert weights(run_dir) == weights(tmp / "slurm_run")
 
 
+def test_time_limits_in_slurm_forms():
+    from launcher.slurm import time_limit_seconds
+
+    assert [time_limit_seconds(t) for t in ("30", "4:30", "1:00:00", "2-0", "1-1:30", "1-0:0:5")] == \
+        [1800, 270, 3600, 172800, 91800, 86405]
+
+
 def normalise(script: str, run_dir: Path) -> str:
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     return (script.replace(str(run_dir), "<RUN_DIR>").replace(accelerate, "<ACCELERATE>")
@@ -189,7 +196,7 @@ def test_dry_run_matches_the_snapshot(digits, tmp_path):
 def test_a_sweep_makes_one_run_directory_per_value(cluster, digits, tmp_path):
     recipe = recipe_file(digits, tmp_path, "sweep", epochs=1)
     base = tmp_path / "sweep_run"
-    job_id, proc = submit(str(recipe), "--sweep", "seed=3,4", "--time", "5", f"run.dir={base}")
+    job_id, proc = submit(str(recipe), "--sweep", "seed=3,4", "--time", "10", f"run.dir={base}")
     assert job_id, proc.stderr
     for index, seed in enumerate((3, 4)):
         run_dir = base / f"seed={seed}"
@@ -215,6 +222,9 @@ def test_bad_input_fails_before_the_queue(cluster, digits, tmp_path):
     _, proc = submit(str(recipe), every, "optimizer.lr=0.2", f"run.dir={run_dir}")
     assert proc.returncode == 2 and "different recipe (optimizer.lr: 0.05 -> 0.2)" in proc.stderr, proc.stderr
     assert subprocess.run(["squeue", "-h"], capture_output=True, text=True).stdout == before
+    # A warning period as long as the job (it would arrive at once and requeue forever).
+    _, proc = submit(str(recipe), "--time", "5", "--grace", "300")
+    assert proc.returncode == 2 and "--grace 300 s is not shorter than --time 5" in proc.stderr, proc.stderr
     # No sbatch on PATH.
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()

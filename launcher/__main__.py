@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 
 USAGE = __doc__
@@ -20,24 +19,25 @@ def main(argv: list[str] | None = None) -> int:
         print(USAGE)
         return 0 if argv else 2
 
-    from launcher.errors import LauncherError
+    from launcher.errors import LauncherError, run_command
 
-    try:
+    def command() -> int:
         if argv[0] == "--list-plugins":
             from launcher.registry import describe_plugins
 
             print(describe_plugins())
             return 0
-        check_only = argv[0] == "--check"
+        args = list(argv)
+        check_only = args[0] == "--check"
         if check_only:
-            argv = argv[1:]
-            if not argv:
+            args = args[1:]
+            if not args:
                 raise LauncherError("--check needs a recipe file: python -m launcher --check recipes/digits.yaml")
-        if argv[0].startswith("-"):
-            raise LauncherError(f"Unknown option '{argv[0]}'. {USAGE}")
+        if args[0].startswith("-"):
+            raise LauncherError(f"Unknown option '{args[0]}'. {USAGE}")
         from launcher.recipe import load_recipe
 
-        recipe = load_recipe(argv[0], argv[1:])
+        recipe = load_recipe(args[0], args[1:])
         if check_only:
             import yaml
 
@@ -48,12 +48,8 @@ def main(argv: list[str] | None = None) -> int:
 
         # 0 when the run finished; 75 when it checkpointed on a signal and should be relaunched.
         return train(recipe).exit_code
-    except LauncherError as err:
-        # Every rank fails the same way on bad input; only one of them prints it.
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
-        return 2
 
+    return run_command(command)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import difflib
-from typing import Iterable
+import os
+import sys
+from typing import Callable, Iterable
 
 
 class LauncherError(Exception):
@@ -22,3 +24,14 @@ def nearest(word: str, choices: Iterable[str]) -> str | None:
 def did_you_mean(word: str, choices: Iterable[str]) -> str:
     guess = nearest(word, choices)
     return f" Did you mean '{guess}'?" if guess else ""
+
+
+def run_command(command: Callable[[], int]) -> int:
+    """Run a command-line entry point: a LauncherError becomes one `error: ...` paragraph and
+    exit status 2. Under several processes every rank fails alike, so only rank 0 prints it."""
+    try:
+        return command()
+    except LauncherError as err:
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: {err}", file=sys.stderr)
+        return 2

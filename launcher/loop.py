@@ -418,9 +418,6 @@ class OneCycleSchedule:
     def __init__(self, optimizer, section, total_steps: int):
         from torch.optim.lr_scheduler import OneCycleLR
 
-        if section.warmup_epochs:
-            raise LauncherError("schedule.warmup_epochs does not apply to onecycle (its first phase is the "
-                                "warmup): set schedule.pct_start instead.")
         momentum = section.cycle_momentum and ("momentum" in optimizer.defaults or "betas" in optimizer.defaults)
         if momentum and optimizer.defaults.get("momentum", 1.0) == 0:
             momentum = False  # plain SGD has no momentum to cycle

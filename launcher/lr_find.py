@@ -27,11 +27,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=100)
     args = parser.parse_args(argv)
 
-    from launcher.errors import LauncherError
+    from launcher.errors import run_command
 
-    try:
+    def command() -> int:
         import yaml
 
+        from launcher.loop import train
         from launcher.recipe import load_recipe
         from launcher.registry import get_plugin_class
 
@@ -47,15 +48,10 @@ def main(argv: list[str] | None = None) -> int:
         recipe = load_recipe(args.recipe, overrides)
         if dropped and os.environ.get("RANK", "0") == "0":
             print(f"[lr_find] left out for the range test: {', '.join(dropped)}", flush=True)
-        from launcher.loop import train
-
         ctx = train(recipe)
         return 0 if (ctx.run_dir / "lr_find.json").exists() or not ctx.is_main else 1
-    except LauncherError as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
-        return 2
 
+    return run_command(command)
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from launcher.errors import LauncherError, did_you_mean
 
@@ -109,6 +109,13 @@ class ScheduleSection(Section):
     div_factor: float = Field(25.0, gt=0.0, description="onecycle: starting LR = optimizer.lr / div_factor")
     final_div_factor: float = Field(1e4, gt=0.0, description="onecycle: final LR = starting LR / final_div_factor")
     cycle_momentum: bool = Field(True, description="onecycle: momentum moves inversely to the LR (0.95 -> 0.85)")
+
+    @model_validator(mode="after")
+    def _onecycle_has_its_own_warmup(self):
+        if self.name == "onecycle" and self.warmup_epochs:
+            raise ValueError("schedule.warmup_epochs does not apply to onecycle (its first phase is the warmup): "
+                             "set schedule.pct_start instead")
+        return self
 
 
 class Recipe(Section):

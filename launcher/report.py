@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from launcher.errors import LauncherError
+from launcher.errors import LauncherError, run_command
 from launcher.runlog import atomic_write_text
 
 
@@ -228,32 +228,31 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--weights", type=Path, default=None, help="default: RUN_DIR/final/model.safetensors")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report")
     args = parser.parse_args(argv)
-    try:
-        from safetensors.torch import load_file
+    return run_command(lambda: _report_command(args))
 
-        from launcher.models import create_model
-        from launcher.recipe import load_recipe
 
-        recipe_file = args.run_dir / "recipe.yaml"
-        weights = args.weights or args.run_dir / "final" / "model.safetensors"
-        if not recipe_file.is_file() or not weights.is_file():
-            raise LauncherError(f"'{args.run_dir}' is not a finished run directory: it needs recipe.yaml and "
-                                f"{weights.relative_to(args.run_dir) if not args.weights else weights} "
-                                "(train it first, or pass --weights).")
-        recipe = load_recipe(recipe_file)
-        device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        model = create_model(recipe.model)
-        model.load_state_dict(load_file(str(weights)))
-        probs, labels = predict(recipe, model.to(device), device)
-        report, images = write_report(args.run_dir, recipe, probs, labels, args.out, weights)
-    except LauncherError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+def _report_command(args) -> int:
+    from safetensors.torch import load_file
+
+    from launcher.models import create_model
+    from launcher.recipe import load_recipe
+
+    recipe_file = args.run_dir / "recipe.yaml"
+    weights = args.weights or args.run_dir / "final" / "model.safetensors"
+    if not recipe_file.is_file() or not weights.is_file():
+        raise LauncherError(f"'{args.run_dir}' is not a finished run directory: it needs recipe.yaml and "
+                            f"{weights.relative_to(args.run_dir) if not args.weights else weights} "
+                            "(train it first, or pass --weights).")
+    recipe = load_recipe(recipe_file)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(recipe.model)
+    model.load_state_dict(load_file(str(weights)))
+    probs, labels = predict(recipe, model.to(device), device)
+    report, images = write_report(args.run_dir, recipe, probs, labels, args.out, weights)
     print(f"accuracy {report['accuracy']:.4f} on {report['samples']} samples; macro F1 {report['macro']['f1']:.4f}")
     for path in images + [images[0].parent / "report.json"]:
         print(f"  {path}")
     return 0
-
 
 if __name__ == "__main__":
     sys.exit(main())

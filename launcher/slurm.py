@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launcher.errors import LauncherError
+from launcher.errors import LauncherError, run_command
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 
@@ -256,11 +256,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.command == "submit":
         args.overrides += rest
-    try:
-        return submit(args) if args.command == "submit" else status(args)
-    except LauncherError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    return run_command(lambda: submit(args) if args.command == "submit" else status(args))
 
 
 if __name__ == "__main__":

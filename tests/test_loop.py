@@ -12,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from benchmarks.plain_loop import plain_train
+from launcher.errors import LauncherError
 from launcher.loop import create_optimizer, create_schedule, default_param_groups, train
 from launcher.recipe import validate_recipe
 from tests.conftest import small_recipe
@@ -136,3 +137,5 @@ def test_onecycle_follows_smith_and_topin_per_group_and_is_stateless(digits, tmp
             assert group["lr"] == pytest.approx(lr, rel=1e-9), step
             assert group["momentum"] == pytest.approx(momentum, rel=1e-9), step
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * anneal(1 / 10, 1, 17 / up_end))
+    with pytest.raises(LauncherError, match="warmup_epochs does not apply to onecycle"):
+        validate_recipe(small_recipe(digits, tmp_path, schedule={"name": "onecycle", "warmup_epochs": 1}))

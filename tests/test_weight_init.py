@@ -13,6 +13,7 @@ import torch.nn as nn
 
 from launcher.loop import train
 from launcher.recipe import validate_recipe
+from launcher.registry import Plugin, register
 from plugins.weight_init import init_weights
 from tests.conftest import small_recipe
 
@@ -59,8 +60,21 @@ def test_zero_init_last_bn_makes_blocks_identity():
     assert torch.allclose(block(x), x)  # relu(0 + shortcut) with a non-negative input
 
 
-def test_runs_and_trains(digits, tmp_path):
+@register("test_initial_weights_probe")
+class InitialWeightsProbe(Plugin):
+    """Keeps a copy of the weights the run starts from (after every plugin's setup)."""
+
+    def after_prepare(self, ctx):
+        self.weights = {n: p.detach().clone() for n, p in ctx.accelerator.unwrap_model(ctx.model).named_parameters()}
+
+
+def test_a_run_starts_from_the_chosen_init_and_trains(digits, tmp_path):
     raw = small_recipe(digits, tmp_path / "run", train={"epochs": 2},
-                       plugins={"weight_init": {"scheme": "xavier_uniform"}})
+                       plugins={"weight_init": {"scheme": "orthogonal", "nonlinearity": "linear"},
+                                "test_initial_weights_probe": {}})
     ctx = train(validate_recipe(raw))
+    start = next(p for p in ctx.plugins if p.name == "test_initial_weights_probe").weights
+    fc = start["fc.weight"]  # 10 x 64: orthonormal rows, which the model's own init does not give
+    assert torch.allclose(fc @ fc.T, torch.eye(10), atol=1e-5)
+    assert torch.count_nonzero(start["fc.bias"]) == 0
     assert ctx.metrics["val/top1"] > 0.6, ctx.metrics

@@ -17,14 +17,24 @@ from timm.models import register_model
 from launcher.errors import LauncherError, did_you_mean
 
 
+def make_norm(kind: str, channels: int) -> nn.Module:
+    """batchnorm (the paper's), or groupnorm (Wu & He 2018; 16 channels per group): no batch
+    statistics, so results do not depend on how a batch is split over processes."""
+    if kind == "batchnorm":
+        return nn.BatchNorm2d(channels)
+    if kind == "groupnorm":
+        return nn.GroupNorm(max(1, channels // 16), channels)
+    raise ValueError(f"norm_layer must be batchnorm or groupnorm, got {kind!r}")
+
+
 class WideBasic(nn.Module):
     """Pre-activation block: BN-ReLU-conv3x3-dropout-BN-ReLU-conv3x3, plus the shortcut."""
 
-    def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float):
+    def __init__(self, in_planes: int, planes: int, stride: int, drop_rate: float, norm: str = "batchnorm"):
         super().__init__()
-        self.bn1 = nn.BatchNorm2d(in_planes)
+        self.bn1 = make_norm(norm, in_planes)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(planes)
+        self.bn2 = make_norm(norm, planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, stride=1, padding=1, bias=False)
         self.drop_rate = drop_rate
         self.shortcut = None
@@ -46,7 +56,7 @@ class WideResNet(nn.Module):
     """WRN-depth-width for 32x32 inputs, with Kaiming (fan_out) initialisation."""
 
     def __init__(self, depth: int = 28, width: int = 10, num_classes: int = 100, in_chans: int = 3,
-                 drop_rate: float = 0.0):
+                 drop_rate: float = 0.0, norm_layer: str = "batchnorm"):
         super().__init__()
         if (depth - 4) % 6 != 0:
             raise ValueError(f"WideResNet depth must be 6n+4 (e.g. 16, 22, 28, 40), got {depth}")
@@ -60,11 +70,11 @@ class WideResNet(nn.Module):
         for i, stride in enumerate((1, 2, 2)):
             blocks = []
             for j in range(n):
-                blocks.append(WideBasic(in_planes, widths[i + 1], stride if j == 0 else 1, drop_rate))
+                blocks.append(WideBasic(in_planes, widths[i + 1], stride if j == 0 else 1, drop_rate, norm_layer))
                 in_planes = widths[i + 1]
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.Sequential(*stages)
-        self.norm = nn.BatchNorm2d(self.num_features)
+        self.norm = make_norm(norm_layer, self.num_features)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
         self._init_weights()
 
@@ -137,7 +147,7 @@ def create_model(section) -> nn.Module:
             drop_rate=section.drop_rate,
             **section.kwargs,
         )
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise LauncherError(f"model.kwargs {section.kwargs} do not fit '{section.name}': {err}") from None
     if section.channels_last:
         model = model.to(memory_format=torch.channels_last)

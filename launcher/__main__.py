@@ -4,6 +4,7 @@
     accelerate launch [--multi_gpu --num_processes N ...] -m launcher RECIPE [overrides]
     python -m launcher --check RECIPE [overrides]             validate and print the resolved recipe
     python -m launcher --list-plugins                         every registered plugin, options, defaults
+    python -m launcher --support-table                        which plugin runs under which strategy and precision
 """
 
 from __future__ import annotations
@@ -26,6 +27,11 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.registry import describe_plugins
 
             print(describe_plugins())
+            return 0
+        if argv[0] == "--support-table":
+            from launcher.registry import support_table
+
+            print(support_table())
             return 0
         args = list(argv)
         check_only = args[0] == "--check"

@@ -3,8 +3,8 @@
 The plugin hooks (launcher.registry.HOOKS) are called at the points marked H below,
 each in recipe order. Notify hooks return nothing; transform hooks return their value.
 
-    options  = H accelerator_options(ctx, {cpu, ...})     # e.g. amp sets mixed_precision
-    accelerator = Accelerator(**options)
+    options  = H accelerator_options(ctx, {cpu, ...})     # amp sets mixed_precision; DeepSpeed's config
+    accelerator = Accelerator(**options); ctx.strategy   # DDP or DeepSpeed ZeRO (launcher/distributed.py)
     index the shards, build the model (seeded)
     groups = H param_groups(ctx, weight-decay groups)     # discriminative LRs
     optimizer (timm) over the groups, schedule (timm), criterion
@@ -20,9 +20,9 @@ each in recipe order. Notify hooks return nothing; transform hooks return their 
                 loss = criterion(logits, targets)                   # mean over the micro-batch
                 loss = H transform_loss(ctx, loss, micro, logits)   # distillation...
                 loss = loss * len(micro) * world / global_count
-                accelerator.backward(loss)
+                ctx.strategy.backward(loss)                 # DeepSpeed: the engine steps at the last one
             accelerator.unscale_gradients()              # fp16 only
-            H before_optimizer_step(ctx)                 # grads complete & unscaled; SAM, clipping
+            H before_optimizer_step(ctx)                 # grads complete & unscaled; SAM, clipping (not DeepSpeed)
             optimizer.step(); optimizer.zero_grad(); ctx.step += 1; schedule.step_update(ctx.step)
             H after_optimizer_step(ctx)                  # EMA
             every run.log_every steps: row = H log_row(ctx, row) -> metrics.jsonl; H on_log(ctx, row)
@@ -45,7 +45,6 @@ of ranks or micro-batches, and however unevenly the last step of an epoch is spl
 from __future__ import annotations
 
 import os
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -54,12 +53,14 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from launcher.distributed import initial_accelerator_options, make_accelerator, make_strategy
 from launcher.data import Batch, EpochPlan, EvalStream, ShardIndex, TrainStream, batches, index_shards
 from launcher.errors import LauncherError
 from launcher.models import create_model
 from launcher.registry import PluginSet, build_plugins
 from launcher.runlog import MetricsLog, manifest, start_run_dir, write_status
 from launcher.transforms import ImageTransform
+from launcher.watchdog import RankWatchdog
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -74,6 +75,7 @@ class RunContext:
 
     recipe: Any
     accelerator: Any = None
+    strategy: Any = None  # launcher.distributed: DataParallel or DeepSpeedZeRO
     model: Optional[nn.Module] = None  # the prepared (possibly DDP-wrapped) model
     optimizer: Optional[torch.optim.Optimizer] = None
     scheduler: Any = None  # a timm scheduler, stepped per optimizer step
@@ -139,17 +141,19 @@ class RunContext:
         Gradient all-reduce happens only on the last micro-batch."""
         micro = self.micro_batches(batch)
         total = torch.zeros((), device=self.accelerator.device)
+        dtype = self.strategy.input_dtype(self.model)  # DeepSpeed bf16/fp16 keeps the weights in that dtype
         for i, mb in enumerate(micro):
-            sync = i == len(micro) - 1
-            with nullcontext() if sync else self.accelerator.no_sync(self.model):
+            last = i == len(micro) - 1
+            with self.strategy.micro_batch_context(self.model, last):
                 with self.accelerator.autocast():
-                    logits = self.model(mb.images)
+                    logits = self.model(mb.images if dtype is None else mb.images.to(dtype))
+                    logits = logits if dtype is None else logits.float()  # the loss in fp32
                     loss = self.criterion(logits, mb.targets)  # the mean over this micro-batch
                     loss = self.plugins.chain("transform_loss", self, loss, mb, logits)
                 # Rescaled to the micro-batch's share of the global batch; the factor is exactly
                 # 1.0 for a full batch on one process in one micro-batch.
                 loss = loss * (len(mb.targets) * self.world_size / mb.global_count)
-                self.accelerator.backward(loss)
+                self.strategy.backward(self.model, loss, last)  # DeepSpeed also steps at the last one
             total += loss.detach()
         return total
 
@@ -169,9 +173,6 @@ class RunContext:
 
 def train(recipe) -> RunContext:
     """Run a validated recipe to the end; returns the final context (tests read it)."""
-    from accelerate import Accelerator
-    from accelerate.utils import set_seed
-
     from accelerate.state import AcceleratorState
 
     # Accelerate keeps its settings in a process-wide singleton; a second run in the same
@@ -180,10 +181,28 @@ def train(recipe) -> RunContext:
     AcceleratorState._reset_state(reset_partial_state=False)
     plugins = build_plugins(recipe)
     ctx = RunContext(recipe=recipe, plugins=plugins, run_dir=recipe.run_dir)
-    options = plugins.chain("accelerator_options", ctx, {"cpu": not torch.cuda.is_available()})
-    ctx.accelerator = accelerator = Accelerator(**options)
-    ctx.world_size, ctx.rank = accelerator.num_processes, accelerator.process_index
-    ctx.is_main = accelerator.is_main_process
+    options = plugins.chain("accelerator_options", ctx, initial_accelerator_options(recipe))
+    ctx.accelerator = make_accelerator(recipe, options)
+    ctx.strategy = make_strategy(ctx.accelerator, recipe)
+    ctx.world_size, ctx.rank = ctx.accelerator.num_processes, ctx.accelerator.process_index
+    ctx.is_main = ctx.accelerator.is_main_process
+    # If another rank dies, this one stops within distributed.failure_timeout and names it.
+    watchdog = RankWatchdog.start_for(ctx.world_size, ctx.rank, recipe.distributed.failure_timeout)
+    try:
+        _train(ctx)
+    except BaseException as exc:
+        if watchdog is not None:
+            watchdog.report_failure(exc)
+        raise
+    if watchdog is not None:
+        watchdog.finished()
+    return ctx
+
+
+def _train(ctx: RunContext) -> None:
+    from accelerate.utils import set_seed
+
+    recipe, plugins, accelerator = ctx.recipe, ctx.plugins, ctx.accelerator
 
     # Everything that can fail on bad input is checked before the run directory exists.
     data = recipe.data
@@ -267,18 +286,16 @@ def train(recipe) -> RunContext:
         log.close()
         if ctx.is_main:
             write_status(ctx.run_dir, "interrupted", step=ctx.step, reason=ctx.stop_reason, exit_code=ctx.exit_code)
-        return ctx
+        return
     if ctx.val_index is not None and ctx.last_eval_step != ctx.step:
         evaluate(ctx, eval_transform, log)
 
-    if ctx.is_main:
-        save_weights(accelerator.unwrap_model(ctx.model), ctx.run_dir / "final" / "model.safetensors")
+    save_final_weights(ctx, ctx.run_dir / "final" / "model.safetensors")
     accelerator.wait_for_everyone()
     plugins.call("on_train_end", ctx)
     log.close()
     if ctx.is_main:
         write_status(ctx.run_dir, "finished", step=ctx.step)
-    return ctx
 
 
 def _done(ctx: RunContext) -> bool:
@@ -305,12 +322,28 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
     for m in models.values():
         m.eval()
     stream = EvalStream(ctx.val_index, transform, batch_size, ctx.rank, ctx.world_size)
-    for batch in batches(stream, recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda"):
-        batch.to(accelerator.device, memory_format)
+    pending = iter(batches(stream, recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda"))
+    batch = last = None
+    while True:
+        batch = next(pending, None)
+        if ctx.strategy.lockstep_eval:
+            # ZeRO-3: forward passes are collectives, so a rank whose share is used up repeats
+            # its last batch (not counted) until every rank is done.
+            more = accelerator.reduce(torch.tensor(float(batch is not None), device=accelerator.device), "sum")
+            if more.item() == 0:
+                break
+        elif batch is None:
+            break
+        counted = batch is not None
+        batch = batch.to(accelerator.device, memory_format) if counted else last
+        last = batch
         for prefix, model in models.items():
+            images = batch.images.to(_param_dtype(model))
             with accelerator.autocast():
-                logits = model(batch.images)
-                outputs = ctx.plugins.chain("eval_logits", ctx, {prefix: logits}, batch.images, model, prefix)
+                logits = model(images)
+                outputs = ctx.plugins.chain("eval_logits", ctx, {prefix: logits}, images, model, prefix)
+            if not counted:
+                continue
             for name, out in outputs.items():
                 sums.setdefault(name, torch.zeros(4, device=accelerator.device, dtype=torch.float64))
                 sums[name] += _eval_sums(out.float(), batch.targets)
@@ -329,6 +362,10 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
         shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("top1", "loss")))
         print(f"\n[eval] step {ctx.step} epoch {ctx.epoch}: {shown}", flush=True)
     return metrics
+
+
+def _param_dtype(model: nn.Module) -> torch.dtype:
+    return next(model.parameters()).dtype
 
 
 def _eval_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -440,6 +477,28 @@ class OneCycleSchedule:
 
     def load_state_dict(self, state: dict) -> None:
         pass
+
+
+def save_final_weights(ctx: RunContext, path: Path) -> None:
+    """The trained weights, consolidated to one fp32 file whatever the strategy (every rank calls
+    this: ZeRO gathers its shards)."""
+    if ctx.recipe.distributed.strategy == "ddp":
+        if ctx.is_main:  # byte-for-byte the model's own tensors
+            save_weights(ctx.accelerator.unwrap_model(ctx.model), path)
+        return
+    state = ctx.strategy.full_state_dict(ctx.model)
+    if ctx.is_main:
+        save_state_dict(state, path)
+
+
+def save_state_dict(state: dict, path: Path) -> None:
+    """A state dict as safetensors, written to a temporary name and renamed."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+    os.replace(tmp, path)
 
 
 def save_weights(model: nn.Module, path: Path) -> None:

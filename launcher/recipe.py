@@ -118,6 +118,49 @@ class ScheduleSection(Section):
         return self
 
 
+class DistributedSection(Section):
+    """How the processes share the work (see launcher/distributed.py and the README's table)."""
+
+    strategy: Literal["ddp", "deepspeed"] = Field(
+        "ddp", description="ddp: every rank holds the whole model (Accelerate's DDP); deepspeed: ZeRO through Accelerate")
+    zero_stage: Optional[Literal[0, 1, 2, 3]] = Field(
+        None, description="deepspeed: 0 none, 1 shard optimizer state, 2 + gradients, 3 + parameters (default 2)")
+    offload: Literal["none", "optimizer", "optimizer_and_params"] = Field(
+        "none", description="deepspeed: keep optimizer state (and with ZeRO-3 parameters) in CPU memory")
+    deepspeed_config: Optional[str] = Field(
+        None, description="deepspeed: a DeepSpeed JSON file; the recipe fills batch size, accumulation and precision")
+    failure_timeout: float = Field(
+        60.0, gt=0.0, description="seconds after which the other ranks stop when one rank died or failed")
+
+    @model_validator(mode="after")
+    def _deepspeed_keys_need_deepspeed(self):
+        if self.strategy != "deepspeed":
+            given = [k for k in ("zero_stage", "deepspeed_config") if getattr(self, k) is not None]
+            given += ["offload"] if self.offload != "none" else []
+            if given:
+                raise ValueError(f"distributed.{given[0]} applies to strategy deepspeed only: set "
+                                 "distributed.strategy=deepspeed, or remove it")
+        stage = self.stage
+        if self.offload == "optimizer" and stage == 0:
+            raise ValueError("distributed.offload=optimizer needs zero_stage 1, 2 or 3 (stage 0 keeps no "
+                             "optimizer partition to offload)")
+        if self.offload == "optimizer_and_params" and stage != 3:
+            raise ValueError("distributed.offload=optimizer_and_params needs zero_stage 3 (only ZeRO-3 shards "
+                             "the parameters); use offload=optimizer with stages 1-2")
+        return self
+
+    @property
+    def stage(self) -> Optional[int]:
+        """The ZeRO stage that runs (None under DDP): the recipe's, else the JSON file's, else 2."""
+        if self.strategy != "deepspeed":
+            return None
+        if self.zero_stage is not None:
+            return self.zero_stage
+        from launcher.distributed import read_deepspeed_json
+
+        return int(read_deepspeed_json(self.deepspeed_config).get("zero_optimization", {}).get("stage", 2))
+
+
 class Recipe(Section):
     seed: int = 0
     run: RunSection = Field(default_factory=RunSection)
@@ -126,6 +169,7 @@ class Recipe(Section):
     train: TrainSection
     optimizer: OptimizerSection = Field(default_factory=OptimizerSection)
     schedule: ScheduleSection = Field(default_factory=ScheduleSection)
+    distributed: DistributedSection = Field(default_factory=DistributedSection)
     plugins: dict[str, Optional[dict[str, Any]]] = Field(
         default_factory=dict, description="plugin name -> options; mapping order is execution order"
     )

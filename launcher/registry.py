@@ -79,6 +79,19 @@ class Plugin:
     def __init__(self, options: PluginOptions):
         self.options = options
 
+    # Where this plugin cannot run, each with the reason, checked when the recipe loads. Keys:
+    # a strategy ("ddp", "zero0".."zero3", or "deepspeed" for every ZeRO stage), a precision
+    # ("fp32", "bf16", "fp16"), or "strategy/precision" ("deepspeed/fp16", "zero3/bf16").
+    # The README's plugin x strategy x precision table is generated from these declarations.
+    refused_under: ClassVar[dict[str, str]] = {}
+    # Where it runs differently, said in that table (e.g. "zero3": "gathers the weights").
+    notes_under: ClassVar[dict[str, str]] = {}
+
+    @classmethod
+    def precision(cls, options: PluginOptions) -> Optional[str]:
+        """The training precision this plugin sets ("bf16", "fp16"), if it sets one."""
+        return None
+
     # True for a plugin that saves and restores runs, so that an interrupted job can be
     # relaunched (job schedulers check for one before submitting).
     resumes_runs: ClassVar[bool] = False
@@ -192,16 +205,31 @@ def parse_options(name: str, raw: Optional[dict]) -> PluginOptions:
 
 def validate_plugins(recipe) -> None:
     """Check every plugin's options and every combination before any process trains."""
+    from launcher.distributed import recipe_precision, strategy_key
+
     names = list(recipe.plugins)
     parsed = {name: parse_options(name, recipe.plugins[name]) for name in names}
+    strategy, precision = strategy_key(recipe), recipe_precision(recipe)
     for name in names:
         cls = get_plugin_class(name)
         for other, reason in cls.incompatible.items():
             if other in parsed:
                 raise LauncherError(f"Plugins '{name}' and '{other}' cannot run together: {reason}")
+        refused = refusal(cls, strategy, precision)
+        if refused:
+            where = f"{strategy.replace('zero', 'DeepSpeed ZeRO-')} with {precision}"
+            raise LauncherError(f"Plugin '{name}' cannot run under {where}: {refused}. Remove plugins.{name}, "
+                                "or choose another distributed.strategy / zero_stage.")
         reason = cls.check_recipe(recipe, parsed[name])
         if reason:
             raise LauncherError(f"Plugin '{name}' cannot run with this recipe: {reason}")
+
+
+def refusal(cls: type[Plugin], strategy: str, precision: str) -> Optional[str]:
+    """The reason `cls` declares it cannot run under this strategy and precision, if any."""
+    from launcher.distributed import support_keys
+
+    return next((cls.refused_under[k] for k in support_keys(strategy, precision) if k in cls.refused_under), None)
 
 
 def check_run_dir(recipe, run_dir) -> None:
@@ -267,3 +295,42 @@ def describe_plugins() -> str:
         for other, reason in cls.incompatible.items():
             lines.append(f"    cannot run with '{other}': {reason}")
     return "\n".join(lines)
+
+
+def support_table() -> str:
+    """The README's plugin x strategy x precision table, from the plugins' own declarations
+    (refused_under, notes_under, precision): `python -m launcher --support-table`."""
+    from launcher.distributed import PRECISIONS, STRATEGIES
+
+    titles = {"ddp": "DDP", **{s: f"ZeRO-{s[-1]}" for s in STRATEGIES if s.startswith("zero")}}
+    lines = ["| plugin | " + " | ".join(titles[s] for s in STRATEGIES) + " |",
+             "|---|" + "---|" * len(STRATEGIES)]
+    footnotes: list[str] = []
+
+    def footnote(text: str) -> str:
+        if text not in footnotes:
+            footnotes.append(text)
+        return f"[{footnotes.index(text) + 1}]"
+
+    for name, cls in sorted(discover().items()):
+        if name.startswith(("test_", "bench_")) or not cls.__module__.startswith("plugins."):
+            continue
+        sets_precision = cls.precision.__func__ is not Plugin.precision.__func__
+        cells = []
+        for strategy in STRATEGIES:
+            runs = [p for p in PRECISIONS if not (sets_precision and p == "fp32")
+                    and refusal(cls, strategy, p) is None]
+            refused = {refusal(cls, strategy, p) for p in PRECISIONS if refusal(cls, strategy, p)}
+            marks = [footnote(f"`{name}`: refused: {r}") for r in sorted(refused)]
+            note = next((cls.notes_under[k] for k in _note_keys(strategy) if k in cls.notes_under), None)
+            if note:
+                marks.append(footnote(f"`{name}`: {note}"))
+            cells.append((" ".join(runs) if runs else "no") + (" " + " ".join(marks) if marks else ""))
+        lines.append(f"| `{name}` | " + " | ".join(cells) + " |")
+    lines.append("")
+    lines += [f"{i}. {text}" for i, text in enumerate(footnotes, 1)]
+    return "\n".join(lines)
+
+
+def _note_keys(strategy: str) -> list[str]:
+    return [strategy] + (["deepspeed"] if strategy.startswith("zero") else [])

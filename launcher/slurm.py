@@ -96,8 +96,6 @@ def build_script(args, run_dirs: list[Path], base: Path, job_name: str) -> str:
     if args.nodes * procs > 1:
         accelerate_args.append("--multi_gpu")  # also what connects N CPU processes (gloo)
     accelerate_args += ["--mixed_precision", "no", "--dynamo_backend", "no"]  # precision is the recipe's (amp)
-    if args.deepspeed_config:
-        accelerate_args += ["--use_deepspeed", "--deepspeed_config_file", str(Path(args.deepspeed_config).resolve())]
     environment = ["export CUDA_VISIBLE_DEVICES=  # a CPU job"] if not args.gpus_per_node else []
     output = base / "slurm" / ("%x-%A_%a.out" if len(run_dirs) > 1 else "%x-%j.out")
     values = {
@@ -242,7 +240,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     s.add_argument("--sbatch", action="append", default=[], help="an extra #SBATCH option, e.g. --sbatch=--mem=64G")
     s.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,...: a job array over these values")
     s.add_argument("--max-parallel", type=int, default=None, help="array tasks running at once")
-    s.add_argument("--deepspeed-config", default=None, help="a DeepSpeed JSON file for accelerate --use_deepspeed")
     s.add_argument("--job-name", default=None, help="default: the recipe name")
     s.add_argument("--template", default=None, help=f"batch-script template (default {TEMPLATE})")
     s.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")

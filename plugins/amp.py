@@ -7,6 +7,10 @@ and logged as `train/skipped_steps`. Weights, optimizer state and the loss stay 
 On the CPU both are emulated on most processors (slow): meant for GPUs, and for checking a
 GPU recipe on a laptop.
 
+Under DeepSpeed the precision maps to DeepSpeed's bf16/fp16 sections instead (launcher/
+distributed.py): the engine keeps the weights in that dtype with fp32 master weights in the
+optimizer, and does its own fp16 loss scaling (GPU only: DeepSpeed's CPU backend has none).
+
 Hooks: accelerator_options (sets mixed_precision), setup (CPU fp16: the scaler),
 after_optimizer_step (counts skips), log_row. State: the skip count (the scaler's state is
 saved by the checkpoint with the trainer).
@@ -29,6 +33,13 @@ class MixedPrecision(Plugin):
     class Options(PluginOptions):
         dtype: Literal["bf16", "fp16"] = Field("bf16", description="bf16, or fp16 with loss scaling")
 
+    notes_under = {"deepspeed": "DeepSpeed's bf16/fp16 sections: weights in that dtype, fp32 master weights; "
+                                "fp16 needs a GPU (DeepSpeed's CPU backend has no loss scaling)"}
+
+    @classmethod
+    def precision(cls, options) -> str:
+        return options.dtype
+
     skipped = 0
 
     def accelerator_options(self, ctx, options: dict) -> dict:
@@ -36,7 +47,8 @@ class MixedPrecision(Plugin):
 
     def setup(self, ctx) -> None:
         accelerator = ctx.accelerator
-        if self.options.dtype == "fp16" and accelerator.scaler is None and accelerator.device.type == "cpu":
+        if (self.options.dtype == "fp16" and accelerator.scaler is None and accelerator.device.type == "cpu"
+                and ctx.recipe.distributed.strategy == "ddp"):
             # Written by hand: Accelerate turns fp16 off on the CPU (no scaler, no autocast),
             # while torch has both. Set before prepare(), so the wrapped optimizer uses it.
             accelerator.scaler = torch.amp.GradScaler("cpu")

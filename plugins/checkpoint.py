@@ -5,8 +5,12 @@ Relaunching the same command continues from the newest complete checkpoint in
 augmentation draws, same weights bit for bit, same metrics.jsonl rows.
 
 What a checkpoint holds (checkpoints/step-NNNNNNNN/):
-  model.safetensors   the weights
+  model.safetensors   the weights (full, fp32, whatever the strategy)
   trainer.pt          optimizer, LR schedule, loss scaler, every plugin's state by name
+  deepspeed/          under DeepSpeed only: the engine's own checkpoint (engine.save_checkpoint:
+                      per-rank ZeRO optimizer shards, the module, DeepSpeed's loss scaler), which
+                      resume loads instead of model.safetensors and the optimizer in trainer.pt;
+                      it resumes on the same number of processes only (ZeRO's partitions)
   rank-R.pt           per rank: RNG states (torch, CUDA, python, numpy), the loss window
   meta.json           step, epoch, position in the epoch, the data plan, the recipe and its
                       hash, metrics.jsonl rows to keep, and the size and SHA-256 of each file
@@ -58,6 +62,7 @@ FORMAT = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch it to continue
 # Recipe keys that may differ between a checkpoint and the run resuming it.
 SAFE_TO_CHANGE = ("train.epochs", "train.max_steps", "train.eval_every", "run.", "data.num_workers",
+                  "distributed.failure_timeout",
                   "data.cache_dir", "data.eval_batch_size", "data.batch_size", "data.train", "data.val",
                   "plugins.checkpoint.", "plugins.wandb.")
 
@@ -147,6 +152,8 @@ class Checkpoint(Plugin):
         signals: bool = Field(True, description="on SIGTERM/SIGUSR1: checkpoint and exit with status 75")
 
     resumes_runs = True
+    notes_under = {"deepspeed": "DeepSpeed's checkpoint format inside each checkpoint, plus consolidated fp32 "
+                                "model.safetensors; resumes on the same number of processes"}
 
     @classmethod
     def check_run_dir(cls, recipe, options, run_dir) -> Optional[str]:
@@ -232,11 +239,16 @@ class Checkpoint(Plugin):
             tmp.mkdir(parents=True)
         accelerator.wait_for_everyone()
         error = None
+        deepspeed = ctx.recipe.distributed.strategy == "deepspeed"
+        # Collectives first, on every rank: DeepSpeed writes its shards and the weights are consolidated.
+        weights = ctx.strategy.full_state_dict(ctx.model) if deepspeed else None
         try:
+            if deepspeed:
+                ctx.model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
             torch.save({"rng": _rng_state(), "loss_window": ctx.loss_window.detach().cpu(),
                         "loss_window_steps": ctx.loss_window_steps}, tmp / f"rank-{ctx.rank}.pt")
             if ctx.is_main:
-                self._write_main(ctx, tmp, name)
+                self._write_main(ctx, tmp, name, weights)
         except OSError as err:
             error = err
         ok = torch.tensor(0.0 if error else 1.0, device=accelerator.device)
@@ -253,7 +265,8 @@ class Checkpoint(Plugin):
             ) from error
         if ctx.is_main:
             # Hashed from the disk, after writing: the checksums vouch for the bytes that were stored.
-            meta_files = {f.name: {"size": f.stat().st_size, "sha256": _sha256(f)} for f in sorted(tmp.iterdir())}
+            meta_files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+                          for f in sorted(tmp.rglob("*")) if f.is_file()}
             atomic_write_text(tmp / "meta.json", json.dumps(self._meta(ctx, meta_files), indent=1))
             if (root / name).exists():  # a corrupt checkpoint of this step, skipped at resume: set aside
                 os.replace(root / name, root / f".corrupt-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
@@ -262,14 +275,20 @@ class Checkpoint(Plugin):
             self._prune(ctx)
         accelerator.wait_for_everyone()
 
-    def _write_main(self, ctx, folder: Path, name: str) -> None:
+    def _write_main(self, ctx, folder: Path, name: str, weights: Optional[dict]) -> None:
         from safetensors.torch import save_model
+
+        from launcher.loop import save_state_dict
 
         if self.options.keep_best and ctx.last_eval_step == ctx.step and self.options.monitor in ctx.metrics:
             self.scores[name] = float(ctx.metrics[self.options.monitor])  # before the state is saved
-        save_model(ctx.accelerator.unwrap_model(ctx.model), str(folder / "model.safetensors"))
+        if weights is None:
+            save_model(ctx.accelerator.unwrap_model(ctx.model), str(folder / "model.safetensors"))
+        else:
+            save_state_dict(weights, folder / "model.safetensors")
+        owned_by_engine = weights is not None  # DeepSpeed saved the optimizer and loss scaler itself
         trainer = {
-            "optimizer": ctx.optimizer.state_dict(),
+            "optimizer": None if owned_by_engine else ctx.optimizer.state_dict(),
             "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else None,
             "scaler": ctx.accelerator.scaler.state_dict() if ctx.accelerator.scaler is not None else None,
             "plugins": ctx.plugins.state_dict(),
@@ -352,9 +371,12 @@ class Checkpoint(Plugin):
             self._check_plan(ctx, meta)
         if meta["streams"] != ctx.plan.streams and meta["streams"] % ctx.world_size == 0:
             ctx.make_plan(streams=meta["streams"])  # continue the epoch with the saved lanes
-        load_model(ctx.accelerator.unwrap_model(ctx.model), str(folder / "model.safetensors"))
         trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
-        ctx.optimizer.load_state_dict(trainer["optimizer"])
+        if ctx.recipe.distributed.strategy == "deepspeed":
+            self._load_deepspeed(ctx, folder, meta)
+        else:
+            load_model(ctx.accelerator.unwrap_model(ctx.model), str(folder / "model.safetensors"))
+            ctx.optimizer.load_state_dict(trainer["optimizer"])
         if ctx.scheduler is not None and trainer["scheduler"] is not None:
             ctx.scheduler.load_state_dict(trainer["scheduler"])
         if ctx.accelerator.scaler is not None and trainer["scaler"] is not None:
@@ -375,6 +397,19 @@ class Checkpoint(Plugin):
         if ctx.is_main:
             print(f"[checkpoint] resumed from {folder} (step {ctx.step}, epoch {ctx.epoch}, "
                   f"step {ctx.step_in_epoch} of the epoch)", flush=True)
+
+    @staticmethod
+    def _load_deepspeed(ctx, folder: Path, meta: dict) -> None:
+        if meta["world_size"] != ctx.world_size:
+            raise LauncherError(
+                f"The checkpoint {folder} was written by DeepSpeed on {meta['world_size']} processes, whose ZeRO "
+                f"shards cannot be loaded by {ctx.world_size}. Resume on {meta['world_size']} processes, or start a "
+                f"new run from its consolidated weights (plugins.pretrained.checkpoint={folder}).")
+        # DeepSpeed's own loader (it unpickles its files; meta.json's checksums were verified first).
+        path, _ = ctx.model.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                            load_lr_scheduler_states=False, load_module_strict=True)
+        if path is None:
+            raise LauncherError(f"DeepSpeed could not load the checkpoint in {folder / 'deepspeed'}.")
 
     def _check_plan(self, ctx, meta: dict) -> None:
         """Mid-epoch, the new run must be able to follow the saved epoch plan."""

@@ -9,6 +9,9 @@ weights). It is frozen, in eval mode, not wrapped for DDP (it never trains, so t
 nothing to all-reduce), and runs under no_grad inside the student's autocast, on the same
 (possibly mixed) images.
 
+Under DeepSpeed the teacher stays outside the engine (not sharded, fp32): with bf16/fp16
+the student's inputs arrive in the engine's dtype and are cast back for the teacher.
+
 Hooks: setup (loads the teacher), transform_loss. No state: the teacher is fixed.
 """
 
@@ -66,6 +69,8 @@ class Distillation(Plugin):
         alpha: float = Field(0.5, ge=0.0, le=1.0, description="weight of the distillation term")
         temperature: float = Field(4.0, gt=0.0, description="softmax temperature T")
 
+    notes_under = {"deepspeed": "the teacher is not wrapped by the engine: a full fp32 copy on every rank"}
+
     teacher = None
 
     def setup(self, ctx) -> None:
@@ -82,8 +87,9 @@ class Distillation(Plugin):
             raise LauncherError(f"plugins.distill: the weights in '{weights}' do not fit '{name}' with "
                                 f"{ctx.recipe.model.num_classes} classes: {str(err)[:300]}") from None
         self.teacher = teacher.to(ctx.accelerator.device).eval().requires_grad_(False)
+        self.dtype = next(self.teacher.parameters()).dtype
 
     def transform_loss(self, ctx, loss, batch, logits):
         with torch.no_grad():
-            teacher_logits = self.teacher(batch.images)
+            teacher_logits = self.teacher(batch.images.to(self.dtype))
         return distillation_loss(logits, teacher_logits, loss, self.options.alpha, self.options.temperature)

@@ -9,6 +9,12 @@ decay_t = min(decay, 1 - (1 + t / gamma) ^ -power), so early averages forget fas
 Hooks: setup (copy the model), after_optimizer_step (update every `every` steps),
 eval_models (add "val_ema"), on_train_end (export). State: the averaged weights. The EMA
 keeps its own copy; nothing swaps weights in place.
+
+The average is taken of the full fp32 weights from the strategy (ctx.strategy.
+full_state_dict): under DDP the model's own tensors; under DeepSpeed with bf16/fp16 the fp32
+master weights, and under ZeRO-3 those gathered from their shards on every rank (one
+all-gather of the model per update: raise `every` to amortise it). Every rank keeps the
+full average, as under DDP.
 """
 
 from __future__ import annotations
@@ -30,6 +36,8 @@ class ExponentialMovingAverage(Plugin):
         warmup_power: float = Field(2 / 3, gt=0.0)
         every: int = Field(1, ge=1, description="update every N optimizer steps")
 
+    notes_under = {"zero3": "gathers the sharded fp32 weights at each update (one all-gather of the model)"}
+
     ema = None
 
     def setup(self, ctx) -> None:
@@ -41,7 +49,8 @@ class ExponentialMovingAverage(Plugin):
 
     def after_optimizer_step(self, ctx) -> None:
         if ctx.step % self.options.every == 0:
-            self.ema.update(ctx.accelerator.unwrap_model(ctx.model), step=ctx.step // self.options.every)
+            weights = ctx.strategy.full_state_dict(ctx.model)  # a collective under ZeRO: every rank is here
+            self.ema.update(_StateDictView(weights), step=ctx.step // self.options.every)
 
     def eval_models(self, ctx, models: dict) -> dict:
         return {**models, "val_ema": self.ema.module}
@@ -55,3 +64,13 @@ class ExponentialMovingAverage(Plugin):
 
     def load_state_dict(self, state: dict) -> None:
         self.ema.module.load_state_dict(state["module"])
+
+
+class _StateDictView:
+    """What timm's ModelEmaV3.update reads from a model: its state_dict(), in the model's order."""
+
+    def __init__(self, state: dict):
+        self.state = state
+
+    def state_dict(self) -> dict:
+        return self.state

@@ -15,7 +15,12 @@ is written to <run dir>/grad_accum.json and kept in the plugin's state, and a re
 reuses it without probing again. A later OOM on one process retries with a doubled k
 too; under several processes it stops with the k to set instead.
 
-Hooks: setup (installs ctx.micro_batches and wraps ctx.forward_backward). State: k.
+Under DeepSpeed, k becomes the engine's gradient_accumulation_steps (a DeepSpeed JSON file
+that sets another value is refused); mode auto is refused there, as the engine's
+accumulation is fixed when it is built.
+
+Hooks: accelerator_options (DeepSpeed), setup (installs ctx.micro_batches and wraps
+ctx.forward_backward). State: k.
 """
 
 from __future__ import annotations
@@ -56,12 +61,29 @@ class GradientAccumulation(Plugin):
         self.k = options.micro_batches
         self.settled = options.mode == "fixed"
 
+    notes_under = {"deepspeed": "mode fixed only: micro_batches becomes DeepSpeed's gradient_accumulation_steps"}
+
     @classmethod
     def check_recipe(cls, recipe, options):
+        if recipe.distributed.strategy == "deepspeed":
+            if options.mode == "auto":
+                return ("mode auto probes k at the first step, but DeepSpeed fixes its accumulation steps when the "
+                        "engine is built; set mode: fixed with micro_batches")
+            from launcher.distributed import read_deepspeed_json
+
+            given = read_deepspeed_json(recipe.distributed.deepspeed_config).get("gradient_accumulation_steps", "auto")
+            if given not in ("auto", options.micro_batches):
+                return (f"micro_batches={options.micro_batches} but the DeepSpeed config sets "
+                        f"gradient_accumulation_steps={given}; they must agree (remove it from the JSON file)")
         if options.micro_batches > recipe.data.batch_size:
             return (f"micro_batches={options.micro_batches} is more than data.batch_size={recipe.data.batch_size}; "
                     "data.batch_size is the batch per optimizer step, which grad_accum splits")
         return None
+
+    def accelerator_options(self, ctx, options: dict) -> dict:
+        if "deepspeed_config" in options:
+            options["deepspeed_config"]["gradient_accumulation_steps"] = self.k
+        return options
 
     def setup(self, ctx) -> None:
         ctx.micro_batches = lambda batch: split_batch(batch, self.k)

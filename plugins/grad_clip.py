@@ -6,7 +6,11 @@ about DDP and sharded models. The global norm before clipping is logged as
 `train/grad_norm` (the value at the logged step). With SAM, recipe order decides which
 gradient is clipped: list grad_clip after sam to clip the gradient the optimizer uses.
 
-Hooks: before_optimizer_step, log_row. No state.
+Under DeepSpeed the engine clips inside its step: max_norm becomes DeepSpeed's
+`gradient_clipping` (2-norm); value clipping and other norms have no DeepSpeed equivalent
+and are refused when the recipe loads.
+
+Hooks: accelerator_options (DeepSpeed), before_optimizer_step, log_row. No state.
 """
 
 from __future__ import annotations
@@ -27,15 +31,35 @@ class GradientClipping(Plugin):
         norm_type: float = Field(2.0, gt=0.0, description="the p of the p-norm")
         value: Optional[float] = Field(None, gt=0.0, description="clip each gradient entry to [-value, value]")
 
+    notes_under = {"deepspeed": "max_norm (2-norm) only, as DeepSpeed's gradient_clipping"}
+
     @classmethod
     def check_recipe(cls, recipe, options):
         if options.max_norm is None and options.value is None:
             return "set max_norm or value (or both)"
+        if recipe.distributed.strategy == "deepspeed" and (options.value is not None or options.norm_type != 2.0):
+            return ("under DeepSpeed only 2-norm clipping (max_norm, norm_type 2) exists, as DeepSpeed's "
+                    "gradient_clipping; remove value / norm_type")
         return None
 
     last_norm = None
 
+    def accelerator_options(self, ctx, options: dict) -> dict:
+        config = options.get("deepspeed_config")
+        if config is not None:
+            current = config.get("gradient_clipping", 0.0)
+            if current not in (0.0, "auto", self.options.max_norm):
+                from launcher.errors import LauncherError
+
+                raise LauncherError(f"The DeepSpeed config sets gradient_clipping={current}, but plugins.grad_clip."
+                                    f"max_norm={self.options.max_norm}; remove it from the JSON file.")
+            config["gradient_clipping"] = self.options.max_norm
+        return options
+
     def before_optimizer_step(self, ctx) -> None:
+        if ctx.recipe.distributed.strategy == "deepspeed":
+            self.last_norm = ctx.model.get_global_grad_norm()  # the engine clipped inside its step
+            return
         params = [p for g in ctx.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.options.value is not None:
             ctx.accelerator.clip_grad_value_(params, self.options.value)

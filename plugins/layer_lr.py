@@ -58,12 +58,17 @@ class LayerLR(Plugin):
 
     @classmethod
     def check_recipe(cls, recipe, options):
+        if options.freeze_epochs and recipe.distributed.strategy == "deepspeed":
+            return ("freeze_epochs switches requires_grad during the run, but DeepSpeed fixes the trained parameters "
+                    "when the engine is built; use lrs only, or strategy ddp")
         if options.lrs is not None and any(lr <= 0 for lr in options.lrs):
             return f"lrs must be positive, got {options.lrs}"
         if options.freeze_epochs and options.freeze_epochs >= recipe.train.epochs:
             return (f"freeze_epochs={options.freeze_epochs} freezes the whole run (train.epochs="
                     f"{recipe.train.epochs}); use fewer.")
         return None
+
+    notes_under = {"deepspeed": "lrs only (freeze_epochs is refused: the engine fixes the trained parameters)"}
 
     def __init__(self, options):
         super().__init__(options)

@@ -12,7 +12,7 @@ Run it as its own command, which sets up the short run from a recipe:
 
     python -m launcher.lr_find recipes/digits.yaml [key=value ...] [--start-lr 1e-6 --end-lr 10 --steps 100]
 
-Hooks: setup, before_optimizer_step (sets the LR), after_optimizer_step (records the loss),
+Hooks: setup, transform_batch (sets the LR of the step), after_optimizer_step (records the loss),
 on_train_end (writes the results).
 """
 
@@ -119,12 +119,15 @@ class LRFinder(Plugin):
         base = ctx.recipe.optimizer.lr  # discriminative groups keep their ratios during the sweep
         self.ratios = [g["lr"] / base for g in ctx.optimizer.param_groups]
 
-    def before_optimizer_step(self, ctx) -> None:
+    def transform_batch(self, ctx, batch):
+        # The LR of the step about to run is set before its forward pass, not just before the
+        # optimizer step: DeepSpeed's engine steps inside backward.
         o = self.options
         lr = range_test_lr(o.start_lr, o.end_lr, o.steps, ctx.step)
         for group, ratio in zip(ctx.optimizer.param_groups, self.ratios):
             group["lr"] = lr * ratio
         self.current_lr = lr
+        return batch
 
     def after_optimizer_step(self, ctx) -> None:
         loss = ctx.accelerator.reduce(ctx.loss.detach().clone(), "sum").item() / ctx.world_size

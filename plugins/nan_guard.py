@@ -33,6 +33,9 @@ class NanGuard(Plugin):
     class Options(PluginOptions):
         action: Literal["skip", "stop"] = Field("skip", description="skip the step, or stop the run with a diagnosis")
 
+    refused_under = {"deepspeed": "it checks the gradients between backward and the optimizer step, and DeepSpeed's "
+                                  "engine steps inside its backward (DeepSpeed's fp16 skips overflowing steps itself)"}
+
     skipped = 0
 
     def before_optimizer_step(self, ctx) -> None:

@@ -3,7 +3,9 @@ curves, confusion matrix, per-class PR and ROC curves (PNGs) and report.json wit
 precision / recall / F1 / AUC per class, into <run dir>/report/. The same report on demand:
 `python -m launcher.report RUN_DIR`.
 
-The main process predicts the validation set once with the final model; other ranks wait.
+The main process predicts the validation set once with the final weights as written to
+final/model.safetensors (loaded into a fresh model: the same file whatever the strategy,
+also under ZeRO-3, where no rank holds the whole model); other ranks wait.
 When a wandb run is active, the images and the per-class table are logged to it; list
 `report` before `wandb` in the recipe so the wandb run is still open at that point.
 
@@ -32,13 +34,17 @@ class Report(Plugin):
 
     def on_train_end(self, ctx) -> None:
         if ctx.is_main:
+            from safetensors.torch import load_model
+
+            from launcher.models import create_model
             from launcher.report import predict, write_report
 
-            model = ctx.accelerator.unwrap_model(ctx.model)
+            weights = ctx.run_dir / "final" / "model.safetensors"
+            model = create_model(ctx.recipe.model).to(ctx.accelerator.device)
+            load_model(model, str(weights))
             with ctx.accelerator.autocast():
                 probs, labels = predict(ctx.recipe, model, ctx.accelerator.device)
-            report, images = write_report(ctx.run_dir, ctx.recipe, probs, labels,
-                                          weights=ctx.run_dir / "final" / "model.safetensors")
+            report, images = write_report(ctx.run_dir, ctx.recipe, probs, labels, weights=weights)
             self.report = report
             print(f"\n[report] accuracy {report['accuracy']:.4f}, macro F1 {report['macro']['f1']:.4f}: "
                   f"{images[0].parent}", flush=True)

@@ -48,6 +48,9 @@ class SharpnessAwareMinimization(Plugin):
         adaptive: bool = Field(False, description="ASAM: scale the neighbourhood by |w| + eta")
         eta: float = Field(0.01, ge=0.0, description="ASAM's offset keeping zero weights perturbable")
 
+    refused_under = {"deepspeed": "SAM needs the gradient before the optimizer step and a second backward pass at "
+                                  "the perturbed weights; DeepSpeed's engine steps inside its backward"}
+
     def before_optimizer_step(self, ctx) -> None:
         model = ctx.model
         params = [p for group in ctx.optimizer.param_groups for p in group["params"] if p.requires_grad]

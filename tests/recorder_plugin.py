@@ -103,6 +103,10 @@ class Recorder(Plugin):
         path.write_text(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, "steps": self.steps,
                                     "evals": self.evals, "hooks": self.hooks,
                                     "compute_dtype": getattr(self, "compute_dtype", None),
+                                    "engine_config": getattr(ctx.model, "_config", None) and {
+                                        "gradient_accumulation_steps": ctx.model.gradient_accumulation_steps(),
+                                        "train_micro_batch_size_per_gpu":
+                                            ctx.model.train_micro_batch_size_per_gpu()},
                                     "allreduce_per_step": self.allreduce_per_step,
                                     "shards_read": sorted({str(p) for p in self._shards(ctx)}),
                                     "weights": self._weights(ctx)}))
@@ -122,3 +126,28 @@ class Recorder(Plugin):
 
 
 assert set(HOOKS) >= {"setup", "transform_batch", "on_train_end"}
+
+
+@register("test_fault")
+class Fault(Plugin):
+    """Test helper: LAUNCHER_TEST_FAULT="RANK:STEP:raise|kill" makes that rank raise, or kill itself
+    with SIGKILL (no Python cleanup at all), at the end of that step, after writing the time to
+    <run dir>/fault.json. From the environment, so a relaunch runs the same recipe without it."""
+
+    def on_step_end(self, ctx):
+        import os
+
+        spec = os.environ.get("LAUNCHER_TEST_FAULT")
+        if not spec:
+            return
+        rank, step, mode = spec.split(":")
+        if ctx.rank != int(rank) or ctx.step != int(step):
+            return
+        import signal
+        import time
+
+        (ctx.run_dir / "fault.json").write_text(json.dumps({"time": time.time(), "pid": os.getpid(),
+                                                            "rank": ctx.rank, "step": ctx.step}))
+        if mode == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        raise RuntimeError(f"injected fault on rank {ctx.rank} at step {ctx.step}")

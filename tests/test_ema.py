@@ -23,10 +23,16 @@ class Accel:
         return model
 
 
+def plain_strategy():
+    from launcher.distributed import DataParallel
+
+    return DataParallel(Accel, None)
+
+
 def run_sequence(weights, **options):
     """Feed weights w_1..w_n as the model after optimizer steps 1..n."""
     model = nn.Linear(3, 2, bias=False)
-    ctx = types.SimpleNamespace(model=model, accelerator=Accel, step=0)
+    ctx = types.SimpleNamespace(model=model, accelerator=Accel, strategy=plain_strategy(), step=0)
     plugin = ExponentialMovingAverage(ExponentialMovingAverage.Options(**options))
     plugin.setup(ctx)
     for step, w in enumerate(weights, start=1):
@@ -64,7 +70,7 @@ def test_warmup_decay_and_update_interval():
 
 def test_state_round_trips():
     model = nn.Linear(3, 2)
-    ctx = types.SimpleNamespace(model=model, accelerator=Accel, step=0)
+    ctx = types.SimpleNamespace(model=model, accelerator=Accel, strategy=plain_strategy(), step=0)
     a = ExponentialMovingAverage(ExponentialMovingAverage.Options())
     a.setup(ctx)
     with torch.no_grad():

@@ -30,7 +30,9 @@ def test_equals_torch_clipping(options):
     ours, ref = model_with_grads(), model_with_grads()
     optimizer = torch.optim.SGD(ours.parameters(), lr=0.1)
     plugin = GradientClipping(GradientClipping.Options(**options))
-    plugin.before_optimizer_step(types.SimpleNamespace(optimizer=optimizer, accelerator=Accelerator(cpu=True)))
+    ddp = types.SimpleNamespace(distributed=types.SimpleNamespace(strategy="ddp"))
+    plugin.before_optimizer_step(types.SimpleNamespace(optimizer=optimizer, accelerator=Accelerator(cpu=True),
+                                                       recipe=ddp))
     if options.get("value"):
         torch.nn.utils.clip_grad_value_(ref.parameters(), options["value"])
     if options.get("max_norm"):

@@ -1,0 +1,301 @@
+"""Distributed strategies, chosen in the recipe's `distributed:` section.
+
+    distributed: {strategy: ddp}                                   # default
+    distributed: {strategy: deepspeed, zero_stage: 3, offload: optimizer}
+    distributed: {strategy: deepspeed, deepspeed_config: ds.json}  # a DeepSpeed JSON file
+
+Both run through Accelerate and the same `accelerate launch` command (one or many
+machines, GPUs with NCCL or CPUs with gloo); the recipe, not the launch flags, decides
+the strategy, so a checkpoint always knows what wrote it.
+
+DeepSpeed's engine owns backward and the optimizer step: `engine.backward` reduces (ZeRO
+2/3: reduce-scatters) the gradients, and at the last micro-batch of a step `engine.step`
+steps and zeroes them. So hooks that need the gradients between backward and the step
+(SAM, nan_guard) cannot run there, and plugins say so (Plugin.refused_under, checked
+when the recipe loads; the README's support table is generated from the same
+declarations).
+
+What the core does here, and why:
+- The DeepSpeed config is built from the recipe (batch per micro-step, accumulation
+  steps, ZeRO stage, offload, precision) and handed to plugins through the
+  `accelerator_options` hook as options["deepspeed_config"] (grad_accum sets the
+  accumulation steps, grad_clip DeepSpeed's clipping); a user JSON file is the starting
+  point, and any value it sets must agree with the recipe's.
+- Precision: the recipe's (Plugin.precision, i.e. amp) maps to DeepSpeed's bf16/fp16
+  sections. DeepSpeed then keeps the model in that dtype (fp32 master weights in the
+  optimizer), so inputs are cast to the model's dtype (DeepSpeed does not do it).
+- On CPU-only machines DeepSpeed needs the gloo backend and ACCELERATE_USE_DEEPSPEED in
+  the environment before Accelerate's state exists (../shared/FACTS.md); both are set here.
+- Weights leave DeepSpeed consolidated to fp32 (`full_state_dict`): the final weights,
+  each checkpoint's model.safetensors and EMA updates (ZeRO-3 gathers the shards).
+- BatchNorm buffers are broadcast from rank 0 before every forward pass, as DDP does
+  (DeepSpeed never does): otherwise the ranks' statistics drift apart, evaluation differs
+  per rank, and a checkpoint (rank 0's buffers) would not resume exactly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+
+from launcher.errors import LauncherError
+
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Columns of the support table: DDP, DeepSpeed ZeRO stages.
+STRATEGIES = ("ddp", "zero0", "zero1", "zero2", "zero3")
+# DeepSpeed JSON sections the recipe owns: the optimizer and schedule come from the recipe's
+# own sections (timm), so a file that sets them would silently train something else.
+RECIPE_OWNED_SECTIONS = {"optimizer": "optimizer:", "scheduler": "schedule:"}
+# Read once, before a DeepSpeed run in this process sets it itself.
+LAUNCHED_WITH_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"
+
+
+def read_deepspeed_json(path: Optional[str]) -> dict:
+    """The user's DeepSpeed JSON file (empty without one), refusing sections the recipe owns."""
+    if not path:
+        return {}
+    file = Path(path)
+    if not file.is_file():
+        raise LauncherError(f"distributed.deepspeed_config: '{path}' does not exist. Give the path of a DeepSpeed "
+                            "JSON file, or remove the key to let the recipe build the config.")
+    try:
+        config = json.loads(file.read_text())
+    except ValueError as err:
+        raise LauncherError(f"distributed.deepspeed_config: '{path}' is not valid JSON ({err}).") from None
+    if not isinstance(config, dict):
+        raise LauncherError(f"distributed.deepspeed_config: '{path}' must hold a JSON object.")
+    for key, section in RECIPE_OWNED_SECTIONS.items():
+        if key in config:
+            raise LauncherError(f"distributed.deepspeed_config: '{path}' sets '{key}', which the recipe's "
+                                f"'{section}' section owns; remove it from the file and set it in the recipe.")
+    return config
+
+
+def strategy_key(recipe) -> str:
+    """'ddp', or 'zero0'..'zero3' under DeepSpeed: the columns of the support table."""
+    stage = recipe.distributed.stage
+    return "ddp" if stage is None else f"zero{stage}"
+
+
+def recipe_precision(recipe) -> str:
+    """'fp32', or the precision a plugin of the recipe sets (Plugin.precision)."""
+    from launcher.registry import get_plugin_class, parse_options
+
+    for name, raw in recipe.plugins.items():
+        precision = get_plugin_class(name).precision(parse_options(name, raw))
+        if precision:
+            return precision
+    return "fp32"
+
+
+def support_keys(strategy: str, precision: str) -> list[str]:
+    """The keys of Plugin.refused_under that apply, most specific first."""
+    keys = [f"{strategy}/{precision}", strategy]
+    if strategy.startswith("zero"):
+        keys += [f"deepspeed/{precision}", "deepspeed"]
+    return keys + [precision]
+
+
+def initial_accelerator_options(recipe) -> dict:
+    """The options the core hands to the plugins' accelerator_options hook."""
+    options: dict[str, Any] = {"cpu": not torch.cuda.is_available()}
+    section = recipe.distributed
+    if section.strategy == "deepspeed":
+        options["cpu"] = False  # Accelerate's DeepSpeed path is skipped with cpu=True; DeepSpeed has a CPU backend
+        options["deepspeed_config"] = deepspeed_config(recipe)
+    return options
+
+
+def deepspeed_config(recipe) -> dict:
+    """DeepSpeed's config from the recipe; the user's JSON file is the starting point."""
+    section = recipe.distributed
+    config = read_deepspeed_json(section.deepspeed_config)
+    zero = dict(config.get("zero_optimization", {}))
+    if section.zero_stage is not None and "stage" in zero and int(zero["stage"]) != section.zero_stage:
+        raise LauncherError(f"distributed.zero_stage={section.zero_stage} but '{section.deepspeed_config}' sets "
+                            f"zero_optimization.stage={zero['stage']}; set one of them.")
+    zero["stage"] = section.stage
+    if section.offload != "none":
+        zero.setdefault("offload_optimizer", {"device": "cpu"})
+    if section.offload == "optimizer_and_params":
+        zero.setdefault("offload_param", {"device": "cpu"})
+    if section.stage == 3:
+        # Lets engine-level saving gather the weights; our own consolidation is full_state_dict.
+        zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
+    config["zero_optimization"] = zero
+    config.setdefault("gradient_accumulation_steps", 1)  # grad_accum's accelerator_options sets its k
+    # No clipping unless the grad_clip plugin asks: Accelerate would otherwise fill in 1.0.
+    config.setdefault("gradient_clipping", 0.0)
+    config.setdefault("steps_per_print", 10 ** 9)  # the loop logs; DeepSpeed's own step prints are noise
+    config.setdefault("wall_clock_breakdown", False)
+    # timm's optimizers (momentum SGD, LAMB...) are not on DeepSpeed's tested list; they work with
+    # ZeRO, and offload runs them on the CPU copy instead of forcing DeepSpeed's CPU Adam.
+    config.setdefault("zero_allow_untested_optimizer", True)
+    config.setdefault("zero_force_ds_cpu_optimizer", False)
+    return config
+
+
+def make_accelerator(recipe, options: dict):
+    """Accelerator(**options), after turning options['deepspeed_config'] into Accelerate's plugin."""
+    from accelerate import Accelerator
+    from accelerate.utils import InitProcessGroupKwargs
+
+    options = dict(options)
+    config = options.pop("deepspeed_config", None)
+    if config is None:
+        if LAUNCHED_WITH_DEEPSPEED:
+            raise LauncherError("accelerate launch was given --use_deepspeed (or a DeepSpeed accelerate config), but "
+                                "the recipe's distributed.strategy is ddp. The recipe decides: drop --use_deepspeed, "
+                                "or set distributed.strategy=deepspeed (and distributed.deepspeed_config=FILE).")
+        return Accelerator(**options)
+    from accelerate.utils import DeepSpeedPlugin
+
+    config = finish_deepspeed_config(recipe, config, options.get("mixed_precision", "no"))
+    if "LOCAL_RANK" not in os.environ:
+        # One process without a launcher (python -m launcher): DeepSpeed still needs a process group.
+        from launcher.watchdog import free_port
+
+        os.environ.update({"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
+                           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
+    if not torch.cuda.is_available():
+        # ../shared/FACTS.md: without these Accelerate reports one process per rank under DeepSpeed.
+        os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
+        handlers = list(options.pop("kwargs_handlers", []))
+        handlers.append(InitProcessGroupKwargs(backend="gloo"))
+        options["kwargs_handlers"] = handlers
+    options.pop("cpu", None)
+    return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), **options)
+
+
+def finish_deepspeed_config(recipe, config: dict, precision: str) -> dict:
+    """The config after the plugins' accelerator_options: batch size per micro-step and the
+    precision sections, each checked against what the user's JSON file set."""
+    gas = int(config["gradient_accumulation_steps"])
+    config = _agree(config, "train_micro_batch_size_per_gpu", -(-recipe.data.batch_size // gas),
+                    "data.batch_size / the number of micro-batches")
+    for dtype in ("bf16", "fp16"):
+        config = _agree(config, f"{dtype}.enabled", precision == dtype,
+                        f"the recipe's precision ({precision if precision != 'no' else 'fp32'})")
+    if precision in ("bf16", "fp16"):
+        # DeepSpeed casts only the parameters; BatchNorm then has bf16 weights and fp32 running
+        # statistics, which its CPU kernel refuses. Buffers follow the parameters' dtype.
+        config.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
+    if precision == "fp16":
+        config["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling, as torch's GradScaler
+        if not torch.cuda.is_available():
+            raise LauncherError("DeepSpeed's fp16 needs a GPU: its CPU backend has no fp16 loss scaling. On the "
+                                "CPU use plugins.amp.dtype=bf16, or no amp plugin.")
+    return config
+
+
+def _agree(config: dict, dotted: str, value, source: str) -> dict:
+    """Set config[dotted] = value, unless the user's file already set another value."""
+    node = config
+    *parents, leaf = dotted.split(".")
+    for part in parents:
+        node = node.setdefault(part, {})
+    current = node.get(leaf, "auto")
+    if current != "auto" and current != value:
+        raise LauncherError(f"The DeepSpeed config sets {dotted}={current!r}, but {source} gives {value!r}. "
+                            f"Remove {dotted} from the JSON file (or set it to \"auto\") and let the recipe decide.")
+    node[leaf] = value
+    return config
+
+
+# ------------------------------------------------------------------ strategies
+
+
+class DataParallel:
+    """DDP (or one process): the model is replicated; Accelerate's no_sync skips the gradient
+    all-reduce on all but the last micro-batch of a step."""
+
+    def __init__(self, accelerator, recipe):
+        self.accelerator = accelerator
+
+    def micro_batch_context(self, model, last: bool):
+        return nullcontext() if last else self.accelerator.no_sync(model)
+
+    def backward(self, model, loss: torch.Tensor, last: bool) -> None:
+        self.accelerator.backward(loss)
+
+    def input_dtype(self, model) -> Optional[torch.dtype]:
+        return None  # autocast handles mixed precision; the weights stay fp32
+
+    @property
+    def lockstep_eval(self) -> bool:
+        return False
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """The full fp32 weights and buffers (every rank calls it; here it needs no communication)."""
+        return {k: v.detach() for k, v in self.accelerator.unwrap_model(model).state_dict().items()}
+
+
+class DeepSpeedZeRO(DataParallel):
+    """DeepSpeed's engine through Accelerate (see the module docstring)."""
+
+    def __init__(self, accelerator, recipe):
+        super().__init__(accelerator, recipe)
+        self.stage = recipe.distributed.stage
+        self.mixed = accelerator.mixed_precision in ("bf16", "fp16")
+
+    def micro_batch_context(self, model, last: bool):
+        # DeepSpeed decides about gradient reduction from the boundary set in backward. Buffers
+        # (BatchNorm statistics) are synchronised from rank 0 before each forward, as DDP does.
+        if self.accelerator.num_processes > 1:
+            broadcast_buffers(model.module)
+        return nullcontext()
+
+    def backward(self, model, loss: torch.Tensor, last: bool) -> None:
+        # Written by hand instead of accelerator.backward: our loss is already scaled to its share
+        # of the global batch (see launcher/loop.py), so DeepSpeed must not divide it by the
+        # accumulation steps again (scale_wrt_gas=False); the boundary is the step's last micro-batch.
+        model.set_gradient_accumulation_boundary(is_boundary=last)
+        model.backward(loss, scale_wrt_gas=False)
+        if last:
+            model.step()
+
+    def input_dtype(self, model) -> Optional[torch.dtype]:
+        return next(model.parameters()).dtype if self.mixed else None
+
+    @property
+    def lockstep_eval(self) -> bool:
+        # ZeRO-3 gathers each layer's parameters inside forward: a collective, so every rank must
+        # run the same number of forward passes, also when their evaluation shares differ.
+        return self.stage == 3 and self.accelerator.num_processes > 1
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """fp32 weights gathered from DeepSpeed's master copy (a collective: every rank calls it)."""
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        module = model.module
+        out = {}
+        names = {id(p): n for n, p in module.named_parameters()}
+        for name, tensor in module.state_dict(keep_vars=True).items():
+            if id(tensor) in names and (self.stage == 3 or self.mixed):
+                full = safe_get_full_fp32_param(tensor)
+                tensor = full if full is not None else tensor
+            out[name] = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
+        return out
+
+
+def broadcast_buffers(module: torch.nn.Module) -> None:
+    """Rank 0's buffers to every rank, one broadcast per dtype (DDP's broadcast_buffers)."""
+    by_dtype: dict[torch.dtype, list[torch.Tensor]] = {}
+    for buffer in module.buffers():
+        by_dtype.setdefault(buffer.dtype, []).append(buffer)
+    for buffers in by_dtype.values():
+        flat = torch.cat([b.reshape(-1) for b in buffers])
+        torch.distributed.broadcast(flat, src=0)
+        offset = 0
+        for b in buffers:
+            b.copy_(flat[offset:offset + b.numel()].view_as(b))
+            offset += b.numel()
+
+
+def make_strategy(accelerator, recipe):
+    return (DeepSpeedZeRO if recipe.distributed.strategy == "deepspeed" else DataParallel)(accelerator, recipe)

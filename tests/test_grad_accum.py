@@ -39,7 +39,14 @@ def sgd_steps(k, batches, momentum=0.9):
 
     AcceleratorState._reset_state(reset_partial_state=False)
     model = mlp()
-    ctx = RunContext(recipe=None, accelerator=Accelerator(cpu=True), model=model, plugins=PluginSet([]))
+    import types
+
+    from launcher.distributed import DataParallel
+
+    accelerator = Accelerator(cpu=True)
+    ddp = types.SimpleNamespace(distributed=types.SimpleNamespace(strategy="ddp", stage=None))
+    ctx = RunContext(recipe=ddp, accelerator=accelerator, strategy=DataParallel(accelerator, ddp), model=model,
+                     plugins=PluginSet([]))
     ctx.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
     if k > 1:
         GradientAccumulation(GradientAccumulation.Options(micro_batches=k)).setup(ctx)

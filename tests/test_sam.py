@@ -50,7 +50,11 @@ def launcher_sam_step(model, x, y, lr, **options):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    ctx = RunContext(recipe=None, accelerator=Accelerator(cpu=True), model=model, plugins=PluginSet([]))
+    from launcher.distributed import DataParallel
+
+    accelerator = Accelerator(cpu=True)
+    ctx = RunContext(recipe=None, accelerator=accelerator, strategy=DataParallel(accelerator, None), model=model,
+                     plugins=PluginSet([]))
     ctx.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     ctx.batch = Batch(images=x, targets=y, ids=torch.arange(len(x)), global_count=len(x))
     ctx.forward_backward(ctx.batch)

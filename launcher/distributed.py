@@ -28,8 +28,8 @@ What the core does here, and why:
   the environment before Accelerate's state exists (../shared/FACTS.md); both are set here.
 - Weights leave DeepSpeed consolidated to fp32 (`full_state_dict`): the final weights,
   each checkpoint's model.safetensors and EMA updates (ZeRO-3 gathers the shards).
-- BatchNorm buffers are broadcast from rank 0 before every forward pass, as DDP does
-  (DeepSpeed never does): otherwise the ranks' statistics drift apart, evaluation differs
+- BatchNorm buffers are broadcast from rank 0 before each step's first forward pass, as DDP
+  does (DeepSpeed never does): otherwise the ranks' statistics drift apart, evaluation differs
   per rank, and a checkpoint (rank 0's buffers) would not resume exactly.
 """
 
@@ -158,8 +158,6 @@ def make_accelerator(recipe, options: dict):
     config = finish_deepspeed_config(recipe, config, options.get("mixed_precision", "no"))
     if "LOCAL_RANK" not in os.environ:
         # One process without a launcher (python -m launcher): DeepSpeed still needs a process group.
-        from launcher.watchdog import free_port
-
         os.environ.update({"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
     if not torch.cuda.is_available():
@@ -217,14 +215,11 @@ class DataParallel:
     def __init__(self, accelerator, recipe):
         self.accelerator = accelerator
 
-    def micro_batch_context(self, model, last: bool):
+    def micro_batch_context(self, model, first: bool, last: bool):
         return nullcontext() if last else self.accelerator.no_sync(model)
 
     def backward(self, model, loss: torch.Tensor, last: bool) -> None:
         self.accelerator.backward(loss)
-
-    def input_dtype(self, model) -> Optional[torch.dtype]:
-        return None  # autocast handles mixed precision; the weights stay fp32
 
     @property
     def lockstep_eval(self) -> bool:
@@ -243,10 +238,11 @@ class DeepSpeedZeRO(DataParallel):
         self.stage = recipe.distributed.stage
         self.mixed = accelerator.mixed_precision in ("bf16", "fp16")
 
-    def micro_batch_context(self, model, last: bool):
+    def micro_batch_context(self, model, first: bool, last: bool):
         # DeepSpeed decides about gradient reduction from the boundary set in backward. Buffers
-        # (BatchNorm statistics) are synchronised from rank 0 before each forward, as DDP does.
-        if self.accelerator.num_processes > 1:
+        # (BatchNorm statistics) come from rank 0 before a step's first forward, as under DDP
+        # (whose no_sync forwards skip the broadcast).
+        if first and self.accelerator.num_processes > 1:
             broadcast_buffers(model.module)
         return nullcontext()
 
@@ -258,9 +254,6 @@ class DeepSpeedZeRO(DataParallel):
         model.backward(loss, scale_wrt_gas=False)
         if last:
             model.step()
-
-    def input_dtype(self, model) -> Optional[torch.dtype]:
-        return next(model.parameters()).dtype if self.mixed else None
 
     @property
     def lockstep_eval(self) -> bool:
@@ -295,6 +288,14 @@ def broadcast_buffers(module: torch.nn.Module) -> None:
         for b in buffers:
             b.copy_(flat[offset:offset + b.numel()].view_as(b))
             offset += b.numel()
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def make_strategy(accelerator, recipe):

@@ -141,13 +141,16 @@ class RunContext:
         Gradient all-reduce happens only on the last micro-batch."""
         micro = self.micro_batches(batch)
         total = torch.zeros((), device=self.accelerator.device)
-        dtype = self.strategy.input_dtype(self.model)  # DeepSpeed bf16/fp16 keeps the weights in that dtype
+        # fp32 weights (autocast does mixed precision), or DeepSpeed's bf16/fp16 weights: inputs must match.
+        low_precision = _param_dtype(self.model) if _param_dtype(self.model) != torch.float32 else None
         for i, mb in enumerate(micro):
             last = i == len(micro) - 1
-            with self.strategy.micro_batch_context(self.model, last):
+            with self.strategy.micro_batch_context(self.model, first=i == 0, last=last):
                 with self.accelerator.autocast():
-                    logits = self.model(mb.images if dtype is None else mb.images.to(dtype))
-                    logits = logits if dtype is None else logits.float()  # the loss in fp32
+                    if low_precision is None:
+                        logits = self.model(mb.images)
+                    else:
+                        logits = self.model(mb.images.to(low_precision)).float()  # the loss in fp32
                     loss = self.criterion(logits, mb.targets)  # the mean over this micro-batch
                     loss = self.plugins.chain("transform_loss", self, loss, mb, logits)
                 # Rescaled to the micro-batch's share of the global batch; the factor is exactly
@@ -290,7 +293,7 @@ def _train(ctx: RunContext) -> None:
     if ctx.val_index is not None and ctx.last_eval_step != ctx.step:
         evaluate(ctx, eval_transform, log)
 
-    save_final_weights(ctx, ctx.run_dir / "final" / "model.safetensors")
+    save_full_weights(ctx, ctx.run_dir / "final" / "model.safetensors")
     accelerator.wait_for_everyone()
     plugins.call("on_train_end", ctx)
     log.close()
@@ -322,31 +325,31 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
     for m in models.values():
         m.eval()
     stream = EvalStream(ctx.val_index, transform, batch_size, ctx.rank, ctx.world_size)
-    pending = iter(batches(stream, recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda"))
-    batch = last = None
-    while True:
-        batch = next(pending, None)
-        if ctx.strategy.lockstep_eval:
-            # ZeRO-3: forward passes are collectives, so a rank whose share is used up repeats
-            # its last batch (not counted) until every rank is done.
-            more = accelerator.reduce(torch.tensor(float(batch is not None), device=accelerator.device), "sum")
-            if more.item() == 0:
-                break
-        elif batch is None:
-            break
-        counted = batch is not None
-        batch = batch.to(accelerator.device, memory_format) if counted else last
-        last = batch
+    repeats = 0
+    if ctx.strategy.lockstep_eval:
+        # ZeRO-3: forward passes are collectives, so every rank must run as many; a rank with
+        # fewer batches repeats its last one that many times, uncounted.
+        most = accelerator.reduce(torch.tensor(len(stream), device=accelerator.device), "max").item()
+        repeats = most - len(stream)
+        if repeats and not len(stream):
+            raise LauncherError(f"ZeRO-3 evaluation needs a validation sample per process: data.val has "
+                                f"{len(ctx.val_index)} for {ctx.world_size} processes.")
+
+    def forward(batch: Batch, count: bool) -> None:
         for prefix, model in models.items():
             images = batch.images.to(_param_dtype(model))
             with accelerator.autocast():
                 logits = model(images)
                 outputs = ctx.plugins.chain("eval_logits", ctx, {prefix: logits}, images, model, prefix)
-            if not counted:
-                continue
-            for name, out in outputs.items():
+            for name, out in outputs.items() if count else ():
                 sums.setdefault(name, torch.zeros(4, device=accelerator.device, dtype=torch.float64))
                 sums[name] += _eval_sums(out.float(), batch.targets)
+
+    batch = None
+    for batch in batches(stream, recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda"):
+        forward(batch.to(accelerator.device, memory_format), count=True)
+    for _ in range(repeats):
+        forward(batch, count=False)
     for prefix, m in models.items():
         m.train(was_training[prefix])
     metrics = {}
@@ -479,9 +482,10 @@ class OneCycleSchedule:
         pass
 
 
-def save_final_weights(ctx: RunContext, path: Path) -> None:
-    """The trained weights, consolidated to one fp32 file whatever the strategy (every rank calls
-    this: ZeRO gathers its shards)."""
+def save_full_weights(ctx: RunContext, path: Path) -> None:
+    """The trained weights as one fp32 file whatever the strategy: final weights and each
+    checkpoint's model.safetensors. Every rank calls it (ZeRO gathers its shards); the main
+    process writes."""
     if ctx.recipe.distributed.strategy == "ddp":
         if ctx.is_main:  # byte-for-byte the model's own tensors
             save_weights(ctx.accelerator.unwrap_model(ctx.model), path)

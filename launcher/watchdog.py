@@ -37,14 +37,6 @@ from typing import Optional
 EXIT_PEER_FAILED = 1
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _is_communication_error(exc: BaseException) -> bool:
     """An error raised in this rank because the collective's other side went away."""
     import torch.distributed as dist

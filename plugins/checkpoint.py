@@ -55,6 +55,7 @@ import torch
 from pydantic import Field
 
 from launcher.errors import LauncherError
+from launcher.loop import save_full_weights
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import atomic_write_text
 
@@ -240,15 +241,15 @@ class Checkpoint(Plugin):
         accelerator.wait_for_everyone()
         error = None
         deepspeed = ctx.recipe.distributed.strategy == "deepspeed"
-        # Collectives first, on every rank: DeepSpeed writes its shards and the weights are consolidated.
-        weights = ctx.strategy.full_state_dict(ctx.model) if deepspeed else None
         try:
+            # Every rank: under ZeRO the weights are gathered and DeepSpeed writes each rank's shard.
+            save_full_weights(ctx, tmp / "model.safetensors")
             if deepspeed:
                 ctx.model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
             torch.save({"rng": _rng_state(), "loss_window": ctx.loss_window.detach().cpu(),
                         "loss_window_steps": ctx.loss_window_steps}, tmp / f"rank-{ctx.rank}.pt")
             if ctx.is_main:
-                self._write_main(ctx, tmp, name, weights)
+                self._write_main(ctx, tmp, name, owned_by_engine=deepspeed)
         except OSError as err:
             error = err
         ok = torch.tensor(0.0 if error else 1.0, device=accelerator.device)
@@ -275,18 +276,10 @@ class Checkpoint(Plugin):
             self._prune(ctx)
         accelerator.wait_for_everyone()
 
-    def _write_main(self, ctx, folder: Path, name: str, weights: Optional[dict]) -> None:
-        from safetensors.torch import save_model
-
-        from launcher.loop import save_state_dict
-
+    def _write_main(self, ctx, folder: Path, name: str, owned_by_engine: bool) -> None:
+        """trainer.pt; with owned_by_engine (DeepSpeed) the optimizer and loss scaler are in its files."""
         if self.options.keep_best and ctx.last_eval_step == ctx.step and self.options.monitor in ctx.metrics:
             self.scores[name] = float(ctx.metrics[self.options.monitor])  # before the state is saved
-        if weights is None:
-            save_model(ctx.accelerator.unwrap_model(ctx.model), str(folder / "model.safetensors"))
-        else:
-            save_state_dict(weights, folder / "model.safetensors")
-        owned_by_engine = weights is not None  # DeepSpeed saved the optimizer and loss scaler itself
         trainer = {
             "optimizer": None if owned_by_engine else ctx.optimizer.state_dict(),
             "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else None,

@@ -70,12 +70,7 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, cwd: P
     return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from launcher.distributed import free_port  # noqa: E402,F401  (tests import it from here)
 
 
 def accelerate_cmd(num_processes: int) -> list[str]:

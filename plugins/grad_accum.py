@@ -86,13 +86,6 @@ class GradientAccumulation(Plugin):
         return options
 
     def setup(self, ctx) -> None:
-        if self.k > 1 and (ctx.recipe.distributed.stage or 0) >= 2 and ctx.is_main and any(
-                isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in ctx.model.modules()):
-            import warnings
-
-            warnings.warn("grad_accum under DeepSpeed ZeRO-2/3 with a BatchNorm model: results were seen to drift "
-                          "from DDP (cause open, see README 'Multi-node and DeepSpeed'); ZeRO-1 matches DDP.",
-                          stacklevel=2)
         ctx.micro_batches = lambda batch: split_batch(batch, self.k)
         plain = ctx.forward_backward
         ctx.forward_backward = lambda batch: self._forward_backward(ctx, plain, batch)

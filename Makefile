@@ -26,7 +26,7 @@ demo: setup data/digits/info.json
 		--mixed_precision no --dynamo_backend no -m launcher recipes/digits.yaml
 
 test: setup
-	$(PY) -m pytest -q -ra tests
+	$(PY) -m pytest -q -ra --durations=25 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests

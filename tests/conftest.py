@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -67,7 +68,17 @@ def small_recipe(info: dict, run_dir: Path, **sections) -> dict:
 def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, cwd: Path = REPO):
     """Run a command with the repo's Python (or accelerate) and return the CompletedProcess."""
     full_env = {**os.environ, "PYTHONPATH": str(REPO), "CUDA_VISIBLE_DEVICES": "", **(env or {})}
-    return subprocess.run(args, capture_output=True, text=True, timeout=timeout, env=full_env, cwd=cwd)
+    # Its own process group, so a timeout ends the ranks too (subprocess.run kills only the
+    # launcher, and orphaned ranks would slow every later test).
+    with subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=full_env, cwd=cwd,
+                          start_new_session=True) as proc:
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+            raise
+    return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
 from launcher.distributed import free_port  # noqa: E402,F401  (tests import it from here)

@@ -136,7 +136,12 @@ class Fault(Plugin):
 
     def on_step_end(self, ctx):
         import os
+        import time
 
+        # LAUNCHER_TEST_STEP_PAUSE=SECONDS: a slower first run (not a requeued one), so that a
+        # short run stays interruptible for long enough without costing CPU time.
+        if os.environ.get("LAUNCHER_TEST_STEP_PAUSE") and os.environ.get("SLURM_RESTART_COUNT", "0") == "0":
+            time.sleep(float(os.environ["LAUNCHER_TEST_STEP_PAUSE"]))
         spec = os.environ.get("LAUNCHER_TEST_FAULT")
         if not spec:
             return
@@ -144,7 +149,6 @@ class Fault(Plugin):
         if ctx.rank != int(rank) or ctx.step != int(step):
             return
         import signal
-        import time
 
         (ctx.run_dir / "fault.json").write_text(json.dumps({"time": time.time(), "pid": os.getpid(),
                                                             "rank": ctx.rank, "step": ctx.step}))

@@ -42,18 +42,23 @@ def cluster():
     subprocess.run(["bash", str(REPO / "slurm" / "cluster.sh"), "stop"], capture_output=True, timeout=120)
 
 
-def recipe_file(digits, tmp_path, name, epochs=100, **sections) -> Path:
-    """About 1 s per epoch on 2 CPU ranks: long enough to interrupt, short enough to finish."""
-    raw = small_recipe(digits, tmp_path / name, train={"epochs": epochs, "eval_every": 20},
+# A first run paces its steps (30 ms each, not CPU time, see tests/recorder_plugin.py) so that
+# 50 epochs take about 90 s: long enough to interrupt (the time-limit warning comes within
+# Slurm's 30 s check), while the local reference and a requeued run go at full speed.
+PACE = {"LAUNCHER_TEST_STEP_PAUSE": "0.03"}
+
+
+def recipe_file(digits, tmp_path, name, epochs=50, **sections) -> Path:
+    raw = small_recipe(digits, tmp_path / name, train={"epochs": epochs, "eval_every": 10},
                        data={"image_size": 8, "batch_size": 32},
-                       plugins={"checkpoint": {"every_epochs": 10}}, **sections)
+                       plugins={"checkpoint": {"every_epochs": 10}, "test_fault": {}}, **sections)
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path
 
 
-def submit(*args: str) -> tuple[str, subprocess.CompletedProcess]:
-    proc = run_cli([sys.executable, "-m", "launcher.slurm", "submit", *args])
+def submit(*args: str, env: dict | None = None) -> tuple[str, subprocess.CompletedProcess]:
+    proc = run_cli([sys.executable, "-m", "launcher.slurm", "submit", *args], env=env)
     match = re.search(r"submitted job (\d+)", proc.stdout)
     return (match.group(1) if match else ""), proc
 
@@ -96,7 +101,7 @@ def uninterrupted(cluster, digits, tmp_path_factory):
     """The same recipe as a 2-node Slurm job and as a local 2-process run."""
     tmp = tmp_path_factory.mktemp("slurm")
     recipe = recipe_file(digits, tmp, "ref")
-    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", f"run.dir={tmp / 'slurm_run'}")
+    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", f"run.dir={tmp / 'slurm_run'}", env=PACE)
     assert job_id, proc.stderr
     local = run_cli([*accelerate_cmd(2), "launcher", str(recipe), f"run.dir={tmp / 'local_run'}"])
     assert local.returncode == 0, local.stderr[-3000:]
@@ -116,14 +121,15 @@ def test_two_nodes_train_with_two_ranks_like_a_local_run(uninterrupted):
                        for run in ("slurm_run", "local_run"))
     assert on_slurm == local
     status = run_cli([sys.executable, "-m", "launcher.slurm", "status", str(tmp / "slurm_run")])
-    assert re.search(r"job \d+: COMPLETED, restarts 0, run finished at step 2300, last checkpoint step-00002300",
+    assert re.search(r"job \d+: COMPLETED, restarts 0, run finished at step 1150, last checkpoint step-00001150",
                      status.stdout), status.stdout
 
 
 def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt) -> Path:
     run_dir = tmp / name
     # A grace far longer than the signal path needs; the limit itself is far away until a test shortens it.
-    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", "--grace", "600", f"run.dir={run_dir}")
+    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", "--grace", "600", f"run.dir={run_dir}",
+                           env=PACE)
     assert job_id, proc.stderr
     wait_for(lambda: trained_steps(run_dir) >= 100, 180, "training to reach step 100")
     interrupt(job_id)
@@ -132,7 +138,7 @@ def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt) -> P
     wait_for(lambda: (lambda j: j.get("Restarts") == "1" and j.get("JobState") in ("PENDING", "RUNNING"))(job(job_id)),
              180, "the job to requeue itself")
     status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "interrupted" and 100 <= status["step"] < 2300, status
+    assert status["state"] == "interrupted" and 100 <= status["step"] < 1150, status
     assert (run_dir / "checkpoints" / f"step-{status['step']:08d}").is_dir()  # the checkpoint of the signal
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=30"], check=True)
     state = wait_done(job_id)

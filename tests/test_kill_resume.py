@@ -91,11 +91,16 @@ def assert_each_sample_once_per_epoch(ids: dict, epochs=(0, 1)) -> None:
         assert sorted(used) == list(range(1437)), f"epoch {epoch}: a sample was lost or repeated"
 
 
-def test_sigkill_at_several_moments_then_relaunch_gives_the_same_model(digits, tmp_path):
-    recipe, straight = write_recipe(digits, tmp_path, "straight")
-    cmd = [sys.executable, "-m", "launcher", str(recipe)]
-    finish(cmd, tmp_path / "straight.log")
+@pytest.fixture(scope="module")
+def straight(digits, tmp_path_factory) -> Path:
+    """The uninterrupted one-process run the interrupted ones must reproduce."""
+    tmp_path = tmp_path_factory.mktemp("straight")
+    recipe, run = write_recipe(digits, tmp_path, "straight")
+    finish([sys.executable, "-m", "launcher", str(recipe)], tmp_path / "straight.log")
+    return run
 
+
+def test_sigkill_at_several_moments_then_relaunch_gives_the_same_model(digits, tmp_path, straight):
     recipe, run = write_recipe(digits, tmp_path, "killed")
     cmd = [sys.executable, "-m", "launcher", str(recipe)]
     log = tmp_path / "killed.log"
@@ -126,9 +131,7 @@ def test_sigkill_at_several_moments_then_relaunch_gives_the_same_model(digits, t
 
 
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_a_signal_checkpoints_exits_75_and_resumes_exactly(sig, digits, tmp_path):
-    recipe, straight = write_recipe(digits, tmp_path, "straight")
-    finish([sys.executable, "-m", "launcher", str(recipe)], tmp_path / "straight.log")
+def test_a_signal_checkpoints_exits_75_and_resumes_exactly(sig, digits, tmp_path, straight):
     recipe, run = write_recipe(digits, tmp_path, "stopped")
     cmd = [sys.executable, "-m", "launcher", str(recipe)]
     log = tmp_path / "stopped.log"

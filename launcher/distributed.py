@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import json
 import os
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Optional
@@ -155,6 +156,10 @@ def make_accelerator(recipe, options: dict):
         return Accelerator(**options)
     from accelerate.utils import DeepSpeedPlugin
 
+    # DeepSpeed calls torch's deprecated collective names from many lines of its own code, so
+    # the once-per-line default printed this ~90 times a rank; nothing a user can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning,
+                            message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
     config = finish_deepspeed_config(recipe, config, options.get("mixed_precision", "no"))
     if "LOCAL_RANK" not in os.environ:
         # One process without a launcher (python -m launcher): DeepSpeed still needs a process group.

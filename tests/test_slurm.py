@@ -2,6 +2,7 @@
 munge with two emulated nodes on this machine (and stops them afterwards).
 
 - a 2-node job trains with two ranks and ends with the same weights as a local 2-process run;
+- a DeepSpeed ZeRO-3 recipe runs on 2 nodes through the same script, same weights as locally;
 - the time-limit warning (SIGUSR1 to the batch shell) and `scancel --signal=USR1` both make
   every rank checkpoint; the job requeues itself, restarts with SLURM_RESTART_COUNT=1,
   resumes, and ends with the same weights as the uninterrupted run;
@@ -197,6 +198,22 @@ def test_dry_run_matches_the_snapshot(digits, tmp_path):
         SNAPSHOT.write_text(script)
     assert script == SNAPSHOT.read_text()
     assert not (tmp_path / "dry_run").exists()  # nothing written, nothing submitted
+
+
+def test_deepspeed_zero3_on_two_nodes_matches_a_local_run(cluster, digits, tmp_path):
+    """The recipe picks DeepSpeed; the same sbatch script runs it on 2 nodes (gloo on CPU)."""
+    recipe = recipe_file(digits, tmp_path, "zero3", epochs=2, distributed={"strategy": "deepspeed", "zero_stage": 3})
+    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "10", f"run.dir={tmp_path / 'slurm_run'}")
+    assert job_id, proc.stderr
+    local = run_cli([*accelerate_cmd(2), "launcher", str(recipe), f"run.dir={tmp_path / 'local_run'}"])
+    assert local.returncode == 0, local.stderr[-3000:]
+    state = wait_done(job_id)
+    assert state["JobState"] == "COMPLETED", logs(tmp_path / "slurm_run")
+    run = tmp_path / "slurm_run"
+    assert json.loads((run / "manifest.json").read_text())["world_size"] == 2
+    assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= {
+        p.name for p in (run / "checkpoints" / "step-00000046" / "deepspeed").iterdir()}
+    assert weights(run) == weights(tmp_path / "local_run")
 
 
 def test_a_sweep_makes_one_run_directory_per_value(cluster, digits, tmp_path):

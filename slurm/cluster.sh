@@ -39,6 +39,8 @@ configure() {
 ClusterName=local
 SlurmctldHost=$host
 AuthType=auth/munge
+# A requeued job waits for its old credential to expire before it starts again (default 120 s).
+AuthInfo=cred_expire=10
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 SelectType=select/cons_tres

@@ -134,14 +134,17 @@ def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt) -> P
     assert job_id, proc.stderr
     wait_for(lambda: trained_steps(run_dir) >= 100, 180, "training to reach step 100")
     interrupt(job_id)
-    # The job checkpoints, requeues itself and waits (Slurm holds a requeued job ~2 min).
+    # The job checkpoints, requeues itself and waits until its old credential expires
+    # (cred_expire, 10 s on the test cluster; forcing an earlier start fails the job:
+    # "Job credential revoked").
     # Restarts=1 shows while the first run still completes; wait for the requeued job itself.
     wait_for(lambda: (lambda j: j.get("Restarts") == "1" and j.get("JobState") in ("PENDING", "RUNNING"))(job(job_id)),
              180, "the job to requeue itself")
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and 100 <= status["step"] < 1150, status
     assert (run_dir / "checkpoints" / f"step-{status['step']:08d}").is_dir()  # the checkpoint of the signal
-    subprocess.run(["scontrol", "update", f"JobId={job_id}", "StartTime=now", "TimeLimit=30"], check=True)
+    # The shortened limit would signal the restart at once: give it back before it starts.
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=30"], check=True)
     state = wait_done(job_id)
     log = logs(run_dir)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log

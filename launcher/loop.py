@@ -45,6 +45,7 @@ of ranks or micro-batches, and however unevenly the last step of an epoch is spl
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -472,7 +473,7 @@ class OneCycleSchedule:
 
         self.schedule.last_epoch = min(num_updates, self.total_steps - 1) - 1
         with warnings.catch_warnings():  # "step() before optimizer.step()": we set the step directly
-            warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
             self.schedule.step()
 
     def state_dict(self) -> dict:

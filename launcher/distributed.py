@@ -146,6 +146,11 @@ def make_accelerator(recipe, options: dict):
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
+    if "DS_ACCELERATOR" not in os.environ and only_cpu():
+        # DeepSpeed is imported even by DDP runs (Accelerate's unwrap_model looks for its engine) and
+        # on finding no GPU warns "Setting accelerator to CPU. If you have GPU ..." on every rank.
+        # Here CPU is the right answer, so say it instead of being told.
+        os.environ["DS_ACCELERATOR"] = "cpu"
     options = dict(options)
     config = options.pop("deepspeed_config", None)
     if config is None:
@@ -173,6 +178,14 @@ def make_accelerator(recipe, options: dict):
         options["kwargs_handlers"] = handlers
     options.pop("cpu", None)
     return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), **options)
+
+
+def only_cpu() -> bool:
+    """No accelerator torch can see (CUDA/ROCm, Apple MPS, Intel XPU)."""
+    mps = getattr(torch.backends, "mps", None)
+    xpu = getattr(torch, "xpu", None)
+    return not (torch.cuda.is_available() or (mps is not None and mps.is_available())
+                or (xpu is not None and xpu.is_available()))
 
 
 def finish_deepspeed_config(recipe, config: dict, precision: str) -> dict:

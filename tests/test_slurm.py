@@ -43,9 +43,10 @@ def cluster():
     subprocess.run(["bash", str(REPO / "slurm" / "cluster.sh"), "stop"], capture_output=True, timeout=120)
 
 
-# A first run paces its steps (30 ms each, not CPU time, see tests/recorder_plugin.py) so that
-# 50 epochs take about 90 s: long enough to interrupt (the time-limit warning comes within
-# Slurm's 30 s check), while the local reference and a requeued run go at full speed.
+# A run that a test interrupts paces its first attempt (30 ms a step, not CPU time, see
+# tests/recorder_plugin.py) so that 50 epochs take about 90 s: long enough to interrupt (the
+# time-limit warning comes within Slurm's 30 s check); the references and a requeued run go at
+# full speed.
 PACE = {"LAUNCHER_TEST_STEP_PAUSE": "0.03"}
 
 
@@ -102,7 +103,7 @@ def uninterrupted(cluster, digits, tmp_path_factory):
     """The same recipe as a 2-node Slurm job and as a local 2-process run."""
     tmp = tmp_path_factory.mktemp("slurm")
     recipe = recipe_file(digits, tmp, "ref")
-    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", f"run.dir={tmp / 'slurm_run'}", env=PACE)
+    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", f"run.dir={tmp / 'slurm_run'}")
     assert job_id, proc.stderr
     local = run_cli([*accelerate_cmd(2), "launcher", str(recipe), f"run.dir={tmp / 'local_run'}"])
     assert local.returncode == 0, local.stderr[-3000:]

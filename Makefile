@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= dev
 
-.PHONY: setup demo test test-fast bench clean
+.PHONY: setup demo test test-fast test-gpu bench clean
 
 # Re-installs only when pyproject.toml changes.
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
@@ -30,6 +30,10 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests
+
+# On a machine with CUDA GPUs: the NCCL / bf16 equivalences, printing the measured differences.
+test-gpu: setup
+	$(PY) -m pytest -q -ra -s -m gpu tests/test_gpu.py
 
 bench: setup
 	$(PY) benchmarks/loop_overhead.py

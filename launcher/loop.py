@@ -183,6 +183,7 @@ def train(recipe) -> RunContext:
     # process (tests, notebooks) must not inherit the first one's precision. The process
     # group (PartialState) is kept.
     AcceleratorState._reset_state(reset_partial_state=False)
+    set_gpu_numerics(recipe.train)
     plugins = build_plugins(recipe)
     ctx = RunContext(recipe=recipe, plugins=plugins, run_dir=recipe.run_dir)
     options = plugins.chain("accelerator_options", ctx, initial_accelerator_options(recipe))
@@ -201,6 +202,22 @@ def train(recipe) -> RunContext:
     if watchdog is not None:
         watchdog.finished()
     return ctx
+
+
+def set_gpu_numerics(section) -> None:
+    """Fast GPU math by default, as timm's train.py (cuDNN autotunes its kernels, TF32 on
+    Ampere+); train.deterministic makes two runs on the same GPU bit-identical, train.tf32=false
+    keeps full fp32. Process-wide torch settings, so each run sets all of them."""
+    torch.backends.cuda.matmul.allow_tf32 = section.tf32
+    torch.backends.cudnn.allow_tf32 = section.tf32
+    torch.backends.cudnn.benchmark = not section.deterministic
+    torch.backends.cudnn.deterministic = section.deterministic
+    if section.deterministic:
+        # cuBLAS is deterministic only with a fixed workspace, set before its first call.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    # warn_only: some kernels common in timm models (AdaptiveAvgPool2d's backward on CUDA) have no
+    # deterministic form; torch warns about them instead of refusing the run.
+    torch.use_deterministic_algorithms(section.deterministic, warn_only=True)
 
 
 def _train(ctx: RunContext) -> None:

@@ -82,6 +82,10 @@ class TrainSection(Section):
     epochs: int = Field(gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="stop after this many optimizer steps")
     eval_every: int = Field(1, ge=1, description="evaluate every N epochs (and always at the end)")
+    tf32: bool = Field(True, description="GPUs (Ampere+): TF32 matmuls and convolutions, as timm's train.py; "
+                                         "false for full fp32 (no effect on CPU)")
+    deterministic: bool = Field(False, description="bit-reproducible GPU runs: deterministic kernels, no cuDNN "
+                                                   "autotuning (slower); CPU runs are reproducible anyway")
 
 
 class OptimizerSection(Section):

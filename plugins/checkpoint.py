@@ -63,7 +63,7 @@ FORMAT = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch it to continue
 # Recipe keys that may differ between a checkpoint and the run resuming it.
 SAFE_TO_CHANGE = ("train.epochs", "train.max_steps", "train.eval_every", "run.", "data.num_workers",
-                  "distributed.failure_timeout",
+                  "distributed.failure_timeout", "train.tf32", "train.deterministic",  # kernels, not the run
                   "data.cache_dir", "data.eval_batch_size", "data.batch_size", "data.train", "data.val",
                   "plugins.checkpoint.", "plugins.wandb.")
 

@@ -139,3 +139,33 @@ def test_onecycle_follows_smith_and_topin_per_group_and_is_stateless(digits, tmp
     assert optimizer.param_groups[0]["lr"] == pytest.approx(0.1 * anneal(1 / 10, 1, 17 / up_end))
     with pytest.raises(LauncherError, match="warmup_epochs does not apply to onecycle"):
         validate_recipe(small_recipe(digits, tmp_path, schedule={"name": "onecycle", "warmup_epochs": 1}))
+
+
+@pytest.fixture
+def torch_numerics():
+    """Restores torch's process-wide numerics switches after a test that runs train()."""
+    saved = (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+             torch.backends.cudnn.deterministic, torch.are_deterministic_algorithms_enabled())
+    yield
+    (torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32, torch.backends.cudnn.benchmark,
+     torch.backends.cudnn.deterministic) = saved[:4]
+    torch.use_deterministic_algorithms(saved[4])
+
+
+def test_gpu_numerics_follow_the_recipe_each_run(digits, tmp_path, torch_numerics):
+    """train.tf32 / train.deterministic set torch's process-wide switches at the start of every
+    run (a second run in the process does not inherit the first one's); on the CPU,
+    deterministic anyway, the weights do not change. The GPU side: tests/test_gpu.py."""
+    finals = []
+    for deterministic in (True, False):
+        raw = small_recipe(digits, tmp_path / str(deterministic), data={"val": None},
+                           train={"epochs": 1, "max_steps": 5, "deterministic": deterministic,
+                                  "tf32": not deterministic})
+        ctx = train(validate_recipe(raw))
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert torch.backends.cudnn.deterministic is deterministic
+        assert torch.backends.cudnn.benchmark is (not deterministic)
+        assert torch.backends.cuda.matmul.allow_tf32 is torch.backends.cudnn.allow_tf32 is (not deterministic)
+        finals.append(ctx.accelerator.unwrap_model(ctx.model).state_dict())
+    for name, value in finals[0].items():
+        assert torch.equal(value, finals[1][name]), name

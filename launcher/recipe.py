@@ -198,6 +198,29 @@ class Recipe(Section):
         return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
+MISSING = object()
+
+
+def schema_default(dotted: str) -> Any:
+    """The default of a recipe key such as 'train.tf32' in JSON form, or MISSING (required,
+    unknown, or inside a free-form mapping). A recipe saved by an older launcher lacks the keys
+    added since; they count as set to this."""
+    from pydantic_core import to_jsonable_python
+
+    model: type[BaseModel] = Recipe
+    parts = dotted.split(".")
+    for i, part in enumerate(parts):
+        field = model.model_fields.get(part)
+        if field is None:
+            return MISSING
+        if i == len(parts) - 1:
+            return MISSING if field.is_required() else to_jsonable_python(field.get_default(call_default_factory=True))
+        if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)):
+            return MISSING
+        model = field.annotation
+    return MISSING
+
+
 # ---------------------------------------------------------------- overrides
 
 

@@ -56,6 +56,7 @@ from pydantic import Field
 
 from launcher.errors import LauncherError
 from launcher.loop import save_full_weights
+from launcher.recipe import MISSING, schema_default
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import atomic_write_text
 
@@ -87,8 +88,14 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
 
 
 def recipe_differences(saved: dict, current: dict) -> list[str]:
-    """Keys whose values differ, except those declared safe to change."""
+    """Keys whose values differ, except those declared safe to change. A key the saved recipe
+    lacks (its launcher predates the key) counts as having its default: an upgrade mid-run
+    resumes unless the recipe moves a new key off its default."""
     a, b = _flatten(saved), _flatten(current)
+    for key in b.keys() - a.keys():
+        default = schema_default(key)
+        if default is not MISSING:
+            a[key] = default
     diffs = []
     for key in sorted(set(a) | set(b)):
         if a.get(key) != b.get(key) and not any(key == s or key.startswith(s) for s in SAFE_TO_CHANGE):

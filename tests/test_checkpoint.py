@@ -86,6 +86,25 @@ def test_resuming_with_a_changed_recipe_is_refused_with_the_differences(digits, 
     assert recipe_differences({"train": {"epochs": 1, "max_steps": 5}}, {"train": {"epochs": 3, "max_steps": 9}}) == []
 
 
+def test_a_checkpoint_from_before_a_new_recipe_key_resumes_while_the_key_keeps_its_default(digits, tmp_path):
+    """An upgrade mid-run: the saved recipe lacks keys added since (here a whole section and
+    a plain key); they count as their defaults, so only a recipe that moves one is refused."""
+    current = recipe(digits, tmp_path / "run", 10).to_dict()
+    saved = json.loads(json.dumps(current))
+    del saved["distributed"], saved["optimizer"]["decay_bias_and_norm"]
+    assert recipe_differences(saved, current) == []
+    moved = json.loads(json.dumps(current))
+    moved["optimizer"]["decay_bias_and_norm"] = True
+    moved["distributed"]["failure_timeout"] = 5.0  # safe to change
+    moved["distributed"]["strategy"] = "deepspeed"
+    assert recipe_differences(saved, moved) == ["distributed.strategy: 'ddp' -> 'deepspeed'",
+                                                "optimizer.decay_bias_and_norm: False -> True"]
+    # Keys without a schema default (plugin options) are not filled in: a plugin added since is a difference.
+    with_ema = json.loads(json.dumps(current))
+    with_ema["plugins"]["ema"] = {"decay": 0.99}
+    assert recipe_differences(saved, with_ema) == ["plugins.ema.decay: '(absent)' -> 0.99"]
+
+
 def test_resume_none_starts_afresh_and_keeps_the_old_checkpoints(digits, tmp_path):
     recorder = {"recorder": {"trace": False}}
     train(recipe(digits, tmp_path / "run", 10, plugins=recorder))

@@ -111,6 +111,7 @@ def test_max_steps_stops_and_still_evaluates_and_saves(digits, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").exists()
 
 
+@pytest.mark.filterwarnings("error::UserWarning")  # setting the step directly must not warn about step order
 def test_onecycle_follows_smith_and_topin_per_group_and_is_stateless(digits, tmp_path):
     """Two cosine phases (Smith & Topin 2017, fastai/torch form): lr/div -> lr over pct_start of
     the run, then down to lr/div/final_div; momentum moves the other way (0.95 -> 0.85 -> 0.95).

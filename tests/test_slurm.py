@@ -98,17 +98,23 @@ def logs(run_dir: Path) -> str:
     return "\n".join(p.read_text() for p in sorted((run_dir / "slurm").glob("*")) if p.suffix in (".out", ".log"))
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(cluster, digits, tmp_path_factory):
-    """The same recipe as a 2-node Slurm job and as a local 2-process run."""
-    tmp = tmp_path_factory.mktemp("slurm")
-    recipe = recipe_file(digits, tmp, "ref")
-    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", f"run.dir={tmp / 'slurm_run'}")
+def on_two_nodes_and_locally(recipe: Path, tmp: Path, minutes: str) -> None:
+    """The recipe as a 2-node Slurm job (tmp/slurm_run) and, meanwhile, as a local 2-process
+    run (tmp/local_run); both must finish."""
+    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", minutes, f"run.dir={tmp / 'slurm_run'}")
     assert job_id, proc.stderr
     local = run_cli([*accelerate_cmd(2), "launcher", str(recipe), f"run.dir={tmp / 'local_run'}"])
     assert local.returncode == 0, local.stderr[-3000:]
     state = wait_done(job_id)
     assert state["JobState"] == "COMPLETED", logs(tmp / "slurm_run")
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(cluster, digits, tmp_path_factory):
+    """The same recipe as a 2-node Slurm job and as a local 2-process run."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    recipe = recipe_file(digits, tmp, "ref")
+    on_two_nodes_and_locally(recipe, tmp, "30")
     return recipe, tmp
 
 
@@ -207,12 +213,7 @@ def test_dry_run_matches_the_snapshot(digits, tmp_path):
 def test_deepspeed_zero3_on_two_nodes_matches_a_local_run(cluster, digits, tmp_path):
     """The recipe picks DeepSpeed; the same sbatch script runs it on 2 nodes (gloo on CPU)."""
     recipe = recipe_file(digits, tmp_path, "zero3", epochs=2, distributed={"strategy": "deepspeed", "zero_stage": 3})
-    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "10", f"run.dir={tmp_path / 'slurm_run'}")
-    assert job_id, proc.stderr
-    local = run_cli([*accelerate_cmd(2), "launcher", str(recipe), f"run.dir={tmp_path / 'local_run'}"])
-    assert local.returncode == 0, local.stderr[-3000:]
-    state = wait_done(job_id)
-    assert state["JobState"] == "COMPLETED", logs(tmp_path / "slurm_run")
+    on_two_nodes_and_locally(recipe, tmp_path, "10")
     run = tmp_path / "slurm_run"
     assert json.loads((run / "manifest.json").read_text())["world_size"] == 2
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= {

@@ -54,7 +54,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from launcher.distributed import initial_accelerator_options, make_accelerator, make_strategy
+from launcher.distributed import broadcast_buffers, initial_accelerator_options, make_accelerator, make_strategy
 from launcher.data import Batch, EpochPlan, EvalStream, ShardIndex, TrainStream, batches, index_shards
 from launcher.errors import LauncherError
 from launcher.models import create_model
@@ -342,6 +342,13 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
     was_training = {prefix: m.training for prefix, m in models.items()}
     for m in models.values():
         m.eval()
+        if ctx.world_size > 1:
+            # Each rank's BatchNorm statistics saw only its own batches; rank 0's are the ones saved
+            # (final weights, checkpoints, EMA). Evaluate with those on every rank, so the metrics are
+            # those of the saved model. Broadcast, not averaged (timm's distribute_bn offers both):
+            # DDP itself broadcasts rank 0's buffers before every training forward, so this changes
+            # nothing in training, and the run stays independent of when it evaluates.
+            broadcast_buffers(m)
     stream = EvalStream(ctx.val_index, transform, batch_size, ctx.rank, ctx.world_size)
     repeats = 0
     if ctx.strategy.lockstep_eval:

@@ -89,3 +89,36 @@ def test_freezing_then_unfreezing_keeps_ranks_in_step_under_ddp(digits, tmp_path
     changed = [n for n in backbone
                if ranks[0][n][1] != torch.sum(dict(initial.named_parameters())[n].detach().double() ** 2).item()]
     assert changed == backbone  # the second epoch trained every backbone parameter
+
+
+def _saved_weights_loss(recipe_file, weights) -> float:
+    """Validation loss of a saved weights file, evaluated in this one process."""
+    import numpy as np
+    import torch
+    from safetensors.torch import load_model
+
+    from launcher.models import create_model
+    from launcher.recipe import load_recipe
+    from launcher.report import predict
+
+    recipe = load_recipe(str(recipe_file), [])
+    model = create_model(recipe.model)
+    load_model(model, str(weights))
+    probs, labels = predict(recipe, model, torch.device("cpu"))
+    return float(-np.log(probs[np.arange(len(labels)), labels].astype(np.float64)).mean())
+
+
+def test_validation_metrics_on_two_processes_are_those_of_the_saved_batchnorm_weights(digits, tmp_path):
+    """Each rank's BatchNorm statistics differ (its own batches); only rank 0's are saved. The
+    reported val and val_ema metrics must be those of final/model.safetensors and final/ema.safetensors."""
+    raw = small_recipe(digits, tmp_path / "bn", train={"epochs": 1}, data={"num_workers": 0},
+                       plugins={"ema": {"decay": 0.8}})
+    recipe = tmp_path / "bn.yaml"
+    recipe.write_text(yaml.safe_dump(raw))
+    result = run_cli([*accelerate_cmd(2), "launcher", str(recipe)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "bn" / "metrics.jsonl").read_text().splitlines()]
+    final = [row for row in rows if "val/loss" in row][-1]
+    for prefix, file in (("val", "model"), ("val_ema", "ema")):
+        single = _saved_weights_loss(recipe, tmp_path / "bn" / "final" / f"{file}.safetensors")
+        assert abs(final[f"{prefix}/loss"] - single) <= 1e-5 * single, (prefix, final[f"{prefix}/loss"], single)

@@ -6,7 +6,8 @@ augmentation draws, same weights bit for bit, same metrics.jsonl rows.
 
 What a checkpoint holds (checkpoints/step-NNNNNNNN/):
   model.safetensors   the weights (full, fp32, whatever the strategy)
-  trainer.pt          optimizer, LR schedule, loss scaler, every plugin's state by name
+  trainer.pt          optimizer, loss scaler, every plugin's state by name (the LR schedule is
+                      a function of the recipe and the step, so it is rebuilt, not restored)
   deepspeed/          under DeepSpeed only: the engine's own checkpoint (engine.save_checkpoint:
                       per-rank ZeRO optimizer shards, the module, DeepSpeed's loss scaler), which
                       resume loads instead of model.safetensors and the optimizer in trainer.pt;
@@ -289,7 +290,6 @@ class Checkpoint(Plugin):
             self.scores[name] = float(ctx.metrics[self.options.monitor])  # before the state is saved
         trainer = {
             "optimizer": None if owned_by_engine else ctx.optimizer.state_dict(),
-            "scheduler": ctx.scheduler.state_dict() if ctx.scheduler is not None else None,
             "scaler": ctx.accelerator.scaler.state_dict() if ctx.accelerator.scaler is not None else None,
             "plugins": ctx.plugins.state_dict(),
         }
@@ -377,8 +377,10 @@ class Checkpoint(Plugin):
         else:
             load_model(ctx.accelerator.unwrap_model(ctx.model), str(folder / "model.safetensors"))
             ctx.optimizer.load_state_dict(trainer["optimizer"])
-        if ctx.scheduler is not None and trainer["scheduler"] is not None:
-            ctx.scheduler.load_state_dict(trainer["scheduler"])
+        # The LR schedule is not restored: it is a function of the recipe and the step (timm's
+        # schedulers and ours hold nothing else), and its saved state would pin the old length. So a
+        # resume with another train.epochs follows the schedule of the new recipe from this step on.
+        self._note_replanned_schedule(ctx, meta)
         if ctx.accelerator.scaler is not None and trainer["scaler"] is not None:
             ctx.accelerator.scaler.load_state_dict(trainer["scaler"])
         ctx.plugins.load_state_dict(trainer["plugins"])
@@ -397,6 +399,18 @@ class Checkpoint(Plugin):
         if ctx.is_main:
             print(f"[checkpoint] resumed from {folder} (step {ctx.step}, epoch {ctx.epoch}, "
                   f"step {ctx.step_in_epoch} of the epoch)", flush=True)
+
+    @staticmethod
+    def _note_replanned_schedule(ctx, meta: dict) -> None:
+        saved = meta["recipe"].get("train", {}).get("epochs")
+        if saved == ctx.recipe.train.epochs or ctx.scheduler is None or not ctx.is_main:
+            return
+        before = [g["lr"] for g in ctx.optimizer.param_groups][0]
+        ctx.scheduler.step_update(meta["step"])
+        after = ctx.optimizer.param_groups[0]["lr"]
+        print(f"[checkpoint] train.epochs changed from {saved} to {ctx.recipe.train.epochs}: the LR schedule is "
+              f"planned over {ctx.recipe.train.epochs} epochs, as if the run had been launched with them; at step "
+              f"{meta['step']} the learning rate goes from {before:.6g} to {after:.6g}.", flush=True)
 
     @staticmethod
     def _load_deepspeed(ctx, folder: Path, meta: dict) -> None:

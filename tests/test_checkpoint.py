@@ -182,3 +182,27 @@ def test_every_plugin_survives_save_and_resume(name, digits, tmp_path):
         for stop in stops:
             train(recipe(digits, tmp_path / run, stop, plugins={name: options}))
     same_run(tmp_path / "straight", tmp_path / "resumed")
+
+
+def test_extending_a_finished_run_replans_the_schedule_over_the_new_length(digits, tmp_path, capsys):
+    """Run 1 epoch to the end, relaunch with train.epochs=2: the new steps follow the 2-epoch
+    cosine schedule (as if launched with 2 epochs), not the finished 1-epoch one (LR 0)."""
+    from launcher.loop import create_schedule
+
+    def extended(epochs):
+        return validate_recipe(small_recipe(digits, tmp_path / "run", train={"epochs": epochs}, data={"val": None},
+                                            plugins={"checkpoint": {}}))
+
+    first = train(extended(1))
+    steps = first.steps_per_epoch
+    second = train(extended(2))
+    assert second.step == 2 * steps
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    new_rows = [row for row in rows if row["step"] > steps]
+    assert len(new_rows) >= steps // 5
+    probe = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.05)
+    schedule = create_schedule(extended(2).schedule, probe, 2, steps)
+    for row in new_rows:
+        schedule.step_update(row["step"])
+        assert row["train/lr"] > 0 and row["train/lr"] == pytest.approx(probe.param_groups[0]["lr"], rel=1e-9)
+    assert "train.epochs changed from 1 to 2" in capsys.readouterr().out

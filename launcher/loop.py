@@ -8,7 +8,8 @@ each in recipe order. Notify hooks return nothing; transform hooks return their 
     index the shards, build the model (seeded)
     groups = H param_groups(ctx, weight-decay groups)     # discriminative LRs
     optimizer (timm) over the groups, schedule (timm), criterion
-    H setup(ctx)                                         # may replace ctx.criterion / wrap model
+    H setup(ctx)                                         # may wrap the model
+    ctx.criterion = H criterion(ctx, cross_entropy)      # label smoothing, focal loss, in recipe order
     model, optimizer = accelerator.prepare(model, optimizer)
     H after_prepare(ctx)                                 # resume sets ctx.epoch/step here
     for epoch in epochs:
@@ -239,6 +240,7 @@ def _train(ctx: RunContext) -> None:
     ctx.optimizer = create_optimizer(recipe.optimizer, groups)
     ctx.scheduler = create_schedule(recipe.schedule, ctx.optimizer, recipe.train.epochs, ctx.steps_per_epoch)
     plugins.call("setup", ctx)
+    ctx.criterion = plugins.chain("criterion", ctx, cross_entropy)
     ctx.model, ctx.optimizer = accelerator.prepare(ctx.model, ctx.optimizer)
     set_seed(recipe.seed + ctx.rank)  # dropout and other draws differ per rank
     plugins.call("after_prepare", ctx)

@@ -44,7 +44,8 @@ ENTRY_POINT_GROUP = "launcher.plugins"
 HOOKS: dict[str, str] = {
     "accelerator_options": "transform",  # (ctx, options: dict) -> dict   before Accelerator() is built
     "param_groups": "transform",  # (ctx, groups: list[dict]) -> list   the optimizer's groups; ctx.model is built
-    "setup": "notify",  # (ctx)          model/optimizer/criterion built, not yet prepared
+    "setup": "notify",  # (ctx)          model/optimizer built, not yet prepared
+    "criterion": "transform",  # (ctx, criterion) -> criterion   the training loss, chained in recipe order
     "after_prepare": "notify",  # (ctx)          after accelerator.prepare; resume state is loaded after this
     "on_epoch_start": "notify",  # (ctx)
     "transform_batch": "transform",  # (ctx, batch: Batch) -> Batch
@@ -91,6 +92,11 @@ class Plugin:
     def precision(cls, options: PluginOptions) -> Optional[str]:
         """The training precision this plugin sets ("bf16", "fp16"), if it sets one."""
         return None
+
+    # True for a plugin whose `criterion` hook returns a new loss that ignores the criterion it
+    # receives (focal loss): it must come before any plugin that changes the loss through that
+    # hook, or their change would be dropped; the recipe loader refuses the other order.
+    replaces_loss: ClassVar[bool] = False
 
     # True for a plugin that saves and restores runs, so that an interrupted job can be
     # relaunched (job schedulers check for one before submitting).
@@ -210,8 +216,17 @@ def validate_plugins(recipe) -> None:
     names = list(recipe.plugins)
     parsed = {name: parse_options(name, recipe.plugins[name]) for name in names}
     strategy, precision = strategy_key(recipe), recipe_precision(recipe)
+    loss_changers: list[str] = []  # plugins with a criterion hook, in recipe order
     for name in names:
         cls = get_plugin_class(name)
+        if cls.replaces_loss and loss_changers:
+            raise LauncherError(
+                f"Plugin '{name}' replaces the training loss, which would silently drop what "
+                f"{', '.join(repr(n) for n in loss_changers)} listed before it did{' to it' if len(loss_changers) == 1 else ''}. "
+                f"List '{name}' before {', '.join(repr(n) for n in loss_changers)} under plugins: (the loss "
+                "hooks are chained in recipe order).")
+        if getattr(cls, "criterion", None) is not None:
+            loss_changers.append(name)
         for other, reason in cls.incompatible.items():
             if other in parsed:
                 raise LauncherError(f"Plugins '{name}' and '{other}' cannot run together: {reason}")

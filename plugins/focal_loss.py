@@ -7,7 +7,8 @@ N / (classes * count_c) with the counts taken once from the training shards' lab
 index already holds them). The loss is the mean over the micro-batch of the weighted
 per-sample losses, so the loop's global-batch normalisation stays exact.
 
-Hooks: setup (replaces ctx.criterion; list label_smoothing after it to smooth its targets).
+Hooks: criterion (replaces the cross-entropy; list label_smoothing after it to smooth its targets:
+the other order is refused when the recipe loads, since the smoothing would be dropped).
 """
 
 from __future__ import annotations
@@ -47,10 +48,11 @@ class FocalLoss(Plugin):
         class_weights: Literal["none", "balanced"] = Field("none", description="balanced: N / (C * count_c)")
 
     weights = None
+    replaces_loss = True  # the cross-entropy it receives is replaced: list it before label_smoothing
 
-    def setup(self, ctx) -> None:
+    def criterion(self, ctx, inner):
         if self.options.class_weights == "balanced":
             self.weights = balanced_weights(ctx.train_index.labels, ctx.recipe.model.num_classes).to(
                 ctx.accelerator.device)
         gamma, weights = self.options.gamma, self.weights
-        ctx.criterion = lambda logits, targets: focal_loss(logits, targets, gamma, weights)
+        return lambda logits, targets: focal_loss(logits, targets, gamma, weights)

@@ -3,7 +3,8 @@ the Inception Architecture", section 7).
 
 The target becomes (1 - eps) * one_hot + eps / classes. Soft targets from other plugins
 (mixup, cutmix) are smoothed the same way, so the two compose exactly as timm's Mixup with
-label_smoothing does. Hook: setup (wraps ctx.criterion). Evaluation loss stays unsmoothed.
+label_smoothing does. Hook: criterion (wraps the loss it receives: cross-entropy, or focal_loss
+when that is listed before it). Evaluation loss stays unsmoothed.
 """
 
 from __future__ import annotations
@@ -29,10 +30,10 @@ class LabelSmoothing(Plugin):
     class Options(PluginOptions):
         smoothing: float = Field(0.1, ge=0.0, lt=1.0, description="eps: the probability mass spread over all classes")
 
-    def setup(self, ctx) -> None:
-        inner, eps = ctx.criterion, self.options.smoothing
+    def criterion(self, ctx, inner):
+        eps = self.options.smoothing
 
         def smoothed(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
             return inner(logits, smooth_targets(targets, logits.shape[-1], eps))
 
-        ctx.criterion = smoothed
+        return smoothed

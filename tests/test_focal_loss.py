@@ -49,3 +49,29 @@ def test_runs_with_balanced_weights(digits, tmp_path):
                           torch.full((10,), 1437 / 10), rtol=1e-5)
     row = json.loads((tmp_path / "run" / "metrics.jsonl").read_text().splitlines()[-1])
     assert row["val/samples"] == 360 and np.isfinite(row["val/loss"])
+
+
+def test_focal_then_label_smoothing_compose_and_the_other_order_is_refused(digits, tmp_path):
+    """[focal_loss, label_smoothing]: the loop's loss is focal loss against smoothed targets,
+    computed here by hand. [label_smoothing, focal_loss] would drop the smoothing: refused."""
+    import pytest
+
+    from launcher.errors import LauncherError
+    from launcher.registry import build_plugins
+
+    def recipe(order):
+        options = {"focal_loss": {"gamma": 2.0}, "label_smoothing": {"smoothing": 0.2}}
+        return validate_recipe(small_recipe(digits, tmp_path / "run", plugins={n: options[n] for n in order}))
+
+    composed = recipe(["focal_loss", "label_smoothing"])
+    criterion = build_plugins(composed).chain("criterion", None, F.cross_entropy)
+    torch.manual_seed(2)
+    logits, y = torch.randn(16, 10), torch.randint(0, 10, (16,))
+    smoothed = F.one_hot(y, 10).float() * 0.8 + 0.02
+    p = F.softmax(logits, -1)
+    expected = (-(smoothed * (1 - p) ** 2 * p.log()).sum(-1)).mean()
+    assert torch.allclose(criterion(logits, y), expected, atol=1e-6)
+    assert not torch.allclose(criterion(logits, y), focal_loss(logits, y, 2.0), atol=1e-3)  # the smoothing acts
+
+    with pytest.raises(LauncherError, match="List 'focal_loss' before 'label_smoothing'"):
+        recipe(["label_smoothing", "focal_loss"])

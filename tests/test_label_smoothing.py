@@ -14,9 +14,7 @@ from tests.conftest import small_recipe
 
 
 def smoothed_criterion(eps):
-    ctx = RunContext(recipe=None)
-    LabelSmoothing(LabelSmoothing.Options(smoothing=eps)).setup(ctx)
-    return ctx.criterion
+    return LabelSmoothing(LabelSmoothing.Options(smoothing=eps)).criterion(RunContext(recipe=None), cross_entropy)
 
 
 def test_equals_torch_cross_entropy_with_label_smoothing():

@@ -21,9 +21,10 @@ data/digits/info.json: | setup
 	$(PY) -m launcher.shards digits --out data/digits
 
 # The demo forces the CPU (CUDA_VISIBLE_DEVICES=) so it behaves the same on any machine.
+# RUN_ARGS: recipe overrides (the tests run `make demo RUN_ARGS="train.max_steps=2 run.dir=..."`).
 demo: setup data/digits/info.json
 	CUDA_VISIBLE_DEVICES= $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
-		--mixed_precision no --dynamo_backend no -m launcher recipes/digits.yaml
+		--mixed_precision no --dynamo_backend no -m launcher recipes/digits.yaml $(RUN_ARGS)
 
 test: setup
 	$(PY) -m pytest -q -ra --durations=25 tests

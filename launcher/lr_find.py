@@ -6,13 +6,16 @@
 It trains the recipe (model, data, augmentation, loss plugins, precision) with the
 `lr_finder` plugin switched on, a constant schedule that the plugin drives, no evaluation,
 and in its own run directory (<run dir>/lr_find), then prints the suggested LR. Plugins the
-range test cannot run with (lr_finder's `incompatible`, e.g. checkpoint) are left out.
+range test cannot run with (lr_finder's `incompatible`, e.g. checkpoint, and those that refuse
+a recipe without validation data, e.g. report) are left out, and the sweep's final weights
+are not kept.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import sys
 
 FINDER = "lr_finder"
@@ -25,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--start-lr", type=float, default=1e-6)
     parser.add_argument("--end-lr", type=float, default=10.0)
     parser.add_argument("--steps", type=int, default=100)
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may follow the overrides
 
     from launcher.errors import run_command
 
@@ -37,21 +40,44 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.registry import get_plugin_class
 
         base = load_recipe(args.recipe, args.overrides)
-        dropped = [n for n in get_plugin_class(FINDER).incompatible if n in base.plugins]
+        dropped = {n: "cannot run with lr_finder" for n in get_plugin_class(FINDER).incompatible if n in base.plugins}
         options = {"start_lr": args.start_lr, "end_lr": args.end_lr, "steps": args.steps}
-        overrides = [*args.overrides, *(f"~plugins.{n}" for n in dropped),
-                     f"plugins.{FINDER}={yaml.safe_dump(options, default_flow_style=True).strip()}",
-                     "schedule.name=constant", "schedule.warmup_epochs=0", "data.val=null",
-                     # enough epochs for the sweep even at one step per epoch; max_steps ends it
-                     f"train.epochs={max(base.train.epochs, args.steps)}", f"train.max_steps={args.steps}",
-                     f"run.dir={base.run_dir / 'lr_find'}"]
-        recipe = load_recipe(args.recipe, overrides)
+        sweep = [f"plugins.{FINDER}={yaml.safe_dump(options, default_flow_style=True).strip()}",
+                 "schedule.name=constant", "schedule.warmup_epochs=0", "data.val=null",
+                 # enough epochs for the sweep even at one step per epoch; max_steps ends it
+                 f"train.epochs={max(base.train.epochs, args.steps)}", f"train.max_steps={args.steps}",
+                 f"run.dir={base.run_dir / 'lr_find'}"]
+        # Plugins that refuse the sweep's recipe (e.g. report and early_stopping need data.val,
+        # which the sweep has not) are left out too, each with its own reason.
+        dropped.update(_refusing_plugins(args.recipe, [*args.overrides, *(f"~plugins.{n}" for n in dropped), *sweep]))
+        recipe = load_recipe(args.recipe, [*args.overrides, *(f"~plugins.{n}" for n in dropped), *sweep])
         if dropped and os.environ.get("RANK", "0") == "0":
-            print(f"[lr_find] left out for the range test: {', '.join(dropped)}", flush=True)
+            print("[lr_find] left out for the range test: "
+                  + "; ".join(f"{n} ({why})" for n, why in dropped.items()), flush=True)
         ctx = train(recipe)
+        if ctx.is_main:
+            # The sweep's final weights are those of a diverged run: of no use, and large.
+            shutil.rmtree(ctx.run_dir / "final", ignore_errors=True)
         return 0 if (ctx.run_dir / "lr_find.json").exists() or not ctx.is_main else 1
 
     return run_command(command)
+
+
+def _refusing_plugins(recipe_file: str, overrides: list[str]) -> dict[str, str]:
+    """Plugins whose check_recipe refuses the sweep's recipe, with their reasons."""
+    import yaml
+
+    from launcher.recipe import Recipe, apply_overrides
+    from launcher.registry import get_plugin_class, parse_options
+
+    raw = apply_overrides(yaml.safe_load(open(recipe_file).read()) or {}, overrides)
+    recipe = Recipe.model_validate(raw)  # the plugins are checked one by one below
+    refusing = {}
+    for name in recipe.plugins:
+        reason = get_plugin_class(name).check_recipe(recipe, parse_options(name, recipe.plugins[name]))
+        if reason:
+            refusing[name] = reason
+    return refusing
 
 if __name__ == "__main__":
     sys.exit(main())

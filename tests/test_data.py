@@ -305,6 +305,23 @@ def test_cifar100_source_from_the_python_pickles(tmp_path):
     assert torch.equal(decode_image(*index.read_image(0, {})), torch.from_numpy(first))
 
 
+def test_cifar10_source_from_the_python_pickles(tmp_path):
+    src = tmp_path / "cifar-10-batches-py"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        data = rng.integers(0, 255, (4, 3072), dtype=np.uint8)
+        with open(src / name, "wb") as f:
+            pickle.dump({b"data": data, b"labels": list(rng.integers(0, 10, 4))}, f)
+        if name == "data_batch_1":
+            first = data[0].reshape(3, 32, 32)
+    with open(src / "batches.meta", "wb") as f:
+        pickle.dump({b"label_names": [f"k{i}".encode() for i in range(10)]}, f)
+    info = write_shards(tmp_path / "out", "cifar10", "--src", str(src))
+    assert (info["num_train"], info["num_val"], info["classes"][7]) == (20, 4, "k7")
+    assert torch.equal(decode_image(*index_shards(info["train"], "t").read_image(0, {})), torch.from_numpy(first))
+
+
 def test_imagefolder_source(tmp_path):
     from PIL import Image
 

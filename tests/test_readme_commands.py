@@ -1,0 +1,190 @@
+"""Every command shown in README.md and slurm/README.md is run by a test, with cheap settings,
+so the documentation cannot drift from the code.
+
+README_COMMANDS lists each command as it appears (comments stripped). A command is either run
+here, in a fresh working directory that holds the shipped recipes and the data the README's
+own commands write, or it names the test that already runs it (checked to exist). A command
+added to a README without an entry here fails test_every_readme_command_has_a_test."""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO, free_port, run_cli
+
+READMES = ("README.md", "slurm/README.md")
+CHEAP = ["train.max_steps=2", "run.progress=false"]
+
+# command -> ("here", what the test below does) or ("test", "tests/FILE.py::test_name")
+README_COMMANDS = {
+    "accelerate launch -m launcher recipes/wrn.yaml [key=value ...]": ("test", "tests/test_readme_commands.py::test_the_launch_commands_run"),
+    "accelerate launch -m launcher recipes/wrn.yaml": ("test", "tests/test_readme_commands.py::test_the_launch_commands_run"),
+    "make demo": ("test", "tests/test_readme_commands.py::test_make_demo_runs"),
+    "make test": ("test", "the whole suite: .ci/run runs exactly this command"),
+    "python -m launcher recipes/digits.yaml": ("here", "quick start"),
+    "accelerate launch --multi_gpu --num_processes 2 -m launcher recipes/digits.yaml train.epochs=3 data.batch_size=32": ("here", "two processes"),
+    "python -m launcher --check recipes/wrn.yaml model.name=wrn16_4": ("here", "launch commands"),
+    "python -m launcher --list-plugins": ("test", "tests/test_cli.py::test_list_plugins_command"),
+    "python -m launcher.lr_find recipes/digits.yaml [--steps 100]": ("here", "quick start"),
+    "python -m launcher.report runs/digits": ("here", "quick start"),
+    "python -m launcher.slurm submit recipes/wrn.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00": ("here", "dry run"),
+    "python -m launcher.slurm submit recipes/wrn.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu [key=value ...]": ("here", "dry run"),
+    "python -m launcher.slurm submit recipes/wrn.yaml --dry-run": ("here", "dry run"),
+    "python -m launcher.shards digits --out data/digits": ("here", "the working directory's data"),
+    "python -m launcher.shards cifar100 --src DIR/cifar-100-python --out data/cifar100": ("test", "tests/test_data.py::test_cifar100_source_from_the_python_pickles"),
+    "python -m launcher.shards cifar10 --src DIR/cifar-10-batches-py --out data/cifar10": ("test", "tests/test_data.py::test_cifar10_source_from_the_python_pickles"),
+    "python -m launcher.shards imagefolder --src DIR --out data/mine": ("test", "tests/test_data.py::test_imagefolder_source"),
+    "python -m launcher.shards npz --src arrays.npz --out data/mine": ("test", "tests/test_data.py::test_npz_source"),
+    "accelerate launch --multi_gpu --num_processes N -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
+    "accelerate launch --multi_gpu --num_machines M --machine_rank R --main_process_ip HOST0 --main_process_port 29500 --num_processes $((M*N)) -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
+    "python benchmarks/loop_overhead.py": ("here", "benchmark"),
+    "python -m launcher.slurm submit recipes/digits.yaml --sweep seed=0,1,2": ("test", "tests/test_slurm.py::test_a_sweep_makes_one_run_directory_per_value"),
+    "python -m launcher.slurm status runs/wrn": ("test", "tests/test_slurm.py::test_two_nodes_train_with_two_ranks_like_a_local_run"),
+    "slurm/cluster.sh start": ("test", "tests/test_slurm.py::test_two_nodes_train_with_two_ranks_like_a_local_run"),
+    "slurm/cluster.sh stop": ("test", "tests/test_slurm.py::test_two_nodes_train_with_two_ranks_like_a_local_run"),
+    "python -m launcher.slurm submit recipes/digits.yaml --nodes 2 --time 10 \"plugins.checkpoint={}\"": ("test", "tests/test_slurm.py::test_two_nodes_train_with_two_ranks_like_a_local_run"),
+    "python -m launcher.slurm status runs/digits": ("test", "tests/test_slurm.py::test_two_nodes_train_with_two_ranks_like_a_local_run"),
+}
+
+
+def readme_commands() -> set[str]:
+    """Shell commands in the READMEs' code blocks (indented or fenced), comments stripped."""
+    found = set()
+    for name in READMES:
+        lines, fenced, i = (REPO / name).read_text().splitlines(), False, 0
+        while i < len(lines):
+            line = lines[i]
+            fenced = not fenced if line.startswith("```") else fenced
+            if (line.startswith("    ") or fenced) and re.match(r"\s*(python |accelerate |make |slurm/\S+\.sh )", line):
+                command = line.strip()
+                while command.endswith("\\"):
+                    i += 1
+                    command = command[:-1].rstrip() + " " + lines[i].strip()
+                found.add(re.split(r"\s{2,}#", command)[0].strip())
+            i += 1
+    return found
+
+
+def test_every_readme_command_has_a_test():
+    shown = readme_commands()
+    assert shown - README_COMMANDS.keys() == set(), "README commands without a test: add them to README_COMMANDS"
+    assert README_COMMANDS.keys() - shown == set(), "README_COMMANDS lists commands the READMEs no longer show"
+    for how, where in README_COMMANDS.values():
+        if how == "test" and "::" in where:
+            file, name = where.split("::")
+            assert f"def {name}(" in (REPO / file).read_text(), f"{where} does not exist"
+
+
+def command(text: str) -> list[str]:
+    """A README command as argv for this environment: `python` is this interpreter, `accelerate`
+    the one beside it, and optional [...] parts are dropped."""
+    text = re.sub(r"\s*\[[^\]]*\]", "", text)
+    argv = shlex.split(text)
+    if argv[0] == "python":
+        argv[0] = sys.executable
+    elif argv[0] == "accelerate":
+        argv[0] = str(Path(sys.executable).with_name("accelerate"))
+    return argv
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory) -> Path:
+    """A user's working directory: the shipped recipes, and the digits data the README's own
+    command writes."""
+    work = tmp_path_factory.mktemp("user")
+    (work / "recipes").symlink_to(REPO / "recipes")
+    result = run_cli(command("python -m launcher.shards digits --out data/digits"), cwd=work)
+    assert result.returncode == 0, result.stderr[-2000:]
+    return work
+
+
+@pytest.mark.slow
+def test_the_quick_start_commands_run(workdir):
+    """Train (shortened), the report of that run, and the LR finder, as the README shows them."""
+    result = run_cli(command("python -m launcher recipes/digits.yaml") + CHEAP, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert (workdir / "runs/digits/final/model.safetensors").is_file()
+    assert (workdir / "runs/digits/report/report.json").is_file()
+
+    result = run_cli(command("python -m launcher.report runs/digits"), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    result = run_cli(command("python -m launcher.lr_find recipes/digits.yaml [--steps 100]") + ["--steps", "5"],
+                     cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    sweep = workdir / "runs/digits/lr_find"
+    assert json.loads((sweep / "lr_find.json").read_text())["suggested_lr"] > 0
+    assert "report (" in result.stdout  # left out, with its reason: the sweep has no validation data
+    assert not (sweep / "final").exists()  # the diverged sweep's weights are not kept
+
+
+@pytest.mark.slow
+def test_the_two_process_command_runs(workdir):
+    argv = command("accelerate launch --multi_gpu --num_processes 2 -m launcher recipes/digits.yaml "
+                   "train.epochs=3 data.batch_size=32")
+    argv[2:2] = ["--main_process_port", str(free_port())]
+    result = run_cli(argv + CHEAP + ["run.dir=runs/two"], cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((workdir / "runs/two/manifest.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_the_launch_commands_run(workdir, tmp_path):
+    """`accelerate launch -m launcher recipes/wrn.yaml` with the recipe's data replaced by small
+    synthetic CIFAR-100-shaped shards; --check as shown."""
+    from tests.conftest import write_shards
+
+    info = write_shards(tmp_path / "cifar", "synthetic", "--num-classes", "100", "--train", "64", "--val", "32")
+    small = ["model.name=wrn16_4", "data.batch_size=8", "data.num_workers=0", f"data.train={info['train']}",
+             f"data.val={info['val']}", "run.dir=runs/wrn", *CHEAP]
+    argv = command("accelerate launch -m launcher recipes/wrn.yaml [key=value ...]")
+    argv[2:2] = ["--num_processes", "1", "--main_process_port", str(free_port())]
+    result = run_cli(argv + small, cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((workdir / "runs/wrn/status.json").read_text())["state"] == "finished"
+
+    result = run_cli(command("python -m launcher --check recipes/wrn.yaml model.name=wrn16_4") + small[2:5], cwd=workdir)
+    assert result.returncode == 0 and "wrn16_4" in result.stdout, result.stderr[-3000:]
+
+
+def test_the_slurm_commands_render_a_script(workdir, tmp_path, monkeypatch, capsys):
+    """The submit commands, as dry runs in this process (the real cluster runs are in
+    tests/test_slurm.py)."""
+    from launcher.slurm import main
+    from tests.conftest import write_shards
+
+    info = write_shards(tmp_path / "cifar", "synthetic", "--num-classes", "100", "--train", "16", "--val", "8")
+    data = [f"data.train={info['train']}", f"data.val={info['val']}"]
+    monkeypatch.chdir(workdir)
+    for text in ("python -m launcher.slurm submit recipes/wrn.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00",
+                 "python -m launcher.slurm submit recipes/wrn.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00 "
+                 "--partition gpu [key=value ...]",
+                 "python -m launcher.slurm submit recipes/wrn.yaml --dry-run"):
+        argv = command(text)[3:] + ([] if "--dry-run" in text else ["--dry-run"]) + data
+        assert main(argv) == 0, text
+        script = capsys.readouterr().out
+        assert "#SBATCH" in script and "srun" in script
+
+
+@pytest.mark.slow
+def test_make_demo_runs(tmp_path):
+    """`make demo`, shortened through RUN_ARGS: the venv is the one the suite runs in."""
+    venv = Path(sys.executable).parent.parent
+    result = run_cli(["make", "-s", "demo", f"VENV={venv}", f"RUN_ARGS=train.max_steps=2 run.progress=false "
+                      f"run.dir={tmp_path / 'demo'}"], timeout=900)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    assert json.loads((tmp_path / "demo" / "manifest.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_the_benchmark_command_runs(tmp_path):
+    result = run_cli(command("python benchmarks/loop_overhead.py") + ["--steps", "3", "--repeats", "1", "--warmup", "1",
+                                                                     "--out", str(tmp_path / "bench.md")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "ratio" in (tmp_path / "bench.md").read_text()

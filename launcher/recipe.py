@@ -14,6 +14,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional
 
@@ -27,7 +28,7 @@ class Section(BaseModel):
     """A recipe section: unknown keys are errors, values are type-checked (no silent coercion
     of e.g. "abc" to a number)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RunSection(Section):
@@ -289,6 +290,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
 
 
 def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "recipe") -> Recipe:
+    bad = _non_finite(raw)
+    if bad:
+        raise LauncherError(f"Recipe {source} is invalid: {', '.join(repr(k) for k in bad)} "
+                            f"{'is' if len(bad) == 1 else 'are'} not a finite number (.inf/.nan). Give a finite value.")
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
@@ -299,6 +304,17 @@ def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "re
 
     validate_plugins(recipe)
     return recipe
+
+
+def _non_finite(tree: Any, prefix: str = "") -> list[str]:
+    """Dotted keys holding inf or nan anywhere in the recipe, free-form kwargs included."""
+    if isinstance(tree, float):
+        return [] if math.isfinite(tree) else [prefix]
+    if isinstance(tree, dict):
+        return [k for key, v in tree.items() for k in _non_finite(v, f"{prefix}.{key}" if prefix else str(key))]
+    if isinstance(tree, list):
+        return [k for i, v in enumerate(tree) for k in _non_finite(v, f"{prefix}[{i}]")]
+    return []
 
 
 def _explain(err: ValidationError, source: str) -> str:

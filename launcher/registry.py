@@ -66,7 +66,7 @@ HOOKS: dict[str, str] = {
 class PluginOptions(BaseModel):
     """Base class of a plugin's options: typed fields with defaults; unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class Plugin:

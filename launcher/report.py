@@ -109,6 +109,7 @@ def _plt():
 def plot_curves(metrics_file: Path, out: Path) -> Optional[Path]:
     rows = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()] \
         if metrics_file.is_file() else []
+    rows = [{k: float("nan") if v is None else v for k, v in r.items()} for r in rows]  # null: non-finite
     train = [(r["step"], r["train/loss"]) for r in rows if "train/loss" in r]
     if not train:
         return None

@@ -3,7 +3,8 @@
     runs/<name>/
       recipe.yaml        the resolved recipe (after overrides)
       manifest.json      versions, git commit, host, world size, seed, start time, command
-      metrics.jsonl      one JSON object per logged training step and per evaluation
+      metrics.jsonl      one JSON object per logged training step and per evaluation (strict
+                         JSON: a non-finite value, e.g. a diverged loss, is written as null)
       final/model.safetensors
 
 Only the main process writes. Files are written to a temporary name and renamed, so a
@@ -13,6 +14,7 @@ crash never leaves a half-written file under a real name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
 import socket
@@ -33,6 +35,22 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
+
+
+def strict_json(value: Any, **kwargs: Any) -> str:
+    """JSON that every parser reads: non-finite floats (a diverged loss) become null instead of
+    Python's bare NaN/Infinity, which are not JSON."""
+
+    def clean(v: Any) -> Any:
+        if isinstance(v, float) and not math.isfinite(v):
+            return None
+        if isinstance(v, dict):
+            return {k: clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return json.dumps(clean(value), allow_nan=False, **kwargs)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -117,7 +135,7 @@ class MetricsLog:
     def write(self, row: dict[str, Any]) -> None:
         self.rows += 1
         if self._file is not None:
-            self._file.write(json.dumps(row) + "\n")
+            self._file.write(strict_json(row) + "\n")
             self._file.flush()
 
     def close(self) -> None:

@@ -59,7 +59,7 @@ from launcher.errors import LauncherError
 from launcher.loop import save_full_weights
 from launcher.recipe import MISSING, schema_default
 from launcher.registry import Plugin, PluginOptions, register
-from launcher.runlog import atomic_write_text
+from launcher.runlog import atomic_write_text, strict_json
 
 FORMAT = 1
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch it to continue
@@ -276,7 +276,7 @@ class Checkpoint(Plugin):
             # Hashed from the disk, after writing: the checksums vouch for the bytes that were stored.
             meta_files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
                           for f in sorted(tmp.rglob("*")) if f.is_file()}
-            atomic_write_text(tmp / "meta.json", json.dumps(self._meta(ctx, meta_files), indent=1))
+            atomic_write_text(tmp / "meta.json", strict_json(self._meta(ctx, meta_files), indent=1))
             if (root / name).exists():  # a corrupt checkpoint of this step, skipped at resume: set aside
                 os.replace(root / name, root / f".corrupt-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(tmp, root / name)  # the checkpoint becomes visible only when complete

@@ -40,11 +40,15 @@ def bad_inputs(digits, tmp_path):
         "unknown model": (small_recipe(digits, run, model={"name": "resnet181", "num_classes": 10}), [],
                           "Unknown model 'resnet181'"),
         "bad override": (small_recipe(digits, run), ["optimizer.nam=adamw"], "Did you mean 'name'?"),
+        "infinite lr": (small_recipe(digits, run), ["optimizer.lr=.inf"], "'optimizer.lr' is not a finite number"),
+        "nan in kwargs": (small_recipe(digits, run), ["optimizer.kwargs={eps: .nan}"],
+                          "'optimizer.kwargs.eps' is not a finite number"),
     }
 
 
 @pytest.mark.parametrize("case", ["misspelled key", "wrong type", "missing shards", "empty shard",
-                                  "truncated shard", "unknown plugin", "unknown model", "bad override"])
+                                  "truncated shard", "unknown plugin", "unknown model", "bad override",
+                                  "infinite lr", "nan in kwargs"])
 def test_bad_input_is_one_paragraph_and_leaves_no_run_directory(case, digits, tmp_path, capsys):
     raw, overrides, message = bad_inputs(digits, tmp_path)[case]
     status = main([str(write_recipe(tmp_path, raw)), *overrides])

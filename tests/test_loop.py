@@ -170,3 +170,22 @@ def test_gpu_numerics_follow_the_recipe_each_run(digits, tmp_path, torch_numeric
         finals.append(ctx.accelerator.unwrap_model(ctx.model).state_dict())
     for name, value in finals[0].items():
         assert torch.equal(value, finals[1][name]), name
+
+
+def test_a_diverged_run_writes_strict_json_with_null_for_non_finite_values(digits, tmp_path):
+    """A loss that overflows to inf/nan is written as null: every metrics.jsonl line (and the
+    checkpoint's meta.json) parses as strict JSON."""
+    import json as strict
+
+    raw = small_recipe(digits, tmp_path / "run", train={"epochs": 1, "max_steps": 6}, run={"log_every": 1},
+                       optimizer={"name": "sgd", "lr": 1e30, "weight_decay": 0.0}, schedule={"name": "constant"},
+                       plugins={"checkpoint": {"every_steps": 3}})
+    train(validate_recipe(raw))
+
+    def refuse(text):
+        raise ValueError(f"not JSON: {text}")
+
+    rows = [strict.loads(line, parse_constant=refuse) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert any(row.get("train/loss") is None for row in rows), rows  # the run did diverge
+    for meta in (tmp_path / "run" / "checkpoints").glob("*/meta.json"):
+        strict.loads(meta.read_text(), parse_constant=refuse)

@@ -47,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         if check_only:
             import yaml
 
+            from launcher.preflight import preflight
+
+            commands = preflight(recipe)  # the model exists, local shards are there
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+            for shell_command in dict.fromkeys(commands):
+                print(f"# pipe: shards run this shell command: {shell_command}")
             print(f"# recipe OK; run directory: {recipe.run_dir}")
             return 0
         from launcher.loop import train

@@ -38,7 +38,7 @@ from __future__ import annotations
 import json
 import os
 import warnings
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Optional
 
@@ -292,6 +292,44 @@ class DeepSpeedZeRO(DataParallel):
                 tensor = full if full is not None else tensor
             out[name] = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
         return out
+
+
+def deepspeed_checkpoint_types() -> list:
+    """The classes DeepSpeed pickles into its checkpoint files besides tensors and containers
+    (found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO-1/2/3 checkpoints,
+    fp32 and bf16). Plain data: constructing them runs no code of the file's choosing."""
+    from deepspeed.runtime.fp16.loss_scaler import DynamicLossScaler, LossScaler
+    from deepspeed.runtime.zero.config import ZeroStageEnum
+    from deepspeed.utils.tensor_fragment import fragment_address
+
+    return [fragment_address, LossScaler, DynamicLossScaler, ZeroStageEnum]
+
+
+@contextmanager
+def safe_deepspeed_loading(engine):
+    """DeepSpeed reads its checkpoint files with torch.load(weights_only=False), which runs any
+    code a tampered file pickles. Inside this block the engine's checkpoint engine loads with
+    weights_only=True and only DeepSpeed's own data classes allowed; anything else is refused."""
+    import pickle
+
+    checkpoint_engine = engine.checkpoint_engine
+    allowed = deepspeed_checkpoint_types()
+
+    def load(path, map_location=None):
+        try:
+            with torch.serialization.safe_globals(allowed):
+                return torch.load(path, map_location=map_location, weights_only=True)
+        except pickle.UnpicklingError as err:
+            raise LauncherError(
+                f"Refusing to load '{path}': it holds pickled objects other than tensors and DeepSpeed's "
+                f"checkpoint types, and loading it could run code ({str(err).splitlines()[0]}). If you did not "
+                "write this file, do not trust the checkpoint; resume from another one or start afresh.") from None
+
+    checkpoint_engine.load = load  # an instance attribute shadows the class's method
+    try:
+        yield
+    finally:
+        del checkpoint_engine.load
 
 
 def broadcast_buffers(module: torch.nn.Module) -> None:

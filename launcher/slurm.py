@@ -119,9 +119,23 @@ def build_script(args, run_dirs: list[Path], base: Path, job_name: str) -> str:
     return render(template, values)
 
 
+def _refuse_control_characters(args, run_dirs: list[Path]) -> None:
+    """Every user value rendered into the batch script stays on its line: a newline in a job
+    name, a partition or a run directory would otherwise put a command of its own in the script."""
+    values = {"--job-name": args.job_name, "--partition": args.partition, "--account": args.account,
+              "--time": args.time, "current directory": os.getcwd(),
+              **{f"--sbatch {i + 1}": v for i, v in enumerate(args.sbatch)},
+              **{"run.dir": str(d) for d in run_dirs}}
+    for name, value in values.items():
+        if value is not None and any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise LauncherError(f"{name} {value!r} holds a control character (a newline, tab...), which the batch "
+                                "script cannot hold safely. Remove it.")
+
+
 def submit(args) -> int:
     import yaml
 
+    from launcher.preflight import preflight
     from launcher.recipe import load_recipe
     from launcher.registry import check_run_dir, get_plugin_class
 
@@ -143,6 +157,9 @@ def submit(args) -> int:
         print("warning: no plugin in this recipe saves checkpoints (add plugins.checkpoint): a job that hits its "
               "time limit or is preempted will start again from scratch.", file=sys.stderr)
     job_name = args.job_name or base_recipe.name
+    _refuse_control_characters(args, [d for d, _ in recipes])
+    for run_dir, recipe in recipes:
+        preflight(recipe)  # what a run checks first: the model exists, the shards are there
     script = build_script(args, [d for d, _ in recipes], base, job_name)
     if args.dry_run:
         print(script, end="")
@@ -222,24 +239,42 @@ def status(args) -> int:
     return 0
 
 
+def _whole_number(text: str, least: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
+    return value
+
+
+def _positive(text: str) -> int:
+    return _whole_number(text, 1)
+
+
+def _not_negative(text: str) -> int:
+    return _whole_number(text, 0)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.slurm", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     s = sub.add_parser("submit", help="validate a recipe and submit it with sbatch")
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", help="key=value or ~key, as for python -m launcher")
-    s.add_argument("--nodes", type=int, default=1)
-    s.add_argument("--gpus-per-node", type=int, default=0)
-    s.add_argument("--procs-per-node", type=int, default=None, help="training processes per node (default: GPUs, or 1)")
-    s.add_argument("--cpus-per-task", type=int, default=2, help="CPUs per node task (loader workers need them)")
+    s.add_argument("--nodes", type=_positive, default=1)
+    s.add_argument("--gpus-per-node", type=_not_negative, default=0)
+    s.add_argument("--procs-per-node", type=_positive, default=None, help="training processes per node (default: GPUs, or 1)")
+    s.add_argument("--cpus-per-task", type=_positive, default=2, help="CPUs per node task (loader workers need them)")
     s.add_argument("--time", default="24:00:00", help="time limit (Slurm forms: 30, 4:00:00, 1-12:00:00)")
     s.add_argument("--partition", default=None)
     s.add_argument("--account", default=None)
-    s.add_argument("--grace", type=int, default=300, help="seconds before the time limit to checkpoint (SIGUSR1)")
-    s.add_argument("--max-requeues", type=int, default=3, help="times an interrupted job requeues itself")
+    s.add_argument("--grace", type=_positive, default=300, help="seconds before the time limit to checkpoint (SIGUSR1)")
+    s.add_argument("--max-requeues", type=_not_negative, default=3, help="times an interrupted job requeues itself")
     s.add_argument("--sbatch", action="append", default=[], help="an extra #SBATCH option, e.g. --sbatch=--mem=64G")
     s.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,...: a job array over these values")
-    s.add_argument("--max-parallel", type=int, default=None, help="array tasks running at once")
+    s.add_argument("--max-parallel", type=_positive, default=None, help="array tasks running at once")
     s.add_argument("--job-name", default=None, help="default: the recipe name")
     s.add_argument("--template", default=None, help=f"batch-script template (default {TEMPLATE})")
     s.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")

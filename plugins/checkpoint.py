@@ -14,7 +14,8 @@ What a checkpoint holds (checkpoints/step-NNNNNNNN/):
                       it resumes on the same number of processes only (ZeRO's partitions)
   rank-R.pt           per rank: RNG states (torch, CUDA, python, numpy), the loss window
   meta.json           step, epoch, position in the epoch, the data plan, the recipe and its
-                      hash, metrics.jsonl rows to keep, and the size and SHA-256 of each file
+                      hash, metrics.jsonl rows to keep, the size and SHA-256 of each file, and
+                      the SHA-256 of its own content (meta_sha256: an edited meta.json is skipped)
 The data position needs no worker state: what a step reads, and every augmentation draw,
 is a function of (seed, epoch, step) (see launcher/data.py), so resuming seeks straight to
 the next step, whatever the number of loader workers.
@@ -24,7 +25,8 @@ meta.json last and renames the folder. A crash at any moment leaves the previous
 checkpoint as the newest complete one; a checkpoint whose files do not match meta.json
 (truncated, corrupted) is skipped with a warning naming the file. A failed write (a full
 disk) stops the run loudly and keeps the previous checkpoints. Loading never unpickles
-code (safetensors, JSON and torch.load(weights_only=True)).
+code (safetensors, JSON and torch.load(weights_only=True); DeepSpeed's files too, through
+launcher.distributed.safe_deepspeed_loading).
 
 Signals: on SIGTERM or SIGUSR1 every rank finishes its current step, a checkpoint is
 written, and the process exits with status 75 (EX_TEMPFAIL: relaunch to continue).
@@ -55,13 +57,14 @@ import numpy as np
 import torch
 from pydantic import Field
 
+from launcher.distributed import safe_deepspeed_loading
 from launcher.errors import LauncherError
 from launcher.loop import save_full_weights
 from launcher.recipe import MISSING, schema_default
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import atomic_write_text, strict_json
 
-FORMAT = 1
+FORMAT = 2  # 2: meta.json carries its own digest (meta_sha256)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch it to continue
 # Recipe keys that may differ between a checkpoint and the run resuming it.
 SAFE_TO_CHANGE = ("train.epochs", "train.max_steps", "train.eval_every", "run.", "data.num_workers",
@@ -104,19 +107,68 @@ def recipe_differences(saved: dict, current: dict) -> list[str]:
     return diffs
 
 
+REQUIRED_FILES = ("model.safetensors", "trainer.pt", "rank-0.pt")
+
+
+def meta_digest(meta: dict) -> str:
+    """SHA-256 of meta.json's content without its own digest: an edited meta.json (its step,
+    its file list) no longer matches and the checkpoint is skipped."""
+    body = {k: v for k, v in meta.items() if k != "meta_sha256"}
+    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
 def verify(folder: Path) -> Optional[str]:
-    """None if the checkpoint is complete and intact, else what is wrong with it."""
+    """None if the checkpoint is complete and intact, else what is wrong with it. Any damage is a
+    reason, never an exception: meta.json unreadable, edited or inconsistent, a file missing,
+    truncated or corrupt, a pickle that torch.load(weights_only=True) refuses."""
     meta_file = folder / "meta.json"
     try:
         meta = json.loads(meta_file.read_text())
     except (OSError, ValueError) as err:
         return f"'{meta_file}' is missing or unreadable ({err})"
-    for name, expected in meta["files"].items():
-        path = folder / name
-        if not path.is_file() or path.stat().st_size != expected["size"]:
-            return f"'{path}' is missing or truncated"
-        if _sha256(path) != expected["sha256"]:
-            return f"'{path}' is corrupt (its SHA-256 does not match meta.json)"
+    try:
+        if not isinstance(meta, dict) or not isinstance(meta.get("files"), dict):
+            return f"'{meta_file}' is not a checkpoint's meta.json (no file list)"
+        if "meta_sha256" in meta and meta["meta_sha256"] != meta_digest(meta):
+            return f"'{meta_file}' was modified after the checkpoint was written (its digest does not match)"
+        if "meta_sha256" not in meta and meta.get("format", 1) >= 2:
+            return f"'{meta_file}' lacks its digest"
+        if folder.name != f"step-{meta['step']:08d}":
+            return f"'{meta_file}' says step {meta['step']}, but the folder is {folder.name}"
+        for name in REQUIRED_FILES:
+            if name not in meta["files"]:
+                return f"'{meta_file}' does not list {name}"
+        for name, expected in meta["files"].items():
+            path = folder / name
+            if not path.is_file() or path.stat().st_size != expected["size"]:
+                return f"'{path}' is missing or truncated"
+            if _sha256(path) != expected["sha256"]:
+                return f"'{path}' is corrupt (its SHA-256 does not match meta.json)"
+        for name in meta["files"]:
+            if name.endswith(".pt"):
+                problem = _unsafe_pickle(folder / name)
+                if problem:
+                    return problem
+    except (KeyError, TypeError, ValueError, AttributeError) as err:
+        return f"'{meta_file}' is malformed ({type(err).__name__}: {err})"
+    return None
+
+
+def _unsafe_pickle(path: Path) -> Optional[str]:
+    """Why torch.load(weights_only=True) refuses the file (e.g. it pickles code), if it does.
+    mmap: the tensors are mapped, not read, so this costs little beyond the hashing."""
+    import pickle
+
+    allowed = []
+    if "deepspeed" in path.parts:
+        from launcher.distributed import deepspeed_checkpoint_types
+
+        allowed = deepspeed_checkpoint_types()
+    try:
+        with torch.serialization.safe_globals(allowed):
+            torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (pickle.UnpicklingError, RuntimeError, ValueError, EOFError) as err:
+        return f"'{path}' cannot be loaded safely ({str(err).splitlines()[0][:200]})"
     return None
 
 
@@ -276,7 +328,9 @@ class Checkpoint(Plugin):
             # Hashed from the disk, after writing: the checksums vouch for the bytes that were stored.
             meta_files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
                           for f in sorted(tmp.rglob("*")) if f.is_file()}
-            atomic_write_text(tmp / "meta.json", strict_json(self._meta(ctx, meta_files), indent=1))
+            meta = json.loads(strict_json(self._meta(ctx, meta_files)))  # the digest is of what is stored
+            meta["meta_sha256"] = meta_digest(meta)
+            atomic_write_text(tmp / "meta.json", strict_json(meta, indent=1))
             if (root / name).exists():  # a corrupt checkpoint of this step, skipped at resume: set aside
                 os.replace(root / name, root / f".corrupt-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
             os.replace(tmp, root / name)  # the checkpoint becomes visible only when complete
@@ -419,9 +473,10 @@ class Checkpoint(Plugin):
                 f"The checkpoint {folder} was written by DeepSpeed on {meta['world_size']} processes, whose ZeRO "
                 f"shards cannot be loaded by {ctx.world_size}. Resume on {meta['world_size']} processes, or start a "
                 f"new run from its consolidated weights (plugins.pretrained.checkpoint={folder}).")
-        # DeepSpeed's own loader (it unpickles its files; meta.json's checksums were verified first).
-        path, _ = ctx.model.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
-                                            load_lr_scheduler_states=False, load_module_strict=True)
+        # DeepSpeed's own loader, reading its files with weights_only=True (it would unpickle anything).
+        with safe_deepspeed_loading(ctx.model):
+            path, _ = ctx.model.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                                load_lr_scheduler_states=False, load_module_strict=True)
         if path is None:
             raise LauncherError(f"DeepSpeed could not load the checkpoint in {folder / 'deepspeed'}.")
 

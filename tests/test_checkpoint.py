@@ -206,3 +206,78 @@ def test_extending_a_finished_run_replans_the_schedule_over_the_new_length(digit
         schedule.step_update(row["step"])
         assert row["train/lr"] > 0 and row["train/lr"] == pytest.approx(probe.param_groups[0]["lr"], rel=1e-9)
     assert "train.epochs changed from 1 to 2" in capsys.readouterr().out
+
+
+class _Evil:
+    """A pickle that runs a shell command when unpickled without weights_only."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+
+        return (os.system, (f"touch {self.marker}",))
+
+
+def resign(folder):
+    """What a tamperer who knows the format does: rewrite meta.json's checksums and digest."""
+    from plugins.checkpoint import _sha256, meta_digest
+
+    meta = json.loads((folder / "meta.json").read_text())
+    meta["files"] = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+                     for f in sorted(folder.rglob("*")) if f.is_file() and f.name != "meta.json"}
+    meta["meta_sha256"] = meta_digest(meta)
+    (folder / "meta.json").write_text(json.dumps(meta))
+
+
+def test_damaged_checkpoints_are_skipped_whatever_the_damage(digits, tmp_path):
+    """meta.json emptied, its file list emptied with files gone, its step edited (with and
+    without a new digest), a pickle that weights_only refuses (even with checksums re-signed):
+    each is a reason from verify, never an exception; a resume skips it with a warning, and the
+    pickle's code never runs."""
+    import shutil
+
+    train(recipe(digits, tmp_path / "run", 20))
+    newest = tmp_path / "run" / "checkpoints" / "step-00000020"
+    marker = tmp_path / "pwned"
+
+    def empty(f):
+        (f / "meta.json").write_text("{}")
+
+    def no_files(f):
+        meta = json.loads((f / "meta.json").read_text())
+        from plugins.checkpoint import meta_digest
+
+        meta["files"] = {}
+        meta["meta_sha256"] = meta_digest(meta)  # a consistent meta.json, listing nothing
+        (f / "meta.json").write_text(json.dumps(meta))
+        (f / "trainer.pt").unlink()
+
+    def step_edited(f):
+        meta = json.loads((f / "meta.json").read_text())
+        meta["step"] = 3
+        (f / "meta.json").write_text(json.dumps(meta))
+
+    def step_edited_and_resigned(f):
+        step_edited(f)
+        resign(f)
+
+    def evil_pickle(f):
+        torch.save({"optimizer": _Evil(marker)}, f / "trainer.pt")
+        resign(f)
+
+    damages = {"empty meta": (empty, "no file list"), "files gone": (no_files, "does not list model.safetensors"),
+               "step edited": (step_edited, "modified after the checkpoint was written"),
+               "step edited, re-signed": (step_edited_and_resigned, "says step 3, but the folder is step-00000020"),
+               "evil pickle": (evil_pickle, "cannot be loaded safely")}
+    for name, (damage, reason) in damages.items():
+        copy = tmp_path / name.replace(" ", "_").replace(",", "") / newest.name
+        shutil.copytree(newest, copy)
+        damage(copy)
+        assert reason in (verify(copy) or ""), (name, verify(copy))
+
+    evil_pickle(newest)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint step-00000020: .*trainer.pt' cannot be loaded safely"):
+        ctx = train(recipe(digits, tmp_path / "run", 25))
+    assert ctx.step == 25 and not marker.exists()

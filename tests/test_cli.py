@@ -66,10 +66,23 @@ def test_bad_input_from_the_real_command_has_no_traceback(digits, tmp_path):
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr
 
 
-def test_check_prints_the_resolved_recipe(capsys):
-    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), "train.epochs=3"]) == 0
+def test_check_prints_the_resolved_recipe(digits, capsys):
+    shards = [f"data.train={digits['train']}", f"data.val=pipe:cat {expand_pattern(digits['val'])[0]}"]
+    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), "train.epochs=3", *shards]) == 0
     out = capsys.readouterr().out
     assert yaml.safe_load(out)["train"]["epochs"] == 3 and "run directory: runs/digits" in out
+    # pipe: shards are shell commands (WebDataset's design): --check says which ones the run will run.
+    assert f"# pipe: shards run this shell command: cat {expand_pattern(digits['val'])[0]}" in out
+
+
+@pytest.mark.parametrize("override, message", [
+    ("model.name=resnet181", "Unknown model 'resnet181' (model.name). Did you mean 'resnet18'?"),
+    ("data.train=/nowhere/train-{0..1}.tar", "data.train: shard '/nowhere/train-0.tar' does not exist"),
+])
+def test_check_checks_what_a_run_checks_first(digits, capsys, override, message):
+    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), f"data.train={digits['train']}",
+                 f"data.val={digits['val']}", override]) == 2
+    assert message in capsys.readouterr().err
 
 
 def test_list_plugins_command(capsys):

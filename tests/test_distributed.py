@@ -313,6 +313,7 @@ def test_deepspeed_zero_matches_ddp_with_ema_label_smoothing_and_resume(digits, 
     meta = json.loads((checkpoint / "meta.json").read_text())
     # DeepSpeed's own format (each rank's ZeRO shard), checksummed like every other file.
     assert {f"deepspeed/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= set(meta["files"])
+    assert_deepspeed_pickles_are_loaded_safely(checkpoint, tmp_path)
     second = run_cli([*accelerate_cmd(2), "launcher", str(recipe)])
     assert second.returncode == 0, second.stderr[-3000:]
     assert "resumed from" in second.stdout and "(step 10, epoch 0" in second.stdout
@@ -441,3 +442,37 @@ def test_use_deepspeed_with_a_ddp_recipe_is_refused(digits, tmp_path):
     result = run_cli([sys.executable, "-m", "launcher", str(recipe)], env={"ACCELERATE_USE_DEEPSPEED": "true"})
     assert result.returncode == 2
     assert "--use_deepspeed" in result.stderr and "distributed.strategy=deepspeed" in result.stderr
+
+
+def assert_deepspeed_pickles_are_loaded_safely(checkpoint: Path, tmp_path: Path) -> None:
+    """DeepSpeed's real files load through weights_only (checked by verify and by the engine's
+    loader inside safe_deepspeed_loading); a file that pickles code, even re-signed in meta.json,
+    is refused by both and its code never runs."""
+    import shutil
+    from types import SimpleNamespace
+
+    from launcher.distributed import safe_deepspeed_loading
+    from launcher.errors import LauncherError
+    from plugins.checkpoint import verify
+    from tests.test_checkpoint import _Evil, resign
+
+    assert verify(checkpoint) is None
+    evil = tmp_path / "evil" / checkpoint.name
+    shutil.copytree(checkpoint, evil)
+    marker = tmp_path / "pwned"
+    states = next((evil / "deepspeed").rglob("*model_states.pt"))
+    torch.save({"module": _Evil(marker)}, states)
+    resign(evil)
+    assert "cannot be loaded safely" in verify(evil)
+
+    class TorchCheckpointEngine:  # DeepSpeed's: torch.load(weights_only=False)
+        def load(self, path, map_location=None):
+            return torch.load(path, map_location=map_location, weights_only=False)
+
+    engine = SimpleNamespace(checkpoint_engine=TorchCheckpointEngine())
+    with safe_deepspeed_loading(engine):
+        real = engine.checkpoint_engine.load(next((checkpoint / "deepspeed").rglob("*optim_states.pt")))
+        assert "optimizer_state_dict" in real
+        with pytest.raises(LauncherError, match="Refusing to load .*could run code"):
+            engine.checkpoint_engine.load(states)
+    assert "load" not in vars(engine.checkpoint_engine) and not marker.exists()

@@ -259,3 +259,30 @@ def test_bad_input_fails_before_the_queue(cluster, digits, tmp_path):
     os.symlink(sys.executable, bin_dir / "python")
     proc = run_cli([sys.executable, "-m", "launcher.slurm", "submit", str(recipe)], env={"PATH": str(bin_dir)})
     assert proc.returncode == 2 and "'sbatch' is not on PATH" in proc.stderr, proc.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    ([r'run.dir="/tmp/x\ntouch /tmp/pwned"'], "run.dir '/tmp/x\\ntouch /tmp/pwned' holds a control character"),
+    (["--job-name", "a\ntouch /tmp/pwned"], "--job-name 'a\\ntouch /tmp/pwned' holds a control character"),
+    (["--partition", "gpu\rx"], "--partition 'gpu\\rx' holds a control character"),
+    (["--sbatch=--mem=1G\ntouch /tmp/pwned"], "--sbatch 1 '--mem=1G\\ntouch /tmp/pwned' holds a control character"),
+    (["model.name=resnet181"], "Unknown model 'resnet181' (model.name). Did you mean 'resnet18'?"),
+    (["data.val=/nowhere/val-{0..1}.tar"], "data.val: shard '/nowhere/val-0.tar' does not exist"),
+    (["--nodes", "0"], "argument --nodes: 0 must be at least 1"),
+    (["--grace", "-5"], "argument --grace: -5 must be at least 1"),
+    (["--max-requeues", "x"], "argument --max-requeues: 'x' is not a whole number"),
+    (["--cpus-per-task", "0"], "argument --cpus-per-task: 0 must be at least 1"),
+    (["--time", "1:2:3:4"], "--time '1:2:3:4': use Slurm's forms"),
+])
+def test_bad_submissions_are_refused_before_a_script_is_written(digits, tmp_path, capsys, args, message):
+    """Checked without a cluster (dry runs in this process): what a run would check first, and
+    no user value may add a line of its own to the batch script."""
+    from launcher.slurm import main
+
+    recipe = recipe_file(digits, tmp_path, "bad", epochs=1)
+    try:
+        code = main(["submit", str(recipe), "--dry-run", *args])
+    except SystemExit as exit:  # argparse's own errors
+        code = exit.code
+    captured = capsys.readouterr()
+    assert code == 2 and message in captured.err and "#SBATCH" not in captured.out, captured.err

@@ -1,0 +1,34 @@
+"""What a run checks before anything trains, for the commands that do not train: `python -m
+launcher --check` and `python -m launcher.slurm submit` (a job must not wait in a queue for
+hours to fail on a misspelled model name or a missing shard)."""
+
+from __future__ import annotations
+
+from launcher.errors import LauncherError, did_you_mean
+
+
+def preflight(recipe) -> list[str]:
+    """Raise on a model name timm does not know or a local shard that is missing; return the
+    shell commands the recipe's `pipe:` shards will run (WebDataset runs them through a shell)."""
+    import timm
+
+    import launcher.models  # noqa: F401  (registers the WideResNets with timm)
+    from launcher.data import expand_pattern, is_local
+
+    if not timm.is_model(recipe.model.name):
+        raise LauncherError(
+            f"Unknown model '{recipe.model.name}' (model.name).{did_you_mean(recipe.model.name, timm.list_models())}")
+    commands = []
+    for key in ("train", "val"):
+        pattern = getattr(recipe.data, key)
+        if not pattern:
+            continue
+        from pathlib import Path
+
+        for url in expand_pattern(pattern):
+            if url.startswith("pipe:"):
+                commands.append(url[len("pipe:"):])
+            elif is_local(url) and not Path(url).is_file():
+                raise LauncherError(f"data.{key}: shard '{url}' does not exist (pattern '{pattern}'). Check the path "
+                                    "and the brace range, or write the shards with `python -m launcher.shards`.")
+    return commands

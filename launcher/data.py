@@ -106,6 +106,22 @@ class ShardIndex:
     def __len__(self) -> int:
         return len(self.labels)
 
+    def describe_bad_sample(self, sample_id: int, err: BaseException) -> str:
+        """An error message naming the shard and the sample's key (read from its tar header)."""
+        path, member = self.paths[int(self.shard_of[sample_id])], "?"
+        try:
+            with open(path, "rb") as f:
+                f.seek(int(self.offsets[sample_id]) - 512)
+                member = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape").name
+        except (OSError, tarfile.TarError, ValueError):
+            pass
+        match = _KEY_RE.match(member)
+        key = match.group(1) if match else member
+        return (f"shard '{path}', sample '{key}' (member '{member}' at byte {int(self.offsets[sample_id])}) "
+                f"cannot be read: "
+                f"{type(err).__name__}: {str(err)[:300]}. The shard changed or is damaged since the run "
+                "started; rewrite or re-download it, then relaunch (the run resumes from its last checkpoint).")
+
     def read_image(self, sample_id: int, files: dict[int, Any]) -> tuple[bytes, str]:
         shard = int(self.shard_of[sample_id])
         handle = files.get(shard)
@@ -183,6 +199,10 @@ def _scan_tar(path: Path, key: str) -> list[tuple[int, int, str, int]]:
                 if sample_key not in groups:
                     groups[sample_key] = {}
                     order.append(sample_key)
+                if ext in groups[sample_key]:
+                    # WebDataset groups members by key: a repeated key would silently replace a sample.
+                    raise LauncherError(f"{key}: shard '{path}' holds sample key '{sample_key}' twice (member "
+                                        f"'{member.name}'); every sample needs its own key. Rewrite the shard.")
                 groups[sample_key][ext] = member
             # A tar cut exactly between two members still parses; the end-of-archive marker
             # (two zero blocks, written by every tar writer) is what proves it complete.
@@ -213,9 +233,11 @@ def _scan_tar(path: Path, key: str) -> list[tuple[int, int, str, int]]:
             )
         try:
             label = int(label_data[sample_key].decode().strip())
-        except ValueError:
+            if not -2**31 <= label < 2**31:
+                raise ValueError
+        except (ValueError, UnicodeDecodeError):
             raise LauncherError(
-                f"{key}: sample '{sample_key}' in shard '{path}' has a label that is not an integer: "
+                f"{key}: sample '{sample_key}' in shard '{path}' has a label that is not a class number: "
                 f"{label_data[sample_key][:20]!r}."
             ) from None
         member = members[image_ext]
@@ -435,9 +457,16 @@ class _ShardReader(IterableDataset):
         """ids may be resampling copies (id + k * N): read sample id % N, seed with the copy's id."""
         images = []
         for sample_id in ids:
-            raw, ext = self.index.read_image(int(sample_id) % len(self.index), files)
+            i = int(sample_id) % len(self.index)
+            try:
+                raw, ext = self.index.read_image(i, files)
+                if len(raw) != self.index.sizes[i]:
+                    raise EOFError(f"read {len(raw)} of its {self.index.sizes[i]} bytes")
+                image = decode_image(raw, ext)
+            except Exception as err:  # noqa: BLE001  (any decoder error: name the file and sample)
+                raise LauncherError(self.index.describe_bad_sample(i, err)) from None
             seed_for_sample(self.seed, self.epoch, int(sample_id))
-            images.append(self.transform(decode_image(raw, ext)))
+            images.append(self.transform(image))
         return torch.stack(images), torch.from_numpy(self.index.labels[ids % len(self.index)])
 
     def _my_share(self, items: list) -> Iterator:
@@ -500,9 +529,21 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) ->
         iterator = _rng_preserving(iter(stream))
     else:
         iterator = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                   prefetch_factor=2))
-    for item in iterator:
-        yield Batch(**item)
+                                   prefetch_factor=2, worker_init_fn=_ignore_ctrl_c))
+    try:
+        for item in iterator:
+            yield Batch(**item)
+    except LauncherError as err:
+        # A loader worker's LauncherError arrives wrapped with the worker's traceback: keep the message.
+        raise LauncherError(str(err).rsplit("LauncherError: ", 1)[-1].strip()) from None
+
+
+def _ignore_ctrl_c(worker_id: int) -> None:
+    """Ctrl-C reaches the loader workers too (one process group); a worker that died of it would
+    fail the step that the main process is finishing before it checkpoints and stops."""
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def _rng_preserving(iterator: Iterator) -> Iterator:

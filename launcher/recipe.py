@@ -281,9 +281,13 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             hint = did_you_mean(path.name, shipped) or (f" Recipes there: {', '.join(shipped)}." if shipped else "")
         raise LauncherError(f"Recipe file '{path}' does not exist.{hint}")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as err:
         raise LauncherError(f"Recipe '{path}' is not valid YAML: {err}") from None
+    except UnicodeDecodeError:
+        raise LauncherError(f"Recipe '{path}' is not a text file (not UTF-8): give the path of a YAML recipe.") from None
+    except RecursionError:
+        raise LauncherError(f"Recipe '{path}' is nested too deeply to be a recipe.") from None
     if not isinstance(raw, dict):
         raise LauncherError(f"Recipe '{path}' must be a YAML mapping of sections (model:, data:, train:, ...).")
     return validate_recipe(apply_overrides(raw, list(overrides)), name=path.stem, source=str(path))

@@ -1,7 +1,8 @@
 """pretrained: start from local weights (fine-tuning) instead of a random initialisation.
 
-`weights` is a .safetensors file, a launcher run directory (its final/model.safetensors),
-or a checkpoint folder (checkpoints/step-N, its model.safetensors). Every tensor must
+`weights` is a .safetensors file, a PyTorch weights file (.bin/.pth/.pt such as
+pytorch_model.bin, read with torch.load(weights_only=True)), a launcher run directory (its
+final/model.safetensors), or a checkpoint folder (checkpoints/step-N, its model.safetensors). Every tensor must
 match the model by name and shape, except the classifier: when its shape differs (another
 number of classes) it keeps its fresh initialisation (`head: auto`), as fine-tuning on a new
 label set needs. Anything else missing or mismatched is an error that lists the names, so
@@ -31,11 +32,38 @@ def resolve_weights(path: str) -> Path:
                         "directory (with final/model.safetensors) or a checkpoint folder.")
 
 
-def load_pretrained(model, weights: Path, head: str) -> list[str]:
-    """Load `weights` into `model`; returns the classifier tensors left at their initialisation."""
+def read_state_dict(weights: Path) -> dict:
+    """Tensors by name from a .safetensors file, or from a PyTorch file (.bin/.pth/.pt, e.g.
+    pytorch_model.bin) read with torch.load(weights_only=True): never unpickles code."""
+    import pickle
+
+    import torch
+
+    if weights.suffix in (".bin", ".pth", ".pt"):
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
+            raise LauncherError(f"plugins.pretrained: '{weights}' cannot be read safely as PyTorch weights "
+                                f"({str(err).splitlines()[0][:200]}).") from None
+        for key in ("state_dict", "model", "module"):  # common wrappers of a state dict
+            if isinstance(state, dict) and isinstance(state.get(key), dict):
+                state = state[key]
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise LauncherError(f"plugins.pretrained: '{weights}' holds no state dict of tensors.")
+        return state
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
-    state = load_file(str(weights))
+    try:
+        return load_file(str(weights))
+    except (SafetensorError, OSError) as err:
+        raise LauncherError(f"plugins.pretrained: '{weights}' is not a readable .safetensors file ({err}); PyTorch "
+                            "weights (.bin/.pth) are read when the file has that suffix.") from None
+
+
+def load_pretrained(model, weights: Path, head: str) -> list[str]:
+    """Load `weights` into `model`; returns the classifier tensors left at their initialisation."""
+    state = read_state_dict(weights)
     own = model.state_dict()
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     head_names = set()
@@ -67,7 +95,7 @@ class Pretrained(Plugin):
     """Initialise the model from local weights; a classifier of another shape keeps its fresh init."""
 
     class Options(PluginOptions):
-        weights: str = Field(description="a .safetensors file, a run directory, or a checkpoint folder")
+        weights: str = Field(description="a .safetensors or .bin/.pth file, a run directory, or a checkpoint folder")
         head: Literal["auto", "reset", "load"] = Field(
             "auto", description="auto: load the classifier if its shape fits; reset: never load it; load: always")
 

@@ -92,3 +92,13 @@ def test_list_plugins_command(capsys):
 
 def test_usage_without_arguments(capsys):
     assert main([]) == 2 and "python -m launcher RECIPE" in capsys.readouterr().out
+
+
+def test_a_file_that_is_not_a_yaml_recipe_is_refused_in_one_line(tmp_path, capsys):
+    binary = tmp_path / "model.yaml"
+    binary.write_bytes(bytes(range(256)) * 4)
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("a: " + "[" * 5000 + "]" * 5000 + "\n")
+    for path, message in ((binary, "is not a text file"), (nested, "nested too deeply")):
+        assert main([str(path)]) == 2
+        assert message in capsys.readouterr().err

@@ -4,6 +4,7 @@ the shard writer, and reading shards written by others."""
 from __future__ import annotations
 
 import io
+import json
 import pickle
 import tarfile
 from pathlib import Path
@@ -15,6 +16,7 @@ import torch
 from launcher.data import (EpochPlan, EvalStream, TrainStream, batches, decode_image, expand_pattern,
                            index_shards)
 from launcher.errors import LauncherError
+from launcher.registry import Plugin, PluginOptions, register
 from launcher.recipe import validate_recipe
 from launcher.transforms import ImageTransform
 from tests.conftest import small_recipe, write_shards
@@ -333,3 +335,79 @@ def test_imagefolder_source(tmp_path):
     assert info["classes"] == ["cat", "dog"] and info["num_train"] + info["num_val"] == 10
     index = index_shards(info["train"], "t")
     assert set(index.exts) == {"png"} and sorted(set(index.labels.tolist())) == [0, 1]
+
+
+def _tar_with(tmp_path, members: list[tuple[str, bytes]]) -> Path:
+    import io as _io
+
+    path = tmp_path / "odd.tar"
+    with tarfile.open(path, "w") as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, _io.BytesIO(data))
+    return path
+
+
+def test_a_repeated_sample_key_is_refused_naming_shard_and_key(tmp_path):
+    img = _npy_bytes(np.zeros((4, 4), np.uint8))
+    path = _tar_with(tmp_path, [("a.npy", img), ("a.cls", b"1"), ("b.npy", img), ("b.cls", b"2"),
+                                ("a.npy", img), ("a.cls", b"3")])
+    with pytest.raises(LauncherError, match=r"odd.tar' holds sample key 'a' twice"):
+        index_shards(str(path), "data.train")
+
+
+def test_a_label_too_large_for_any_class_is_refused(tmp_path):
+    path = _tar_with(tmp_path, [("a.npy", _npy_bytes(np.zeros((4, 4), np.uint8))), ("a.cls", b"1" * 23)])
+    with pytest.raises(LauncherError, match=r"sample 'a' in shard .* label that is not a class number"):
+        index_shards(str(path), "data.train")
+
+
+def _npy_bytes(array) -> bytes:
+    import io as _io
+
+    buffer = _io.BytesIO()
+    np.save(buffer, array)
+    return buffer.getvalue()
+
+
+@register("test_spoil_shard")
+class _SpoilShard(Plugin):
+    """At the end of epoch 0, damages every image of the training shards in place (as if the files
+    were replaced while the run was training)."""
+
+    class Options(PluginOptions):
+        how: str = "garbage"
+
+    def on_epoch_end(self, ctx) -> None:
+        if ctx.epoch != 1:
+            return
+        index = ctx.train_index
+        for i in range(len(index)):
+            with open(index.paths[int(index.shard_of[i])], "r+b") as f:
+                f.seek(int(index.offsets[i]))
+                f.write(b"\x93NUMPY\x01\x00\x46\x00{'descr': '|u1', 'fortran_order': False, 'shape': (99999999999, 99999999999), }"
+                        if self.options.how == "npy header" else b"not an image at all")
+
+
+@pytest.mark.parametrize("fmt, how, workers", [("png", "garbage", 1), ("raw", "npy header", 0)])
+def test_data_that_goes_bad_during_training_names_shard_and_sample_and_marks_the_run_failed(
+        digits, digits_png, tmp_path, fmt, how, workers):
+    import shutil
+
+    from launcher.loop import train
+    from launcher.recipe import validate_recipe
+    from tests.conftest import small_recipe
+
+    info = digits_png if fmt == "png" else digits
+    copy = tmp_path / "shards"
+    shutil.copytree(Path(expand_pattern(info["train"])[0]).parent, copy)
+    pattern = str(copy / Path(info["train"]).name)
+    raw = small_recipe(info, tmp_path / "run", train={"epochs": 2}, data={"train": pattern, "val": None,
+                                                                         "num_workers": workers},
+                       plugins={"test_spoil_shard": {"how": how}})
+    with pytest.raises(LauncherError, match=r"shard '.*train-00000\d\.tar', sample 'train\d+' \(member 'train\d+\."
+                                            r"(png|npy)' at byte \d+\) cannot be read: .*rewrite or re-download"):
+        train(validate_recipe(raw))
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and "cannot be read" in status["error"]

@@ -66,3 +66,25 @@ def test_fine_tuning_starts_from_the_loaded_weights(digits, source_run, tmp_path
     tuned = first_loss(tmp_path / "tuned", {"pretrained": {"weights": str(source_run)},
                                             "layer_lr": {"lrs": [0.005, 0.05]}})
     assert scratch > 2.0 and tuned < 1.0, (scratch, tuned)
+
+
+def test_pytorch_weight_files_load_with_weights_only_and_a_pickled_payload_is_refused(source_run, tmp_path):
+    """pytorch_model.bin (a plain or wrapped state dict) loads like safetensors; a .bin that pickles
+    code is refused without running it; a .safetensors that is not one is an error, not a traceback."""
+    from tests.test_checkpoint import _Evil
+
+    saved = load_file(str(source_run / "final" / "model.safetensors"))
+    torch.save(saved, tmp_path / "pytorch_model.bin")
+    torch.save({"state_dict": saved}, tmp_path / "wrapped.pth")
+    for name in ("pytorch_model.bin", "wrapped.pth"):
+        model = timm.create_model("wrn10_1", num_classes=10)
+        assert load_pretrained(model, tmp_path / name, "auto") == []
+        assert all(torch.equal(t, saved[n]) for n, t in model.state_dict().items())
+    marker = tmp_path / "pwned"
+    torch.save({"fc.weight": _Evil(marker)}, tmp_path / "evil.bin")
+    with pytest.raises(LauncherError, match="cannot be read safely as PyTorch weights"):
+        load_pretrained(timm.create_model("wrn10_1", num_classes=10), tmp_path / "evil.bin", "auto")
+    assert not marker.exists()
+    (tmp_path / "fake.safetensors").write_bytes((tmp_path / "pytorch_model.bin").read_bytes())
+    with pytest.raises(LauncherError, match="is not a readable .safetensors file"):
+        load_pretrained(timm.create_model("wrn10_1", num_classes=10), tmp_path / "fake.safetensors", "auto")

@@ -35,3 +35,7 @@ def run_command(command: Callable[[], int]) -> int:
         if os.environ.get("RANK", "0") == "0":
             print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C where no plugin handles it (plugins.checkpoint does)
+        if os.environ.get("RANK", "0") == "0":
+            print("\ninterrupted (Ctrl-C); nothing was saved since the last checkpoint", file=sys.stderr)
+        return 130

@@ -60,7 +60,7 @@ from launcher.data import Batch, EpochPlan, EvalStream, ShardIndex, TrainStream,
 from launcher.errors import LauncherError
 from launcher.models import create_model
 from launcher.registry import PluginSet, build_plugins
-from launcher.runlog import MetricsLog, manifest, start_run_dir, write_status
+from launcher.runlog import MetricsLog, RunDirLock, manifest, start_run_dir, write_status
 from launcher.transforms import ImageTransform
 from launcher.watchdog import RankWatchdog
 
@@ -111,6 +111,8 @@ class RunContext:
     interrupted: bool = False
     exit_code: int = 0
     last_eval_step: int = -1
+    started: bool = False  # the run directory holds this run's status.json ("running")
+    run_lock: Optional[RunDirLock] = None  # held from before resuming until the run ends
     # The training-loss window since the last logged row (per rank; summed at log time).
     loss_window: Optional[torch.Tensor] = None
     loss_window_steps: int = 0
@@ -197,12 +199,49 @@ def train(recipe) -> RunContext:
     try:
         _train(ctx)
     except BaseException as exc:
+        _record_failure(ctx, exc)
         if watchdog is not None:
             watchdog.report_failure(exc)
         raise
+    finally:
+        if ctx.run_lock is not None:
+            ctx.run_lock.release()
     if watchdog is not None:
         watchdog.finished()
     return ctx
+
+
+def _lock_run_dir(ctx: RunContext) -> None:
+    """Refuse to start when another run (or an orphaned rank of a killed launch) is still
+    working in this run directory: two runs would overwrite each other's checkpoints."""
+    lock = RunDirLock(ctx.run_dir)
+    problem = lock.acquire_main() if ctx.is_main else None
+    if ctx.world_size > 1:
+        from accelerate.utils import broadcast_object_list, gather_object
+
+        problem = broadcast_object_list([problem])[0]  # the other ranks lock after rank 0
+        if problem is None and not ctx.is_main:
+            problem = lock.acquire_rank(ctx.rank)
+        problem = next((p for p in gather_object([problem]) if p), None)
+    if problem:
+        lock.release()
+        raise LauncherError(problem)
+    ctx.run_lock = lock
+
+
+def _record_failure(ctx: RunContext, exc: BaseException) -> None:
+    """status.json says "failed" with the reason, written by the rank that failed (the others may
+    be stopped by the watchdog before they get here), once the run directory exists."""
+    if not ctx.started:
+        return
+    try:
+        if isinstance(exc, KeyboardInterrupt):  # Ctrl-C with no plugin handling it (no checkpoint)
+            write_status(ctx.run_dir, "interrupted", step=ctx.step, reason="Ctrl-C", exit_code=130)
+        elif isinstance(exc, Exception):
+            message = str(exc) if isinstance(exc, LauncherError) else f"{type(exc).__name__}: {exc}"
+            write_status(ctx.run_dir, "failed", step=ctx.step, rank=ctx.rank, error=message[:2000])
+    except OSError:
+        pass  # the original error matters more
 
 
 def set_gpu_numerics(section) -> None:
@@ -243,12 +282,14 @@ def _train(ctx: RunContext) -> None:
     ctx.criterion = plugins.chain("criterion", ctx, cross_entropy)
     ctx.model, ctx.optimizer = accelerator.prepare(ctx.model, ctx.optimizer)
     set_seed(recipe.seed + ctx.rank)  # dropout and other draws differ per rank
+    _lock_run_dir(ctx)  # before anything reads or writes the run directory (resume)
     plugins.call("after_prepare", ctx)
 
     if ctx.is_main:
         start_run_dir(ctx.run_dir, recipe, manifest(recipe, ctx.world_size, str(accelerator.device),
                                                      str(accelerator.mixed_precision)))
         write_status(ctx.run_dir, "running", step=ctx.step)
+    ctx.started = True
     ctx.metrics_log = log = MetricsLog(ctx.run_dir / "metrics.jsonl" if ctx.is_main else None,
                                        keep_rows=ctx.metrics_rows)
     memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format

@@ -6,6 +6,7 @@
       metrics.jsonl      one JSON object per logged training step and per evaluation (strict
                          JSON: a non-finite value, e.g. a diverged loss, is written as null)
       final/model.safetensors
+      .lock              held by every process of the run while it runs (RunDirLock)
 
 Only the main process writes. Files are written to a temporary name and renamed, so a
 crash never leaves a half-written file under a real name.
@@ -13,6 +14,8 @@ crash never leaves a half-written file under a real name.
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import json
 import math
 import os
@@ -141,4 +144,68 @@ class MetricsLog:
     def close(self) -> None:
         if self._file is not None:
             self._file.close()
+            self._file = None
+
+
+class RunDirLock:
+    """One run at a time in a run directory, across processes and nodes.
+
+    Every process of a run holds a POSIX lock (fcntl.lockf, which NFS forwards to its lock
+    manager) on byte `rank` of <run dir>/.lock. Rank 0 first locks the whole file, which fails
+    while any process of another launch still holds its byte (an orphaned rank of a killed
+    launch too), then keeps byte 0. The kernel drops the locks of a process that dies, so a
+    lock is never stale; the file's text (host, pid, time of rank 0) only names the holder.
+    Written by hand: filelock and friends lock a whole file for one process, not one byte per rank.
+    """
+
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / ".lock"
+        self._file = None
+
+    def acquire_main(self) -> str | None:
+        """Rank 0, before the other ranks: None when acquired, else why the run cannot start."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0)  # the whole file
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                return self._unsupported(err)
+            self._file.seek(0)
+            holder = self._file.read().strip() or "unknown process"
+            self.release()
+            return (f"run directory '{self.path.parent}' is in use by another run ({holder}; a process of "
+                    f"that launch still holds {self.path}, `fuser -v {self.path}` lists them on that host). "
+                    "Wait for it to end or stop it, or give this run another run.dir.")
+        fcntl.lockf(self._file, fcntl.LOCK_UN, 0, 1)  # keep byte 0; the other ranks take theirs
+        self._file.seek(0)
+        self._file.truncate()
+        self._file.write(f"host {socket.gethostname()}, pid {os.getpid()}, since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        self._file.flush()
+        return None
+
+    def acquire_rank(self, rank: int) -> str | None:
+        """Ranks > 0, after rank 0 acquired: lock this rank's byte."""
+        self._file = open(self.path, "a+")
+        try:
+            fcntl.lockf(self._file, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, rank)
+        except OSError as err:
+            if err.errno not in (errno.EACCES, errno.EAGAIN):
+                return self._unsupported(err)
+            self.release()
+            return (f"run directory '{self.path.parent}': rank {rank} of another launch still runs in it "
+                    f"(`fuser -v {self.path}` lists it). Stop it, then relaunch.")
+        return None
+
+    def _unsupported(self, err: OSError) -> str | None:
+        import warnings
+
+        warnings.warn(f"run.dir is on a file system without POSIX locks ({err.strerror}): two runs started "
+                      "in the same run directory would not be detected.", stacklevel=3)
+        self.release()
+        return None
+
+    def release(self) -> None:
+        if self._file is not None:
+            self._file.close()  # closing drops this process's locks
             self._file = None

@@ -29,7 +29,11 @@ code (safetensors, JSON and torch.load(weights_only=True); DeepSpeed's files too
 launcher.distributed.safe_deepspeed_loading).
 
 Signals: on SIGTERM or SIGUSR1 every rank finishes its current step, a checkpoint is
-written, and the process exits with status 75 (EX_TEMPFAIL: relaunch to continue).
+written, and the process exits with status 75 (EX_TEMPFAIL: relaunch to continue). Ctrl-C
+(SIGINT) does the same and exits with 130 (the shell's code for Ctrl-C, so that a wrapper that
+relaunches on 75 does not bring back a run its user stopped). status.json says "interrupted".
+A signal that arrives after the last step (during the final evaluation) lets the run finish:
+evaluation, final weights, then status "finished".
 
 Changing the number of processes: a checkpoint taken on W processes resumes on W' when
 the global batch (data.batch_size x processes) is the same and W' divides the saved
@@ -66,6 +70,7 @@ from launcher.runlog import atomic_write_text, strict_json
 
 FORMAT = 2  # 2: meta.json carries its own digest (meta_sha256)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch it to continue
+EXIT_CTRL_C = 128 + signal.SIGINT  # 130, as a shell reports a program stopped by Ctrl-C
 # Recipe keys that may differ between a checkpoint and the run resuming it.
 SAFE_TO_CHANGE = ("train.epochs", "train.max_steps", "train.eval_every", "run.", "data.num_workers",
                   "distributed.failure_timeout", "train.tf32", "train.deterministic",  # kernels, not the run
@@ -210,7 +215,7 @@ class Checkpoint(Plugin):
         monitor: str = Field("val/top1", description="metric that ranks checkpoints for keep_best")
         mode: Literal["max", "min"] = Field("max", description="whether a larger monitor value is better")
         resume: str = Field("auto", description="auto (newest complete checkpoint), none, or a checkpoint path")
-        signals: bool = Field(True, description="on SIGTERM/SIGUSR1: checkpoint and exit with status 75")
+        signals: bool = Field(True, description="on SIGTERM/SIGUSR1 (Ctrl-C): checkpoint and exit with status 75 (130)")
 
     resumes_runs = True
     notes_under = {"deepspeed": "DeepSpeed's checkpoint format inside each checkpoint, plus consolidated fp32 "
@@ -235,14 +240,15 @@ class Checkpoint(Plugin):
         super().__init__(options)
         self.scores: dict[str, float] = {}  # checkpoint name -> monitor value
         self.signalled = 0
+        self.previous_handlers: dict = {}  # restored when the run ends (runs inside a notebook)
         self.last_saved_step = -1
 
     # ------------------------------------------------------------ hooks
 
     def after_prepare(self, ctx) -> None:
         if self.options.signals:
-            for signum in (signal.SIGTERM, signal.SIGUSR1):
-                signal.signal(signum, self._on_signal)
+            for signum in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
+                self.previous_handlers[signum] = signal.signal(signum, self._on_signal)
         folder = self._choose(ctx)
         if folder is not None:
             self._load(ctx, folder)
@@ -251,13 +257,16 @@ class Checkpoint(Plugin):
         every = self.options.every_steps
         if every and ctx.step % every == 0:
             self.save(ctx)
-        if self.options.signals and self._signal_agreed(ctx):
+        signum = self._signal_agreed(ctx) if self.options.signals else 0
+        if signum:
             self.save(ctx)
-            ctx.interrupted, ctx.exit_code = True, EXIT_PREEMPTED
-            ctx.stop_reason = f"signal {signal.Signals(self.signalled).name if self.signalled else 'on another rank'}"
+            ctx.interrupted = True
+            ctx.exit_code = EXIT_CTRL_C if signum == signal.SIGINT else EXIT_PREEMPTED
+            ctx.stop_reason = f"signal {signal.Signals(signum).name}"
             if ctx.is_main:
                 print(f"\n[checkpoint] {ctx.stop_reason}: saved step {ctx.step}, exiting with status "
-                      f"{EXIT_PREEMPTED}; relaunch the same command to continue.", flush=True)
+                      f"{ctx.exit_code}; relaunch the same command to continue.", flush=True)
+            self._restore_handlers()
 
     def on_epoch_end(self, ctx) -> None:
         every = self.options.every_epochs
@@ -266,6 +275,7 @@ class Checkpoint(Plugin):
 
     def on_train_end(self, ctx) -> None:
         self.save(ctx)
+        self._restore_handlers()
 
     def state_dict(self) -> dict:
         return {"scores": dict(self.scores)}
@@ -275,15 +285,21 @@ class Checkpoint(Plugin):
 
     # ------------------------------------------------------------ signals
 
+    def _restore_handlers(self) -> None:
+        for signum, handler in self.previous_handlers.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        self.previous_handlers.clear()
+
     def _on_signal(self, signum, frame) -> None:
         self.signalled = signum  # acted on at the end of the current step
 
-    def _signal_agreed(self, ctx) -> bool:
-        """True on every rank if any rank was signalled (one tiny all-reduce per step)."""
+    def _signal_agreed(self, ctx) -> int:
+        """The same signal number on every rank, 0 if no rank was signalled (one tiny all-reduce
+        per step). The largest wins: SIGTERM/SIGUSR1 (a scheduler's) over SIGINT (Ctrl-C)."""
         if ctx.world_size == 1:
-            return bool(self.signalled)
-        flag = torch.tensor(1.0 if self.signalled else 0.0, device=ctx.accelerator.device)
-        return bool(ctx.accelerator.reduce(flag, "sum").item() > 0)
+            return self.signalled
+        flag = torch.tensor(self.signalled, device=ctx.accelerator.device)
+        return int(ctx.accelerator.reduce(flag, "max").item())
 
     # ------------------------------------------------------------ saving
 
@@ -295,13 +311,18 @@ class Checkpoint(Plugin):
         root = ctx.run_dir / "checkpoints"
         name = f"step-{ctx.step:08d}"
         tmp = root / f".tmp-{name}"
+        error = None
         if ctx.is_main:
             shutil.rmtree(tmp, ignore_errors=True)  # left by a crash during an earlier save
-            tmp.mkdir(parents=True)
+            try:
+                tmp.mkdir(parents=True)
+            except OSError as err:
+                error = err
         accelerator.wait_for_everyone()
-        error = None
         deepspeed = ctx.recipe.distributed.strategy == "deepspeed"
         try:
+            if error:
+                raise error
             # Every rank: under ZeRO the weights are gathered and DeepSpeed writes each rank's shard.
             save_full_weights(ctx, tmp / "model.safetensors")
             if deepspeed:
@@ -310,33 +331,58 @@ class Checkpoint(Plugin):
                         "loss_window_steps": ctx.loss_window_steps}, tmp / f"rank-{ctx.rank}.pt")
             if ctx.is_main:
                 self._write_main(ctx, tmp, name, owned_by_engine=deepspeed)
-        except OSError as err:
+        except Exception as err:  # noqa: BLE001  a full disk is OSError, torch's RuntimeError, SafetensorError
             error = err
-        ok = torch.tensor(0.0 if error else 1.0, device=accelerator.device)
-        if ctx.world_size > 1:
-            ok = accelerator.reduce(ok, "sum") / ctx.world_size
-        if ok.item() < 1.0:
-            if ctx.is_main:
-                shutil.rmtree(tmp, ignore_errors=True)
-            kept = list_checkpoints(ctx.run_dir)
-            raise LauncherError(
-                f"Could not write the checkpoint at step {ctx.step} ({error or 'failed on another rank'}). "
-                f"Nothing was lost: the newest complete checkpoint is "
-                f"{kept[0] if kept else 'none yet'}. Free disk space and relaunch the same command."
-            ) from error
+        self._stop_if_failed(ctx, tmp, error)
         if ctx.is_main:
-            # Hashed from the disk, after writing: the checksums vouch for the bytes that were stored.
-            meta_files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
-                          for f in sorted(tmp.rglob("*")) if f.is_file()}
-            meta = json.loads(strict_json(self._meta(ctx, meta_files)))  # the digest is of what is stored
-            meta["meta_sha256"] = meta_digest(meta)
-            atomic_write_text(tmp / "meta.json", strict_json(meta, indent=1))
-            if (root / name).exists():  # a corrupt checkpoint of this step, skipped at resume: set aside
-                os.replace(root / name, root / f".corrupt-{name}-{time.strftime('%Y%m%d-%H%M%S')}")
-            os.replace(tmp, root / name)  # the checkpoint becomes visible only when complete
-            _fsync_dir(root)
+            try:
+                self._publish(ctx, tmp, root / name)
+            except OSError as err:
+                error = err
+        self._stop_if_failed(ctx, tmp, error)
+        if ctx.is_main:
             self._prune(ctx)
-        accelerator.wait_for_everyone()
+        ctx.accelerator.wait_for_everyone()
+
+    @staticmethod
+    def _stop_if_failed(ctx, tmp: Path, error: Optional[BaseException]) -> None:
+        """On every rank: if any rank failed to write, remove the half-written folder and stop with
+        a message naming the newest intact checkpoint (the earlier ones are untouched)."""
+        ok = torch.tensor(0.0 if error else 1.0, device=ctx.accelerator.device)
+        if ctx.world_size > 1:
+            ok = ctx.accelerator.reduce(ok, "sum") / ctx.world_size
+        if ok.item() == 1.0:
+            return
+        if ctx.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        kept = [f for f in list_checkpoints(ctx.run_dir) if verify(f) is None] if ctx.is_main else []
+        reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if error else "failed on another rank"
+        raise LauncherError(
+            f"Could not write the checkpoint at step {ctx.step} ({reason}). Nothing was lost: the newest "
+            f"intact checkpoint is {kept[0] if kept else 'none yet' if ctx.is_main else 'named by rank 0'}. "
+            "Free disk space (or fix the error named) and relaunch the same command; it resumes from there."
+        ) from None
+
+    def _publish(self, ctx, tmp: Path, final: Path) -> None:
+        """Main process: meta.json last, then the rename that makes the checkpoint visible."""
+        # Hashed from the disk, after writing: the checksums vouch for the bytes that were stored.
+        meta_files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+                      for f in sorted(tmp.rglob("*")) if f.is_file()}
+        meta = json.loads(strict_json(self._meta(ctx, meta_files)))  # the digest is of what is stored
+        meta["meta_sha256"] = meta_digest(meta)
+        atomic_write_text(tmp / "meta.json", strict_json(meta, indent=1))
+        if final.exists():
+            # A checkpoint of this step already (a relaunch that resumed from it and saves again):
+            # an intact one is replaced, a damaged one (skipped at resume) is set aside for inspection.
+            label = "old" if verify(final) is None else "corrupt"
+            aside = final.with_name(f".{label}-{final.name}-{time.strftime('%Y%m%d-%H%M%S')}")
+            os.replace(final, aside)
+            os.replace(tmp, final)
+            if label == "old":
+                shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.replace(tmp, final)  # the checkpoint becomes visible only when complete
+        _fsync_dir(final.parent)
 
     def _write_main(self, ctx, folder: Path, name: str, owned_by_engine: bool) -> None:
         """trainer.pt; with owned_by_engine (DeepSpeed) the optimizer and loss scaler are in its files."""
@@ -389,6 +435,10 @@ class Checkpoint(Plugin):
         return Path(value) if kind == "path" else None
 
     def _choose_on_main(self, ctx) -> tuple[str, Optional[str]]:
+        # Half-written folders of a run killed while saving: no run writes them now (the run
+        # directory is locked), and on a full disk they hold the space a new checkpoint needs.
+        for leftover in (ctx.run_dir / "checkpoints").glob(".tmp-step-*"):
+            shutil.rmtree(leftover, ignore_errors=True)
         resume = self.options.resume
         if resume == "none":
             old = ctx.run_dir / "checkpoints"

@@ -96,8 +96,9 @@ def manifest(recipe, world_size: int, device: str, mixed_precision: str) -> dict
 
 
 def write_status(run_dir: Path, state: str, **facts: Any) -> None:
-    """<run dir>/status.json: running, interrupted (checkpointed on a signal; relaunch to
-    continue) or finished. Job scripts (slurm/train.sbatch) decide on requeueing from it."""
+    """<run dir>/status.json: running, interrupted (stopped by a signal, checkpointed when the
+    checkpoint plugin is on; relaunch to continue), failed (with the error) or finished. Job
+    scripts (slurm/train.sbatch) decide on requeueing from it."""
     import time
 
     atomic_write_text(run_dir / "status.json", json.dumps({"state": state, "time": time.time(), **facts}) + "\n")

@@ -357,6 +357,9 @@ class Checkpoint(Plugin):
             shutil.rmtree(tmp, ignore_errors=True)
         kept = [f for f in list_checkpoints(ctx.run_dir) if verify(f) is None] if ctx.is_main else []
         reason = f"{type(error).__name__}: {str(error).splitlines()[0][:300]}" if error else "failed on another rank"
+        if error and _disk_nearly_full(tmp.parent, kept[0] if kept else None):
+            # torch.save reports a full disk as "unexpected pos 26560 vs 26448": say what it means.
+            reason = f"the disk is full: {shutil.disk_usage(tmp.parent).free // 2**20} MiB free; {reason}"
         raise LauncherError(
             f"Could not write the checkpoint at step {ctx.step} ({reason}). Nothing was lost: the newest "
             f"intact checkpoint is {kept[0] if kept else 'none yet' if ctx.is_main else 'named by rank 0'}. "
@@ -541,6 +544,15 @@ class Checkpoint(Plugin):
             raise LauncherError(
                 f"The checkpoint stopped mid-epoch with data.streams={meta['streams']}, which {ctx.world_size} "
                 f"processes cannot share evenly; resume on a number of processes that divides {meta['streams']}.")
+
+
+def _disk_nearly_full(root: Path, previous: Optional[Path]) -> bool:
+    """Less room left than one more checkpoint takes (the previous one's size, else 1 MiB)."""
+    try:
+        needed = sum(f.stat().st_size for f in previous.rglob("*") if f.is_file()) if previous else 2**20
+        return shutil.disk_usage(root).free < needed
+    except OSError:
+        return False
 
 
 def _fsync_dir(path: Path) -> None:

@@ -134,6 +134,17 @@ class Fault(Plugin):
     with SIGKILL (no Python cleanup at all), at the end of that step, after writing the time to
     <run dir>/fault.json. From the environment, so a relaunch runs the same recipe without it."""
 
+    def eval_models(self, ctx, models):
+        """LAUNCHER_TEST_EVAL_PAUSE=SECONDS: pause in the final evaluation (after the last step),
+        after creating <run dir>/final-eval, so that a test can signal the run just then."""
+        import os
+        import time
+
+        if os.environ.get("LAUNCHER_TEST_EVAL_PAUSE") and ctx.step >= ctx.total_steps:
+            (ctx.run_dir / "final-eval").touch()
+            time.sleep(float(os.environ["LAUNCHER_TEST_EVAL_PAUSE"]))
+        return models
+
     def on_step_end(self, ctx):
         import os
         import time

@@ -281,3 +281,73 @@ def test_damaged_checkpoints_are_skipped_whatever_the_damage(digits, tmp_path):
     with pytest.warns(UserWarning, match=r"skipping checkpoint step-00000020: .*trainer.pt' cannot be loaded safely"):
         ctx = train(recipe(digits, tmp_path / "run", 25))
     assert ctx.step == 25 and not marker.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A real 1 MiB file system (tmpfs; needs root, else the test is skipped) that a test can grow."""
+    import subprocess
+
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    mount = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(disk)], capture_output=True, text=True)
+    if mount.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root): {mount.stderr.strip()}")
+
+    def grow(size):
+        subprocess.run(["mount", "-o", f"remount,size={size}", str(disk)], check=True)
+
+    yield disk, grow
+    subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_full_disk_stops_the_run_keeping_the_last_checkpoint_and_the_relaunch_resumes_exactly(
+        digits, tmp_path, small_disk):
+    """A checkpoint is ~650 kB: step 10's fits on 1 MiB, step 20's does not. The run stops with
+    the newest intact checkpoint named and no half-written folder; after freeing space the same
+    command resumes from step 10 and ends as an uninterrupted run."""
+    disk, grow = small_disk
+    train(recipe(digits, tmp_path / "straight", 20))
+    with pytest.raises(LauncherError, match=r"Could not write the checkpoint at step 20 \(the disk is full: \d+ MiB free; "
+                                            r".*the newest intact checkpoint is .*step-00000010\. Free disk space"):
+        train(recipe(digits, disk / "run", 20))
+    assert [p.name for p in (disk / "run" / "checkpoints").iterdir()] == ["step-00000010"]
+    assert verify(disk / "run" / "checkpoints" / "step-00000010") is None
+    assert json.loads((disk / "run" / "status.json").read_text())["state"] == "failed"
+    grow("4m")
+    train(recipe(digits, disk / "run", 20))
+    same_run(tmp_path / "straight", disk / "run")
+
+
+def test_resaving_a_step_that_has_an_intact_checkpoint_replaces_it(digits, tmp_path):
+    """Resuming from an older checkpoint (resume: PATH) trains over a step saved before: the intact
+    checkpoint of that step is replaced, not set aside as .corrupt (that is for damaged ones)."""
+    train(recipe(digits, tmp_path / "run", 20))
+    older = tmp_path / "run" / "checkpoints" / "step-00000010"
+    train(recipe(digits, tmp_path / "run", 20, plugins={"checkpoint": {"every_steps": 10, "resume": str(older)}}))
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == ["step-00000010", "step-00000020"]
+    assert verify(tmp_path / "run" / "checkpoints" / "step-00000020") is None
+
+
+def test_the_run_directory_lock_sees_a_rank_of_another_launch_and_dies_with_it(tmp_path):
+    """An orphaned rank 1 of a killed launch still holds its byte of .lock: a new launch is refused
+    until that process is gone (the kernel drops its lock; nothing stale to clean up)."""
+    import subprocess
+    import sys
+
+    from launcher.runlog import RunDirLock
+
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); "
+                               "fcntl.lockf(f, fcntl.LOCK_EX, 1, 1); print('locked', flush=True); time.sleep(120)",
+                               str(tmp_path / ".lock")], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        problem = RunDirLock(tmp_path).acquire_main()
+        assert problem and "is in use by another run" in problem and "give this run another run.dir" in problem
+    finally:
+        holder.kill()
+        holder.wait()
+    lock = RunDirLock(tmp_path)
+    assert lock.acquire_main() is None
+    assert f"pid {__import__('os').getpid()}" in (tmp_path / ".lock").read_text()
+    lock.release()

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -16,17 +17,18 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, accelerate_cmd, small_recipe
+from tests.conftest import REPO, accelerate_cmd, run_cli, small_recipe
 
 pytestmark = pytest.mark.slow
 
 
-def write_recipe(digits, tmp_path, name, **data) -> tuple[Path, Path]:
+def write_recipe(digits, tmp_path, name, plugins=None, **data) -> tuple[Path, Path]:
     run_dir = tmp_path / name
     raw = small_recipe(digits, run_dir, train={"epochs": 2}, run={"log_every": 5, "progress": False},
                        data={"num_workers": 2, "augment": {"crop_padding": 2, "rotation": 10, "random_erasing": 0.3},
                              **data},
-                       plugins={"checkpoint": {"every_steps": 10}, "recorder": {"trace": False, "stream": True}})
+                       plugins=plugins or {"checkpoint": {"every_steps": 10},
+                                           "recorder": {"trace": False, "stream": True}})
     path = tmp_path / f"{name}.yaml"
     path.write_text(yaml.safe_dump(raw))
     return path, run_dir
@@ -130,21 +132,79 @@ def test_sigkill_at_several_moments_then_relaunch_gives_the_same_model(digits, t
     assert_each_sample_once_per_epoch(trained_ids(run, 1))
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGUSR1], ids=["SIGTERM", "SIGUSR1"])
-def test_a_signal_checkpoints_exits_75_and_resumes_exactly(sig, digits, tmp_path, straight):
+def status(run: Path) -> dict:
+    return json.loads((run / "status.json").read_text())
+
+
+def steps_done(run: Path) -> int:
+    path = run / "ids-rank0.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+# Ctrl-C in a terminal signals the whole foreground process group: the launcher and its loader workers.
+@pytest.mark.parametrize("sig, to_group, code", [(signal.SIGTERM, False, 75), (signal.SIGUSR1, False, 75),
+                                                 (signal.SIGINT, True, 130)], ids=["SIGTERM", "SIGUSR1", "Ctrl-C"])
+def test_a_signal_checkpoints_exits_75_or_130_and_resumes_exactly(sig, to_group, code, digits, tmp_path, straight):
     recipe, run = write_recipe(digits, tmp_path, "stopped")
     cmd = [sys.executable, "-m", "launcher", str(recipe)]
     log = tmp_path / "stopped.log"
     proc = start(cmd, log)
-    assert wait_for(lambda: (run / "ids-rank0.jsonl").exists()
-                    and len((run / "ids-rank0.jsonl").read_text().splitlines()) >= 13, proc)
-    os.kill(proc.pid, sig)
-    assert proc.wait(timeout=120) == 75, log.read_text()[-2000:]
+    assert wait_for(lambda: steps_done(run) >= 13, proc)
+    (os.killpg if to_group else os.kill)(proc.pid, sig)
+    assert proc.wait(timeout=120) == code, log.read_text()[-2000:]
     step = int(checkpoints(run)[-1].name.split("-")[1])
     assert step >= 13 and step % 10 != 0  # saved at the step it was working on, not a periodic one
     assert not (run / "final").exists()
+    assert status(run)["state"] == "interrupted" and status(run)["exit_code"] == code
+    assert "Traceback" not in log.read_text()
     finish(cmd, log)
     assert_same_run(straight, run)
+
+
+def test_ctrl_c_without_checkpoints_stops_with_one_line_and_status_interrupted(digits, tmp_path):
+    recipe, run = write_recipe(digits, tmp_path, "plain", plugins={"recorder": {"trace": False, "stream": True}})
+    log = tmp_path / "plain.log"
+    proc = start([sys.executable, "-m", "launcher", str(recipe)], log)
+    assert wait_for(lambda: steps_done(run) >= 3, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    assert proc.wait(timeout=120) == 130
+    assert "Traceback" not in log.read_text() and "interrupted (Ctrl-C)" in log.read_text()
+    assert status(run)["state"] == "interrupted" and status(run)["exit_code"] == 130
+
+
+def test_a_signal_during_the_final_evaluation_lets_the_run_finish_with_its_final_weights(digits, tmp_path):
+    recipe, run = write_recipe(digits, tmp_path, "ending", plugins={"checkpoint": {"every_steps": 10},
+                                                                   "test_fault": {}})
+    log = tmp_path / "ending.log"
+    proc = start([sys.executable, "-m", "launcher", str(recipe), "train.max_steps=12"], log,
+                 LAUNCHER_TEST_EVAL_PAUSE="3")
+    assert wait_for(lambda: (run / "final-eval").exists(), proc)
+    os.kill(proc.pid, signal.SIGTERM)
+    assert proc.wait(timeout=120) == 0, log.read_text()[-2000:]
+    assert status(run)["state"] == "finished" and status(run)["step"] == 12
+    assert (run / "final" / "model.safetensors").exists()
+    assert json.loads((run / "metrics.jsonl").read_text().splitlines()[-1]).keys() >= {"step", "val/top1"}
+    assert [p.name for p in checkpoints(run)] == ["step-00000010", "step-00000012"]
+
+
+def test_a_second_run_in_the_same_run_directory_is_refused_while_the_first_runs(digits, tmp_path):
+    """Two launches in one run directory would overwrite each other's checkpoints (orphaned ranks
+    of a killed launch too); the lock dies with its processes, so a kill -9 leaves none behind."""
+    recipe, run = write_recipe(digits, tmp_path, "shared", plugins={"checkpoint": {"every_steps": 10},
+                                                                   "recorder": {"trace": False, "stream": True},
+                                                                   "test_fault": {}})
+    cmd = [sys.executable, "-m", "launcher", str(recipe)]
+    log = tmp_path / "shared.log"
+    first = start(cmd, log, LAUNCHER_TEST_STEP_PAUSE="0.5")
+    assert wait_for(lambda: steps_done(run) >= 2, first)
+    second = run_cli(cmd)
+    assert second.returncode == 2, second.stderr[-2000:]
+    assert f"is in use by another run (host {socket.gethostname()}, pid {first.pid}," in second.stderr
+    assert "Traceback" not in second.stderr
+    assert first.poll() is None and status(run)["state"] == "running"
+    kill(first)
+    finish(cmd, log)
+    assert status(run)["state"] == "finished"
 
 
 def test_two_processes_killed_and_relaunched_give_the_same_model(digits, tmp_path):

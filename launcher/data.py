@@ -529,7 +529,7 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) ->
         iterator = _rng_preserving(iter(stream))
     else:
         iterator = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                   prefetch_factor=2, worker_init_fn=_ignore_ctrl_c))
+                                   prefetch_factor=2, worker_init_fn=_ignore_stop_signals))
     try:
         for item in iterator:
             yield Batch(**item)
@@ -538,12 +538,14 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) ->
         raise LauncherError(str(err).rsplit("LauncherError: ", 1)[-1].strip()) from None
 
 
-def _ignore_ctrl_c(worker_id: int) -> None:
-    """Ctrl-C reaches the loader workers too (one process group); a worker that died of it would
-    fail the step that the main process is finishing before it checkpoints and stops."""
+def _ignore_stop_signals(worker_id: int) -> None:
+    """Ctrl-C reaches the loader workers too (one process group), and Slurm signals every process
+    of a job step (scancel, the time-limit warning): a worker killed by it would fail the step that
+    the training process is finishing before it checkpoints. Workers stop when it tells them."""
     import signal
 
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 def _rng_preserving(iterator: Iterator) -> Iterator:

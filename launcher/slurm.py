@@ -5,12 +5,14 @@
     python -m launcher.slurm submit RECIPE --dry-run            # print the batch script, submit nothing
     python -m launcher.slurm submit RECIPE --sweep seed=0,1,2   # a job array, one run directory per value
     python -m launcher.slurm status RUN_DIR                     # job, state, restarts, last checkpoint
+    python -m launcher.slurm cancel RUN_DIR                     # stop for good (checkpoint, no requeue)
 
 `submit` validates the recipe and the run directory before anything waits in a queue,
 writes the resolved recipe to <run dir>/slurm/recipe.yaml (the job trains exactly that),
 fills the batch-script template (slurm/train.sbatch; --template for your own), and calls
-sbatch. The template starts one `accelerate launch` per node with srun, checkpoints on the
-time-limit warning (SIGUSR1) or preemption (SIGTERM), and requeues itself.
+sbatch. The template starts one `accelerate launch` per node with srun (launcher.node),
+checkpoints on the time-limit warning (SIGUSR1) and requeues itself, or checkpoints on
+SIGTERM (scancel, preemption) and ends.
 """
 
 from __future__ import annotations
@@ -218,8 +220,8 @@ def describe(run_dir: Path) -> dict:
     return info
 
 
-def status(args) -> int:
-    run_dir = Path(args.run_dir)
+def submitted_run_dirs(run_dir: Path) -> list[Path]:
+    """The run directory, or the run directories of the sweep it holds, with their job records."""
     if not run_dir.is_dir():
         raise LauncherError(f"'{run_dir}' is not a directory.")
     dirs = [run_dir] if (run_dir / "slurm" / "jobs.json").exists() else \
@@ -227,7 +229,36 @@ def status(args) -> int:
     if not dirs:
         raise LauncherError(f"'{run_dir}' has no job submitted by `python -m launcher.slurm submit` "
                             "(no slurm/jobs.json in it or its sweep folders).")
-    infos = [describe(d) for d in dirs]
+    return dirs
+
+
+# Job states in which a job may still train (a requeued job waits as PENDING or REQUEUED).
+ACTIVE_STATES = ("PENDING", "RUNNING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED", "RESIZING", "SUSPENDED",
+                 "CONFIGURING", "COMPLETING", "STOPPED", "SIGNALING", "STAGE_OUT")
+
+
+def cancel(args) -> int:
+    """Stop a run for good: scancel its job. A running job's batch script gets SIGTERM, every rank
+    checkpoints at the end of its step and the job ends without requeueing itself (train.sbatch);
+    a job waiting to restart is removed from the queue. Resubmitting continues from the checkpoint."""
+    scancel = _require("scancel")
+    for run_dir in submitted_run_dirs(Path(args.run_dir)):
+        info = describe(run_dir)
+        job, state = info["job_id"], info.get("JobState")
+        if state not in ACTIVE_STATES:
+            print(f"{run_dir}: job {job} is {state or 'unknown to Slurm now'}; nothing to cancel")
+            continue
+        result = subprocess.run([scancel, job], capture_output=True, text=True)
+        if result.returncode != 0:
+            raise LauncherError(f"scancel {job} failed: {result.stderr.strip() or result.stdout.strip()}")
+        print(f"{run_dir}: cancelled job {job} ({state}); "
+              + ("its ranks checkpoint at the end of their step and it will not requeue itself"
+                 if state == "RUNNING" else "it will not start again"))
+    return 0
+
+
+def status(args) -> int:
+    infos = [describe(d) for d in submitted_run_dirs(Path(args.run_dir))]
     if args.json:
         print(json.dumps(infos, indent=1))
         return 0
@@ -281,6 +312,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     st = sub.add_parser("status", help="job state, restarts and last checkpoint of a run directory")
     st.add_argument("run_dir")
     st.add_argument("--json", action="store_true")
+    ca = sub.add_parser("cancel", help="stop a run's job for good (it checkpoints first; no requeue)")
+    ca.add_argument("run_dir")
     # Overrides may come after the options (argparse stops collecting positionals at the first option).
     args, rest = parser.parse_known_args(argv)
     stray = [r for r in rest if r.startswith("-") or args.command != "submit"]
@@ -288,7 +321,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if args.command == "submit":
         args.overrides += rest
-    return run_command(lambda: submit(args) if args.command == "submit" else status(args))
+    return run_command(lambda: {"submit": submit, "status": status, "cancel": cancel}[args.command](args))
 
 
 if __name__ == "__main__":

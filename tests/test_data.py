@@ -357,8 +357,9 @@ def test_a_repeated_sample_key_is_refused_naming_shard_and_key(tmp_path):
         index_shards(str(path), "data.train")
 
 
-def test_a_label_too_large_for_any_class_is_refused(tmp_path):
-    path = _tar_with(tmp_path, [("a.npy", _npy_bytes(np.zeros((4, 4), np.uint8))), ("a.cls", b"1" * 23)])
+@pytest.mark.parametrize("label", [b"1" * 23, b"\xff\xfe"], ids=["23 digits", "not UTF-8"])
+def test_a_label_too_large_for_any_class_is_refused(tmp_path, label):
+    path = _tar_with(tmp_path, [("a.npy", _npy_bytes(np.zeros((4, 4), np.uint8))), ("a.cls", label)])
     with pytest.raises(LauncherError, match=r"sample 'a' in shard .* label that is not a class number"):
         index_shards(str(path), "data.train")
 

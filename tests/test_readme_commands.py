@@ -46,6 +46,7 @@ README_COMMANDS = {
     "python benchmarks/loop_overhead.py": ("here", "benchmark"),
     "python -m launcher.slurm submit recipes/digits.yaml --sweep seed=0,1,2": ("test", "tests/test_slurm.py::test_a_sweep_makes_one_run_directory_per_value"),
     "python -m launcher.slurm status runs/wrn": ("test", "tests/test_slurm.py::test_two_nodes_train_with_two_ranks_like_a_local_run"),
+    "python -m launcher.slurm cancel runs/wrn": ("test", "tests/test_slurm.py::test_cancel_checkpoints_and_stops_for_good"),
     "slurm/cluster.sh start": ("test", "tests/test_slurm.py::test_two_nodes_train_with_two_ranks_like_a_local_run"),
     "slurm/cluster.sh stop": ("test", "tests/test_slurm.py::test_two_nodes_train_with_two_ranks_like_a_local_run"),
     "python -m launcher.slurm submit recipes/digits.yaml --nodes 2 --time 10 \"plugins.checkpoint={}\"": ("test", "tests/test_slurm.py::test_two_nodes_train_with_two_ranks_like_a_local_run"),
@@ -188,3 +189,16 @@ def test_the_benchmark_command_runs(tmp_path):
                                                                      "--out", str(tmp_path / "bench.md")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ratio" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_guarantee_table_names_tests_that_exist():
+    """tests/README.md lists bad inputs and faults with the test that covers each: every test it
+    names must exist (FILE.py::name in that file, a bare test_name in some test file)."""
+    table = (REPO / "tests" / "README.md").read_text()
+    sources = {p.name: p.read_text() for p in (REPO / "tests").glob("test_*.py")}
+    qualified = re.findall(r"(test_\w+\.py)::(test_\w+)", table)
+    assert len(qualified) >= 20
+    for file, name in qualified:
+        assert f"def {name}(" in sources[file], f"tests/README.md names {file}::{name}, which does not exist"
+    for name in re.findall(r"`(test_\w+)`", table):
+        assert any(f"def {name}(" in text for text in sources.values()), f"tests/README.md names {name}"

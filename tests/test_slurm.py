@@ -5,7 +5,9 @@ munge with two emulated nodes on this machine (and stops them afterwards).
 - a DeepSpeed ZeRO-3 recipe runs on 2 nodes through the same script, same weights as locally;
 - the time-limit warning (SIGUSR1 to the batch shell) and `scancel --signal=USR1` both make
   every rank checkpoint; the job requeues itself, restarts with SLURM_RESTART_COUNT=1,
-  resumes, and ends with the same weights as the uninterrupted run;
+  resumes, and ends with the same weights as the uninterrupted run, with one line per node
+  in the log (no torch elastic traceback);
+- `launcher.slurm cancel` (scancel) checkpoints and ends the job for good: no requeue;
 - --dry-run prints the script (snapshot), a sweep makes one run directory per value, and bad
   input (invalid recipe, another recipe's run directory, no sbatch) fails before the queue.
 """
@@ -173,6 +175,9 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(uninterrupt
 
     run_dir = interrupted_then_resumed(tmp, recipe, "time_limit", shorten_time_limit)
     assert "SIGUSR1 received" in logs(run_dir)
+    # One line per node, not torch elastic's SignalException traceback and ChildFailedError table.
+    assert "the training processes checkpointed and exited with status 75" in logs(run_dir)
+    assert "Traceback" not in logs(run_dir) and "SignalException" not in logs(run_dir)
     assert weights(run_dir) == weights(tmp / "slurm_run")
 
 
@@ -181,6 +186,29 @@ def test_scancel_usr1_behaves_the_same(uninterrupted):
     run_dir = interrupted_then_resumed(
         tmp, recipe, "scancel", lambda job_id: subprocess.run(["scancel", "--signal=USR1", job_id], check=True))
     assert weights(run_dir) == weights(tmp / "slurm_run")
+
+
+def test_cancel_checkpoints_and_stops_for_good(cluster, digits, tmp_path):
+    """`launcher.slurm cancel` (scancel: SIGTERM to the batch shell and the steps) checkpoints and
+    ends the job; it must not requeue itself as it does on the time-limit warning."""
+    run_dir = tmp_path / "cancelled"
+    job_id, proc = submit(str(recipe_file(digits, tmp_path, "cancelled")), "--nodes", "2", "--time", "30", env=PACE)
+    assert job_id, proc.stderr
+    wait_for(lambda: trained_steps(run_dir) >= 100, 180, "training to reach step 100")
+    cancel = run_cli([sys.executable, "-m", "launcher.slurm", "cancel", str(run_dir)])
+    assert cancel.returncode == 0 and f"cancelled job {job_id} (RUNNING)" in cancel.stdout, cancel.stderr
+    wait_done(job_id)
+    time.sleep(5)  # a requeue would show as Restarts=1, PENDING
+    state = job(job_id)
+    assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", (state, logs(run_dir))
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "interrupted" and status["step"] >= 100
+    assert (run_dir / "checkpoints" / f"step-{status['step']:08d}").is_dir()
+    log = logs(run_dir)
+    assert "SIGTERM received (scancel or preemption)" in log and "not requeueing" in log
+    assert "Traceback" not in log and "SignalException" not in log
+    again = run_cli([sys.executable, "-m", "launcher.slurm", "cancel", str(run_dir)])
+    assert again.returncode == 0 and "is CANCELLED; nothing to cancel" in again.stdout
 
 
 def test_time_limits_in_slurm_forms():

@@ -196,16 +196,22 @@ def train(recipe) -> RunContext:
     ctx.is_main = ctx.accelerator.is_main_process
     # If another rank dies, this one stops within distributed.failure_timeout and names it.
     watchdog = RankWatchdog.start_for(ctx.world_size, ctx.rank, recipe.distributed.failure_timeout)
+    if watchdog is not None:  # status.json names the rank that failed first
+        watchdog.on_abort = lambda why: _record_failure(ctx, RuntimeError(why), message=why)
     try:
         _train(ctx)
     except BaseException as exc:
         _record_failure(ctx, exc)
         if watchdog is not None:
             watchdog.report_failure(exc)
+            if watchdog.verdict and isinstance(exc, Exception):
+                _record_failure(ctx, exc, message=watchdog.verdict)  # another rank failed first
         raise
     finally:
         if ctx.run_lock is not None:
             ctx.run_lock.release()
+        if watchdog is not None:
+            watchdog.on_abort = None  # let go of ctx: the process group must not outlive the run
     if watchdog is not None:
         watchdog.finished()
     return ctx
@@ -229,7 +235,7 @@ def _lock_run_dir(ctx: RunContext) -> None:
     ctx.run_lock = lock
 
 
-def _record_failure(ctx: RunContext, exc: BaseException) -> None:
+def _record_failure(ctx: RunContext, exc: BaseException, message: Optional[str] = None) -> None:
     """status.json says "failed" with the reason, written by the rank that failed (the others may
     be stopped by the watchdog before they get here), once the run directory exists."""
     if not ctx.started:
@@ -238,7 +244,8 @@ def _record_failure(ctx: RunContext, exc: BaseException) -> None:
         if isinstance(exc, KeyboardInterrupt):  # Ctrl-C with no plugin handling it (no checkpoint)
             write_status(ctx.run_dir, "interrupted", step=ctx.step, reason="Ctrl-C", exit_code=130)
         elif isinstance(exc, Exception):
-            message = str(exc) if isinstance(exc, LauncherError) else f"{type(exc).__name__}: {exc}"
+            if message is None:
+                message = str(exc) if isinstance(exc, LauncherError) else f"{type(exc).__name__}: {exc}"
             write_status(ctx.run_dir, "failed", step=ctx.step, rank=ctx.rank, error=message[:2000])
     except OSError:
         pass  # the original error matters more

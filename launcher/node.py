@@ -18,14 +18,14 @@ import signal
 import sys
 from typing import Optional
 
+import psutil  # imported now: a signal must be passed on at once, not after an import
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: a training process checkpointed on a signal (relaunch to continue)
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
 
 def _pass_on(signum, frame) -> None:
     """Send the signal to the training processes (this process's children)."""
-    import psutil
-
     for child in psutil.Process().children(recursive=False):
         try:
             child.send_signal(signum)

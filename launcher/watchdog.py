@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from datetime import timedelta
-from typing import Optional
+from typing import Callable, Optional
 
 EXIT_PEER_FAILED = 1
 
@@ -61,6 +61,9 @@ class RankWatchdog:
         self.stopped = threading.Event()
         self.thread: Optional[threading.Thread] = None
         self.verdict: Optional[str] = None
+        # Called with the verdict just before the watchdog ends the process (the loop records it
+        # in status.json: the main thread may be stuck in a collective and never get to).
+        self.on_abort: Optional[Callable[[str], None]] = None
 
     @classmethod
     def start_for(cls, world_size: int, rank: int, timeout: float) -> Optional["RankWatchdog"]:
@@ -112,6 +115,7 @@ class RankWatchdog:
             first = self._op(lambda s: s.compare_set(self._key("failed"), "", f"{self.rank}\t{message}"))
             first_rank, _, first_error = first.decode().partition("\t")
             if int(first_rank) != self.rank:
+                self.verdict = f"rank {first_rank} failed first: {first_error}"
                 self._say(f"rank {first_rank} failed first ({first_error}); this rank then failed with {message}")
                 return
         except Exception:
@@ -170,6 +174,11 @@ class RankWatchdog:
         self._say(f"{why}. Stopping rank {self.rank} instead of waiting in a collective; relaunch the same "
                   "command to resume from the last checkpoint.")
         self.stopped.set()
+        if self.on_abort is not None:
+            try:
+                self.on_abort(why)
+            except Exception:
+                pass  # stopping matters more
         self.exit(EXIT_PEER_FAILED)
 
     def _say(self, text: str) -> None:

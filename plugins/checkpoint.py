@@ -266,7 +266,7 @@ class Checkpoint(Plugin):
             if ctx.is_main:
                 print(f"\n[checkpoint] {ctx.stop_reason}: saved step {ctx.step}, exiting with status "
                       f"{ctx.exit_code}; relaunch the same command to continue.", flush=True)
-            self._restore_handlers()
+            self._restore_handlers(stopping=True)
 
     def on_epoch_end(self, ctx) -> None:
         every = self.options.every_epochs
@@ -275,7 +275,7 @@ class Checkpoint(Plugin):
 
     def on_train_end(self, ctx) -> None:
         self.save(ctx)
-        self._restore_handlers()
+        self._restore_handlers(stopping=bool(self.signalled))
 
     def state_dict(self) -> dict:
         return {"scores": dict(self.scores)}
@@ -285,8 +285,14 @@ class Checkpoint(Plugin):
 
     # ------------------------------------------------------------ signals
 
-    def _restore_handlers(self) -> None:
+    def _restore_handlers(self, stopping: bool = False) -> None:
+        """Give the process its own handlers back. When stopping on a signal, SIGTERM and SIGUSR1
+        are ignored instead: the same stop request often arrives twice (from Slurm and from
+        launcher.node), and a late copy must not kill the process between its checkpoint and
+        its exit status (it would die with -15 and leave status.json at "running")."""
         for signum, handler in self.previous_handlers.items():
+            if stopping and signum != signal.SIGINT:
+                handler = signal.SIG_IGN
             signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
         self.previous_handlers.clear()
 

@@ -429,7 +429,7 @@ def test_a_killed_rank_on_another_node_stops_the_job_within_the_timeout_and_rela
     assert max(ended for _, _, ended in nodes) - fault["time"] < 10 + 5
     assert "error on rank 0: rank 1 failed first" in nodes[0][1], nodes[0][1][-3000:]
     status = json.loads((tmp_path / "run" / "status.json").read_text())
-    assert status["state"] == "running"  # it never finished
+    assert status["state"] == "failed" and status["error"].startswith("rank 1 failed first"), status["error"]
     relaunched = run_nodes(node_commands(recipe, free_port()))
     assert [code for code, _, _ in relaunched] == [0, 0], relaunched[0][1][-3000:]
     assert "resumed from" in relaunched[0][1] and "(step 3, epoch 0" in relaunched[0][1]

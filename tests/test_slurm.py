@@ -149,15 +149,18 @@ def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt) -> P
     # Restarts=1 shows while the first run still completes; wait for the requeued job itself.
     wait_for(lambda: (lambda j: j.get("Restarts") == "1" and j.get("JobState") in ("PENDING", "RUNNING"))(job(job_id)),
              180, "the job to requeue itself")
-    status = json.loads((run_dir / "status.json").read_text())
-    assert status["state"] == "interrupted" and 100 <= status["step"] < 1150, status
-    assert (run_dir / "checkpoints" / f"step-{status['step']:08d}").is_dir()  # the checkpoint of the signal
     # The shortened limit would signal the restart at once: give it back before it starts.
     subprocess.run(["scontrol", "update", f"JobId={job_id}", "TimeLimit=30"], check=True)
+    # What the first run left (read from its log: the restart may already have replaced status.json).
+    first = (run_dir / "slurm" / f"job-{job_id}-restart-0.log").read_text()
+    assert "run state: interrupted" in first, first[-3000:]  # every rank checkpointed and exited 75
+    step = int(re.search(r"saved step (\d+), exiting with status 75", first).group(1))
+    assert 100 <= step < 1150
     state = wait_done(job_id)
     log = logs(run_dir)
     assert state["JobState"] == "COMPLETED" and state["Restarts"] == "1", log
     assert "restart 1 on n[1-2]" in log and "run state: finished" in log
+    assert f"resumed from {run_dir / 'checkpoints' / f'step-{step:08d}'}" in log  # the checkpoint of the signal
     assert (run_dir / "slurm" / f"job-{job_id}-restart-0.log").exists()
     assert (run_dir / "slurm" / f"job-{job_id}-restart-1.log").exists()
     return run_dir

@@ -33,6 +33,7 @@ import math
 import os
 import random
 import re
+import sys
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -529,7 +530,7 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) ->
         iterator = _rng_preserving(iter(stream))
     else:
         iterator = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                   prefetch_factor=2, worker_init_fn=_ignore_stop_signals))
+                                   prefetch_factor=2, worker_init_fn=_prepare_worker))
     try:
         for item in iterator:
             yield Batch(**item)
@@ -538,7 +539,7 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) ->
         raise LauncherError(str(err).rsplit("LauncherError: ", 1)[-1].strip()) from None
 
 
-def _ignore_stop_signals(worker_id: int) -> None:
+def _prepare_worker(worker_id: int) -> None:
     """Ctrl-C reaches the loader workers too (one process group), and Slurm signals every process
     of a job step (scancel, the time-limit warning): a worker killed by it would fail the step that
     the training process is finishing before it checkpoints. Workers stop when it tells them."""
@@ -546,6 +547,19 @@ def _ignore_stop_signals(worker_id: int) -> None:
 
     for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
+    sys.excepthook = _quiet_about_abandoned_handovers
+
+
+def _quiet_about_abandoned_handovers(kind, value, traceback) -> None:
+    """A worker hands each batch's tensors over through a file descriptor served by a thread of
+    multiprocessing's resource sharer. When the training process stops in the middle of taking one
+    (Ctrl-C without the checkpoint plugin raises KeyboardInterrupt anywhere), that thread's accept()
+    fails and multiprocessing prints a traceback through sys.excepthook, in a worker that is about
+    to be stopped anyway. The batch was never used, so nothing is lost: say nothing. Any other
+    error is printed as usual."""
+    if issubclass(kind, (ConnectionError, EOFError)):
+        return
+    sys.__excepthook__(kind, value, traceback)
 
 
 def _rng_preserving(iterator: Iterator) -> Iterator:

@@ -92,7 +92,11 @@ def run_nodes(commands, env=None, timeout=600) -> list[tuple[int, str, float]]:
     results = [None, None]
 
     def wait(i):
-        out, _ = procs[i].communicate(timeout=timeout)
+        try:
+            out, _ = procs[i].communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:  # end the machine's ranks too, or they slow every later test
+            os.killpg(procs[i].pid, signal.SIGKILL)
+            out = procs[i].communicate()[0] + f"\n[test] killed after {timeout} s"
         results[i] = (procs[i].returncode, out, time.time())
 
     threads = [threading.Thread(target=wait, args=(i,)) for i in range(2)]

@@ -26,8 +26,10 @@ demo: setup data/digits/info.json
 	CUDA_VISIBLE_DEVICES= $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
 		--mixed_precision no --dynamo_backend no -m launcher recipes/digits.yaml $(RUN_ARGS)
 
+# A whole-suite limit too (tests have their own, pyproject.toml): a process that hangs after the
+# tests, at exit, fails the run instead of holding CI until its own limit.
 test: setup
-	$(PY) -m pytest -q -ra --durations=25 tests
+	timeout -k 30 3000 $(PY) -m pytest -q -ra --durations=25 tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests

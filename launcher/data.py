@@ -27,6 +27,7 @@ any process count that divides it trains on the same global batches. Non-local s
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import io
 import math
@@ -35,6 +36,7 @@ import random
 import re
 import sys
 import tarfile
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
@@ -526,17 +528,43 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) ->
     """Iterate a stream through a DataLoader. Workers hand back whole batches in turn, so the
     order is the step order. With no workers, loading runs here, and the per-sample seeding
     must not disturb the training process's own RNG (dropout, plugins)."""
+    loader = None
     if num_workers == 0:
         iterator = _rng_preserving(iter(stream))
     else:
-        iterator = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
-                                   prefetch_factor=2, worker_init_fn=_prepare_worker))
+        iterator = loader = iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
+                                            pin_memory=pin_memory, prefetch_factor=2, worker_init_fn=_prepare_worker))
+        _running_loaders.add(loader)
     try:
         for item in iterator:
             yield Batch(**item)
     except LauncherError as err:
         # A loader worker's LauncherError arrives wrapped with the worker's traceback: keep the message.
         raise LauncherError(str(err).rsplit("LauncherError: ", 1)[-1].strip()) from None
+    finally:
+        if loader is not None:
+            _stop_workers(loader)
+
+
+# DataLoader iterators whose workers may still run. The workers ignore SIGTERM (_prepare_worker),
+# so they must be asked to stop: multiprocessing's exit handler would terminate them with SIGTERM
+# and then wait for them forever. That happened to a process that kept a training error (and so
+# the suspended loader) until it exited, as a test runner does.
+_running_loaders: "weakref.WeakSet" = weakref.WeakSet()
+
+
+def _stop_workers(loader) -> None:
+    """torch's own orderly shutdown of a DataLoader iterator's workers (done event, a wake-up for
+    each, join); private, as torch has no public way to close an iterator. Idempotent."""
+    shutdown = getattr(loader, "_shutdown_workers", None)
+    if shutdown is not None:
+        shutdown()
+
+
+@atexit.register  # registered after multiprocessing's exit handler (torch imports it), so it runs first
+def _stop_leftover_workers() -> None:
+    for loader in list(_running_loaders):
+        _stop_workers(loader)
 
 
 def _prepare_worker(worker_id: int) -> None:

@@ -412,3 +412,35 @@ def test_data_that_goes_bad_during_training_names_shard_and_sample_and_marks_the
         train(validate_recipe(raw))
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and "cannot be read" in status["error"]
+
+
+def test_a_process_that_keeps_a_training_error_still_exits_with_its_loader_workers(digits, tmp_path):
+    """Loader workers ignore SIGTERM (Slurm's stop signal must not kill them before the checkpoint),
+    so a DataLoader left suspended by an error must be stopped by the launcher: multiprocessing's
+    exit handler would send SIGTERM and wait forever. Seen as a test session that never exited."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from tests.conftest import REPO
+
+    raw = small_recipe(digits, tmp_path / "run", data={"num_workers": 2})
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    script = ("import sys, yaml\n"
+              "import launcher.data\n"
+              "from launcher.errors import LauncherError\n"
+              "from launcher.loop import train\n"
+              "from launcher.recipe import validate_recipe\n"
+              "def broken(data, ext):\n"
+              "    raise ValueError('not an image')\n"
+              "launcher.data.decode_image = broken  # in the workers too (forked)\n"
+              "try:\n"
+              "    train(validate_recipe(yaml.safe_load(open(sys.argv[1]))))\n"
+              "except LauncherError as err:\n"
+              "    kept = err  # held until exit, with the loader in its traceback\n"
+              "print('raised:', kept, flush=True)\n")
+    env = {**__import__("os").environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "r.yaml")], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and "cannot be read: ValueError: not an image" in done.stdout, done.stderr[-2000:]

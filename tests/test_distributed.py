@@ -43,7 +43,10 @@ from tests.conftest import REPO, accelerate_cmd, free_port, run_cli, small_recip
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
 WEIGHT_TOL = dict(atol=1e-5, rtol=1e-4)
-LOSS_RTOL = 1e-5
+# One process and two add the same per-sample gradients in another order; over 23 steps the
+# float32 rounding differences grow to ~1e-5 of the loss (1.2e-5 seen once), while a wrong
+# normalisation of the loss or a sample used twice moves it by 1e-3 and more.
+LOSS_RTOL = 5e-5
 
 
 def write(tmp_path: Path, name: str, raw: dict) -> Path:

@@ -351,3 +351,57 @@ def test_the_run_directory_lock_sees_a_rank_of_another_launch_and_dies_with_it(t
     assert lock.acquire_main() is None
     assert f"pid {__import__('os').getpid()}" in (tmp_path / ".lock").read_text()
     lock.release()
+
+
+def test_a_checkpoint_written_by_an_earlier_version_resumes(digits, tmp_path):
+    """tests/fixtures/checkpoint_format2 was written by an earlier launcher (see its script): steps 10
+    and 20 of one run. Today's code resumes from step 10 and reaches the state it had at step 20:
+    weights, optimizer momentum, the EMA plugin's weights, progress and logged rows. Compared with a
+    tolerance, not bit for bit: the fixture may come from another CPU, whose kernels round apart."""
+    import shutil
+
+    import yaml
+
+    from tests.fixtures.write_old_checkpoint import OUT, recipe as old_recipe
+
+    run = tmp_path / "run"
+    shutil.copytree(OUT / "step-00000010", run / "checkpoints" / "step-00000010")
+    old_meta = json.loads((OUT / "step-00000010" / "meta.json").read_text())
+    rows = (OUT / "metrics.jsonl").read_text().splitlines()
+    (run / "metrics.jsonl").write_text("\n".join(rows[: old_meta["metrics_rows"]]) + "\n")
+    raw = old_recipe(digits["train"], digits["val"], run)
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    ctx = train(validate_recipe(raw))
+    assert ctx.step == 20
+
+    new, old = run / "checkpoints" / "step-00000020", OUT / "step-00000020"
+    assert verify(new) is None
+    new_meta, old_meta = (json.loads((f / "meta.json").read_text()) for f in (new, old))
+    for key in ("step", "epoch", "step_in_epoch", "last_eval_step", "metrics_rows", "streams", "global_batch"):
+        assert new_meta[key] == old_meta[key], key
+
+    def close(a, b, what):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), f"{what}: {(a - b).abs().max()}"
+
+    new_w, old_w = load_file(new / "model.safetensors"), load_file(old / "model.safetensors")
+    assert new_w.keys() == old_w.keys()
+    for key in new_w:
+        close(new_w[key], old_w[key], key)
+    new_t, old_t = (torch.load(f / "trainer.pt", weights_only=True) for f in (new, old))
+    momentum = [(s["momentum_buffer"], t["momentum_buffer"])
+                for s, t in zip(new_t["optimizer"]["state"].values(), old_t["optimizer"]["state"].values())]
+    assert momentum and len(momentum) == len(old_t["optimizer"]["state"])
+    for i, (a, b) in enumerate(momentum):
+        close(a, b, f"momentum {i}")
+    assert new_t["plugins"].keys() == old_t["plugins"].keys()
+    ema_new, ema_old = new_t["plugins"]["ema"], old_t["plugins"]["ema"]
+    for key, value in ema_old.items():
+        if isinstance(value, dict):
+            for k, v in value.items():
+                close(ema_new[key][k], v, f"ema {k}")
+    logged = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
+    expected = [json.loads(r) for r in rows]
+    assert [r["step"] for r in logged[: len(expected)]] == [r["step"] for r in expected]
+    for a, b in zip(logged, expected):
+        for key, value in b.items():
+            assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)

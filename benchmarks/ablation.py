@@ -27,7 +27,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.emit_results import emit  # noqa: E402
 
 # (rung, what it adds, overrides); each rung keeps the ones above it, as in the reference table.
 LADDER = [

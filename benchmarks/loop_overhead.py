@@ -24,7 +24,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.plain_loop import plain_train  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.emit_results import emit  # noqa: E402
 from launcher.data import EpochPlan, TrainStream, batches, index_shards  # noqa: E402
 from launcher.loop import train  # noqa: E402
 from launcher.recipe import AugmentSection, load_recipe  # noqa: E402

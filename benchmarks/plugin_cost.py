@@ -21,7 +21,7 @@ sys.path.insert(0, str(REPO))
 import torch  # noqa: E402
 
 from benchmarks.loop_overhead import launcher_run, medians  # noqa: E402
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.emit_results import emit  # noqa: E402
 from launcher.shards import main as write_shards  # noqa: E402
 
 

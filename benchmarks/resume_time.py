@@ -20,7 +20,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from benchmarks.report import emit  # noqa: E402
+from benchmarks.emit_results import emit  # noqa: E402
 from launcher.loop import train  # noqa: E402
 from launcher.recipe import load_recipe  # noqa: E402
 from launcher.registry import Plugin, register  # noqa: E402

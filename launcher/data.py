@@ -413,14 +413,22 @@ class EpochPlan:
 @dataclass
 class Batch:
     """What one rank trains on in one step. Plugins may replace `targets` by soft targets
-    (N, classes) or add entries to `extras`."""
+    (N, classes), e.g. mixup."""
 
     images: torch.Tensor
     targets: torch.Tensor
     ids: torch.Tensor  # sample ids (positions in the shard index)
     global_count: int  # samples in the global batch across all ranks
     step_in_epoch: int = 0
-    extras: dict = field(default_factory=dict)
+
+    def split(self, parts: int) -> list["Batch"]:
+        """At most `parts` non-empty micro-batches, in order (a short last batch gives fewer)."""
+        from dataclasses import replace
+
+        n = len(self.targets)
+        chunks = [c for c in torch.arange(n).tensor_split(min(parts, n)) if len(c)]
+        return [replace(self, images=self.images[c[0]:c[-1] + 1], targets=self.targets[c[0]:c[-1] + 1],
+                        ids=self.ids[c[0]:c[-1] + 1]) for c in chunks]
 
     def to(self, device, memory_format=torch.contiguous_format) -> "Batch":
         self.images = self.images.to(device, non_blocking=True, memory_format=memory_format)

@@ -45,10 +45,8 @@ from typing import Any, Optional
 import torch
 
 from launcher.errors import LauncherError
+from launcher.runlog import save_state_dict, save_weights
 
-PRECISIONS = ("fp32", "bf16", "fp16")
-# Columns of the support table: DDP, DeepSpeed ZeRO stages.
-STRATEGIES = ("ddp", "zero0", "zero1", "zero2", "zero3")
 # DeepSpeed JSON sections the recipe owns: the optimizer and schedule come from the recipe's
 # own sections (timm), so a file that sets them would silently train something else.
 RECIPE_OWNED_SECTIONS = {"optimizer": "optimizer:", "scheduler": "schedule:"}
@@ -75,31 +73,6 @@ def read_deepspeed_json(path: Optional[str]) -> dict:
             raise LauncherError(f"distributed.deepspeed_config: '{path}' sets '{key}', which the recipe's "
                                 f"'{section}' section owns; remove it from the file and set it in the recipe.")
     return config
-
-
-def strategy_key(recipe) -> str:
-    """'ddp', or 'zero0'..'zero3' under DeepSpeed: the columns of the support table."""
-    stage = recipe.distributed.stage
-    return "ddp" if stage is None else f"zero{stage}"
-
-
-def recipe_precision(recipe) -> str:
-    """'fp32', or the precision a plugin of the recipe sets (Plugin.precision)."""
-    from launcher.registry import get_plugin_class, parse_options
-
-    for name, raw in recipe.plugins.items():
-        precision = get_plugin_class(name).precision(parse_options(name, raw))
-        if precision:
-            return precision
-    return "fp32"
-
-
-def support_keys(strategy: str, precision: str) -> list[str]:
-    """The keys of Plugin.refused_under that apply, most specific first."""
-    keys = [f"{strategy}/{precision}", strategy]
-    if strategy.startswith("zero"):
-        keys += [f"deepspeed/{precision}", "deepspeed"]
-    return keys + [precision]
 
 
 def initial_accelerator_options(recipe) -> dict:
@@ -230,7 +203,7 @@ class DataParallel:
     """DDP (or one process): the model is replicated; Accelerate's no_sync skips the gradient
     all-reduce on all but the last micro-batch of a step."""
 
-    def __init__(self, accelerator, recipe):
+    def __init__(self, accelerator):
         self.accelerator = accelerator
 
     def micro_batch_context(self, model, first: bool, last: bool):
@@ -247,12 +220,32 @@ class DataParallel:
         """The full fp32 weights and buffers (every rank calls it; here it needs no communication)."""
         return {k: v.detach() for k, v in self.accelerator.unwrap_model(model).state_dict().items()}
 
+    def save_full_weights(self, model, path: Path) -> None:
+        """The trained weights as one fp32 safetensors file, whatever the strategy: the final weights
+        and each checkpoint's model.safetensors. Every rank calls it; the main process writes."""
+        if self.accelerator.is_main_process:  # byte for byte the model's own tensors
+            save_weights(self.accelerator.unwrap_model(model), path)
+
+    def save_checkpoint(self, model, optimizer, folder: Path) -> Optional[dict]:
+        """Every rank: write the weights into a checkpoint folder; returns the optimizer state for
+        the main process to store in trainer.pt (None where the strategy stores it itself)."""
+        self.save_full_weights(model, folder / "model.safetensors")
+        return optimizer.state_dict()
+
+    def load_checkpoint(self, model, optimizer, folder: Path, optimizer_state: Optional[dict],
+                        saved_world_size: int) -> None:
+        """Every rank: the weights and optimizer state of a checkpoint folder (save_checkpoint's)."""
+        from safetensors.torch import load_model
+
+        load_model(self.accelerator.unwrap_model(model), str(folder / "model.safetensors"))
+        optimizer.load_state_dict(optimizer_state)
+
 
 class DeepSpeedZeRO(DataParallel):
     """DeepSpeed's engine through Accelerate (see the module docstring)."""
 
     def __init__(self, accelerator, recipe):
-        super().__init__(accelerator, recipe)
+        super().__init__(accelerator)
         self.stage = recipe.distributed.stage
         self.mixed = accelerator.mixed_precision in ("bf16", "fp16")
 
@@ -292,6 +285,33 @@ class DeepSpeedZeRO(DataParallel):
                 tensor = full if full is not None else tensor
             out[name] = tensor.detach().float() if tensor.is_floating_point() else tensor.detach()
         return out
+
+    def save_full_weights(self, model, path: Path) -> None:
+        state = self.full_state_dict(model)  # a collective under ZeRO-3
+        if self.accelerator.is_main_process:
+            save_state_dict(state, path)
+
+    def save_checkpoint(self, model, optimizer, folder: Path) -> Optional[dict]:
+        """The consolidated fp32 weights plus DeepSpeed's own checkpoint (engine.save_checkpoint:
+        per-rank ZeRO optimizer shards, the module, its loss scaler) in folder/deepspeed."""
+        self.save_full_weights(model, folder / "model.safetensors")
+        model.save_checkpoint(str(folder), tag="deepspeed", save_latest=False)
+        return None
+
+    def load_checkpoint(self, model, optimizer, folder: Path, optimizer_state: Optional[dict],
+                        saved_world_size: int) -> None:
+        world_size = self.accelerator.num_processes
+        if saved_world_size != world_size:
+            raise LauncherError(
+                f"The checkpoint {folder} was written by DeepSpeed on {saved_world_size} processes, whose ZeRO "
+                f"shards cannot be loaded by {world_size}. Resume on {saved_world_size} processes, or start a "
+                f"new run from its consolidated weights (plugins.pretrained.checkpoint={folder}).")
+        # DeepSpeed's own loader, reading its files with weights_only=True (it would unpickle anything).
+        with safe_deepspeed_loading(model):
+            path, _ = model.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
+                                            load_lr_scheduler_states=False, load_module_strict=True)
+        if path is None:
+            raise LauncherError(f"DeepSpeed could not load the checkpoint in {folder / 'deepspeed'}.")
 
 
 def deepspeed_checkpoint_types() -> list:
@@ -355,4 +375,6 @@ def free_port() -> int:
 
 
 def make_strategy(accelerator, recipe):
-    return (DeepSpeedZeRO if recipe.distributed.strategy == "deepspeed" else DataParallel)(accelerator, recipe)
+    if recipe.distributed.strategy == "deepspeed":
+        return DeepSpeedZeRO(accelerator, recipe)
+    return DataParallel(accelerator)

@@ -1,4 +1,7 @@
-"""The training loop. One function, `train(recipe)`, readable top to bottom.
+"""The training loop: `train(recipe)` sets up the run (accelerator, strategy, watchdog, run
+directory lock), `_train` is the loop itself, readable top to bottom, and `evaluate` scores
+the models on the validation set. RunContext holds the run's state, including the progress
+a checkpoint saves (progress_state / load_progress_state).
 
 The plugin hooks (launcher.registry.HOOKS) are called at the points marked H below,
 each in recipe order. Notify hooks return nothing; transform hooks return their value.
@@ -16,12 +19,14 @@ each in recipe order. Notify hooks return nothing; transform hooks return their 
         H on_epoch_start(ctx)                            # may set ctx.image_size (progressive resizing)
         for batch in this rank's batches of the epoch (from ctx.step_in_epoch on):
             batch = H transform_batch(ctx, batch)        # mixup, cutmix...
-            for micro in ctx.micro_batches(batch):       # one, or several with accumulation
+            k = H micro_batches(ctx, 1)                  # gradient accumulation (its out-of-memory probe)
+            for micro in batch.split(k):
                 logits = model(micro.images)
                 loss = criterion(logits, targets)                   # mean over the micro-batch
                 loss = H transform_loss(ctx, loss, micro, logits)   # distillation...
                 loss = loss * len(micro) * world / global_count
                 ctx.strategy.backward(loss)                 # DeepSpeed: the engine steps at the last one
+            (out of memory: k = H micro_batches(ctx, k) with ctx.out_of_memory; a larger k retries)
             accelerator.unscale_gradients()              # fp16 only
             H before_optimizer_step(ctx)                 # grads complete & unscaled; SAM, clipping (not DeepSpeed)
             optimizer.step(); optimizer.zero_grad(); ctx.step += 1; schedule.step_update(ctx.step)
@@ -46,7 +51,6 @@ of ranks or micro-batches, and however unevenly the last step of an epoch is spl
 from __future__ import annotations
 
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -59,8 +63,9 @@ from launcher.distributed import broadcast_buffers, initial_accelerator_options,
 from launcher.data import Batch, EpochPlan, EvalStream, ShardIndex, TrainStream, batches, index_shards
 from launcher.errors import LauncherError
 from launcher.models import create_model
+from launcher.optim import create_optimizer, create_schedule, default_param_groups
 from launcher.registry import PluginSet, build_plugins
-from launcher.runlog import MetricsLog, RunDirLock, manifest, start_run_dir, write_status
+from launcher.runlog import MetricsLog, RunDirLock, final_weights, manifest, metrics_file, start_run_dir, write_status
 from launcher.transforms import ImageTransform
 from launcher.watchdog import RankWatchdog
 
@@ -118,9 +123,30 @@ class RunContext:
     loss_window_steps: int = 0
     metrics_log: Optional[MetricsLog] = None
     metrics_rows: int = 0  # rows of metrics.jsonl to keep when the run starts (a resume sets it)
-    # Splits a step's batch into micro-batches (gradient accumulation replaces it).
-    micro_batches: Callable[[Batch], list] = field(default=lambda batch: [batch])
-    extras: dict = field(default_factory=dict)  # free-form space for plugins' shared facts
+    # Micro-batches the step's batch is split into (the micro_batches hook sets it per step), and
+    # whether the hook is being asked because the step ran out of memory.
+    micro_batch_count: int = 1
+    out_of_memory: bool = False
+
+    def progress_state(self) -> dict:
+        """Where the run is, as plain JSON values (a checkpoint's meta.json holds them)."""
+        return {"step": self.step, "epoch": self.epoch, "step_in_epoch": self.step_in_epoch,
+                "last_eval_step": self.last_eval_step, "metrics": self.metrics,
+                "metrics_rows": self.metrics_log.rows if self.metrics_log else 0}
+
+    def load_progress_state(self, state: dict) -> None:
+        """Continue from progress_state(): the next step, the rows of metrics.jsonl to keep."""
+        self.step, self.epoch, self.step_in_epoch = state["step"], state["epoch"], state["step_in_epoch"]
+        self.last_eval_step, self.metrics = state["last_eval_step"], state["metrics"]
+        self.metrics_rows = state["metrics_rows"]
+
+    def rank_progress_state(self) -> dict:
+        """This rank's part: the training-loss window not yet logged (a tensor)."""
+        return {"loss_window": self.loss_window.detach().cpu(), "loss_window_steps": self.loss_window_steps}
+
+    def load_rank_progress_state(self, state: dict) -> None:
+        self.loss_window = state["loss_window"].to(self.accelerator.device)
+        self.loss_window_steps = state["loss_window_steps"]
 
     def make_plan(self, streams: Optional[int] = None) -> None:
         """(Re)build the epoch plan; a resume may ask for the stream count it was saved with."""
@@ -141,9 +167,27 @@ class RunContext:
             self.total_steps = min(self.total_steps, self.recipe.train.max_steps)
 
     def forward_backward(self, batch: Batch) -> torch.Tensor:
-        """Forward and backward over the step's micro-batches; returns the summed loss.
-        Gradient all-reduce happens only on the last micro-batch."""
-        micro = self.micro_batches(batch)
+        """Forward and backward over the step's micro-batches; returns the summed loss. On an
+        out-of-memory error the micro_batches hook may ask for more micro-batches: the step is then
+        retried from zeroed gradients (nothing was stepped); otherwise the error propagates."""
+        while True:
+            try:
+                return self.forward_backward_once(batch)
+            except torch.OutOfMemoryError:
+                self.optimizer.zero_grad(set_to_none=True)
+                self.out_of_memory = True
+                try:
+                    count = self.plugins.chain("micro_batches", self, self.micro_batch_count)
+                finally:
+                    self.out_of_memory = False
+                if count <= self.micro_batch_count:
+                    raise
+                self.micro_batch_count = count
+
+    def forward_backward_once(self, batch: Batch) -> torch.Tensor:
+        """Forward and backward over ctx.micro_batch_count micro-batches, no retry. Gradient
+        all-reduce happens only on the last micro-batch."""
+        micro = batch.split(self.micro_batch_count)
         total = torch.zeros((), device=self.accelerator.device)
         # fp32 weights (autocast does mixed precision), or DeepSpeed's bf16/fp16 weights: inputs must match.
         low_precision = _param_dtype(self.model) if _param_dtype(self.model) != torch.float32 else None
@@ -297,7 +341,7 @@ def _train(ctx: RunContext) -> None:
                                                      str(accelerator.mixed_precision)))
         write_status(ctx.run_dir, "running", step=ctx.step)
     ctx.started = True
-    ctx.metrics_log = log = MetricsLog(ctx.run_dir / "metrics.jsonl" if ctx.is_main else None,
+    ctx.metrics_log = log = MetricsLog(metrics_file(ctx.run_dir) if ctx.is_main else None,
                                        keep_rows=ctx.metrics_rows)
     memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
     progress = _progress(ctx, enabled=ctx.is_main and recipe.run.progress)
@@ -314,6 +358,7 @@ def _train(ctx: RunContext) -> None:
         for batch in batches(stream, data.num_workers, pin_memory=accelerator.device.type == "cuda"):
             ctx.model.train()
             ctx.batch = plugins.chain("transform_batch", ctx, batch.to(accelerator.device, memory_format))
+            ctx.micro_batch_count = plugins.chain("micro_batches", ctx, 1)
             ctx.loss = ctx.forward_backward(ctx.batch)
             accelerator.unscale_gradients()  # fp16: hooks see true gradients (no-op otherwise)
             plugins.call("before_optimizer_step", ctx)
@@ -361,7 +406,7 @@ def _train(ctx: RunContext) -> None:
     if ctx.val_index is not None and ctx.last_eval_step != ctx.step:
         evaluate(ctx, eval_transform, log)
 
-    save_full_weights(ctx, ctx.run_dir / "final" / "model.safetensors")
+    ctx.strategy.save_full_weights(ctx.model, final_weights(ctx.run_dir))
     accelerator.wait_for_everyone()
     plugins.call("on_train_end", ctx)
     log.close()
@@ -453,141 +498,6 @@ def _eval_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     loss = F.cross_entropy(logits, targets, reduction="sum")
     return torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(-1).sum().double(),
                         torch.tensor(float(len(targets)), device=logits.device, dtype=torch.float64)])
-
-
-def default_param_groups(model: nn.Module, section) -> list[dict]:
-    """timm's grouping: with weight decay, biases and norm weights (1-d parameters, and the
-    model's no_weight_decay() names) go to a group without decay."""
-    from timm.optim import param_groups_weight_decay
-
-    if section.weight_decay and not section.decay_bias_and_norm:
-        skip = model.no_weight_decay() if hasattr(model, "no_weight_decay") else ()
-        try:
-            groups = param_groups_weight_decay(model, section.weight_decay, no_weight_decay_list=skip,
-                                               weight_decay_exclude_1d=True)
-        except TypeError:  # timm before the exclude_1d switch always excluded 1-d parameters
-            groups = param_groups_weight_decay(model, section.weight_decay, no_weight_decay_list=skip)
-    else:
-        groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
-    return [g for g in groups if g["params"]]
-
-
-def create_optimizer(section, groups: list[dict]) -> torch.optim.Optimizer:
-    """timm's optimizer factory over parameter groups (plugins may have set per-group lr)."""
-    from timm.optim import create_optimizer_v2, list_optimizers
-
-    if section.name not in list_optimizers():
-        from launcher.errors import did_you_mean
-
-        raise LauncherError(f"Unknown optimizer '{section.name}' (optimizer.name)."
-                            f"{did_you_mean(section.name, list_optimizers())}")
-    kwargs = dict(section.kwargs)
-    if section.name in ("sgd", "momentum", "nesterov", "rmsprop", "lars", "nlars"):
-        kwargs.setdefault("momentum", section.momentum)
-    try:
-        return create_optimizer_v2(groups, opt=section.name, lr=section.lr, weight_decay=section.weight_decay,
-                                   **kwargs)
-    except TypeError as err:
-        raise LauncherError(f"optimizer options do not fit '{section.name}': {err}") from None
-
-
-def create_schedule(section, optimizer, epochs: int, steps_per_epoch: int):
-    """timm's scheduler, stepped per optimizer step (so warmup is smooth, not per epoch)."""
-    from timm.scheduler import create_scheduler_v2
-
-    if section.name == "constant" and not section.warmup_epochs:
-        return None
-    if section.name == "onecycle":
-        return OneCycleSchedule(optimizer, section, max(1, round(epochs * steps_per_epoch)))
-    # Warmup comes first, then the decay runs over the remaining steps (timm's warmup_prefix);
-    # with restarts, the first cycle's length is chosen so that all cycles fill those steps.
-    decay_epochs = max(epochs - section.warmup_epochs, 1.0 / steps_per_epoch)
-    cycle_total = sum(section.cycle_mul ** i for i in range(section.cycles))
-    first_cycle = decay_epochs / cycle_total if section.name == "cosine" else decay_epochs
-    scheduler, _ = create_scheduler_v2(
-        optimizer,
-        sched=section.name,
-        num_epochs=max(1, round(first_cycle * steps_per_epoch)) / steps_per_epoch,
-        warmup_epochs=section.warmup_epochs,
-        warmup_prefix=True,
-        warmup_lr=section.warmup_lr,
-        min_lr=section.min_lr,
-        cycle_limit=section.cycles,
-        cycle_mul=section.cycle_mul,
-        cycle_decay=section.cycle_decay,
-        decay_epochs=section.decay_epochs,
-        decay_milestones=section.decay_milestones,
-        decay_rate=section.decay_rate,
-        step_on_epochs=False,
-        updates_per_epoch=steps_per_epoch,
-    )
-    return scheduler
-
-
-class OneCycleSchedule:
-    """The one-cycle policy (Smith & Topin 2017) as torch's OneCycleLR, driven like timm's
-    schedulers: step_update(n) sets the LR (and momentum) of optimizer step n. OneCycleLR's
-    value depends only on its step counter, so setting the counter makes it stateless (what a
-    resume needs). Each parameter group peaks at its own initial LR."""
-
-    def __init__(self, optimizer, section, total_steps: int):
-        from torch.optim.lr_scheduler import OneCycleLR
-
-        momentum = section.cycle_momentum and ("momentum" in optimizer.defaults or "betas" in optimizer.defaults)
-        if momentum and optimizer.defaults.get("momentum", 1.0) == 0:
-            momentum = False  # plain SGD has no momentum to cycle
-        self.total_steps = total_steps
-        self.schedule = OneCycleLR(optimizer, max_lr=[g["lr"] for g in optimizer.param_groups],
-                                   total_steps=total_steps, pct_start=section.pct_start,
-                                   div_factor=section.div_factor, final_div_factor=section.final_div_factor,
-                                   cycle_momentum=momentum)
-
-    def step_update(self, num_updates: int) -> None:
-        import warnings
-
-        self.schedule.last_epoch = min(num_updates, self.total_steps - 1) - 1
-        with warnings.catch_warnings():  # "step() before optimizer.step()": we set the step directly
-            warnings.filterwarnings("ignore", message=re.escape("Detected call of `lr_scheduler.step()`"))
-            self.schedule.step()
-
-    def state_dict(self) -> dict:
-        return {}  # nothing: the values follow from the step count
-
-    def load_state_dict(self, state: dict) -> None:
-        pass
-
-
-def save_full_weights(ctx: RunContext, path: Path) -> None:
-    """The trained weights as one fp32 file whatever the strategy: final weights and each
-    checkpoint's model.safetensors. Every rank calls it (ZeRO gathers its shards); the main
-    process writes."""
-    if ctx.recipe.distributed.strategy == "ddp":
-        if ctx.is_main:  # byte-for-byte the model's own tensors
-            save_weights(ctx.accelerator.unwrap_model(ctx.model), path)
-        return
-    state = ctx.strategy.full_state_dict(ctx.model)
-    if ctx.is_main:
-        save_state_dict(state, path)
-
-
-def save_state_dict(state: dict, path: Path) -> None:
-    """A state dict as safetensors, written to a temporary name and renamed."""
-    from safetensors.torch import save_file
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
-    os.replace(tmp, path)
-
-
-def save_weights(model: nn.Module, path: Path) -> None:
-    """safetensors, written to a temporary name and renamed (never half-written)."""
-    from safetensors.torch import save_model
-
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    save_model(model, str(tmp))
-    os.replace(tmp, path)
 
 
 class _NoProgress:

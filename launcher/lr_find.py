@@ -38,6 +38,7 @@ def main(argv: list[str] | None = None) -> int:
         from launcher.loop import train
         from launcher.recipe import load_recipe
         from launcher.registry import get_plugin_class
+        from launcher.runlog import final_weights
 
         base = load_recipe(args.recipe, args.overrides)
         dropped = {n: "cannot run with lr_finder" for n in get_plugin_class(FINDER).incompatible if n in base.plugins}
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
         ctx = train(recipe)
         if ctx.is_main:
             # The sweep's final weights are those of a diverged run: of no use, and large.
-            shutil.rmtree(ctx.run_dir / "final", ignore_errors=True)
+            shutil.rmtree(final_weights(ctx.run_dir).parent, ignore_errors=True)
         return 0 if (ctx.run_dir / "lr_find.json").exists() or not ctx.is_main else 1
 
     return run_command(command)

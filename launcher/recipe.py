@@ -22,6 +22,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from launcher.errors import LauncherError, did_you_mean
+from launcher.registry import validate_plugins
 
 
 class Section(BaseModel):
@@ -303,10 +304,7 @@ def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "re
     except ValidationError as err:
         raise LauncherError(_explain(err, source)) from None
     recipe._name = name
-    # Plugin options are typed too; imported here because the registry imports plugins.
-    from launcher.registry import validate_plugins
-
-    validate_plugins(recipe)
+    validate_plugins(recipe)  # plugin options are typed too, and combinations are checked
     return recipe
 
 

@@ -49,6 +49,9 @@ HOOKS: dict[str, str] = {
     "after_prepare": "notify",  # (ctx)          after accelerator.prepare; resume state is loaded after this
     "on_epoch_start": "notify",  # (ctx)
     "transform_batch": "transform",  # (ctx, batch: Batch) -> Batch
+    # (ctx, count: int) -> int   micro-batches to split ctx.batch into; asked before every step, and
+    # again after an out-of-memory error (ctx.out_of_memory set): a larger count retries the step
+    "micro_batches": "transform",
     "transform_loss": "transform",  # (ctx, loss, micro_batch, logits) -> loss   the micro-batch's mean loss
     "before_optimizer_step": "notify",  # (ctx)  gradients complete and unscaled; ctx.recompute_gradients() exists
     "after_optimizer_step": "notify",  # (ctx)
@@ -209,10 +212,39 @@ def parse_options(name: str, raw: Optional[dict]) -> PluginOptions:
         raise LauncherError(f"Plugin '{name}' options are invalid: " + "; ".join(problems) + ".") from None
 
 
+# The support table's axes, and where a recipe falls on them. They live here, not in
+# launcher/distributed.py, because a recipe's precision is a plugin's to set (amp): asking it
+# from distributed.py made the two modules import each other.
+PRECISIONS = ("fp32", "bf16", "fp16")
+# Columns of the support table: DDP, DeepSpeed ZeRO stages.
+STRATEGIES = ("ddp", "zero0", "zero1", "zero2", "zero3")
+
+
+def strategy_key(recipe) -> str:
+    """'ddp', or 'zero0'..'zero3' under DeepSpeed: the columns of the support table."""
+    stage = recipe.distributed.stage
+    return "ddp" if stage is None else f"zero{stage}"
+
+
+def recipe_precision(recipe) -> str:
+    """'fp32', or the precision a plugin of the recipe sets (Plugin.precision)."""
+    for name, raw in recipe.plugins.items():
+        precision = get_plugin_class(name).precision(parse_options(name, raw))
+        if precision:
+            return precision
+    return "fp32"
+
+
+def support_keys(strategy: str, precision: str) -> list[str]:
+    """The keys of Plugin.refused_under that apply, most specific first."""
+    keys = [f"{strategy}/{precision}", strategy]
+    if strategy.startswith("zero"):
+        keys += [f"deepspeed/{precision}", "deepspeed"]
+    return keys + [precision]
+
+
 def validate_plugins(recipe) -> None:
     """Check every plugin's options and every combination before any process trains."""
-    from launcher.distributed import recipe_precision, strategy_key
-
     names = list(recipe.plugins)
     parsed = {name: parse_options(name, recipe.plugins[name]) for name in names}
     strategy, precision = strategy_key(recipe), recipe_precision(recipe)
@@ -242,8 +274,6 @@ def validate_plugins(recipe) -> None:
 
 def refusal(cls: type[Plugin], strategy: str, precision: str) -> Optional[str]:
     """The reason `cls` declares it cannot run under this strategy and precision, if any."""
-    from launcher.distributed import support_keys
-
     return next((cls.refused_under[k] for k in support_keys(strategy, precision) if k in cls.refused_under), None)
 
 
@@ -315,8 +345,6 @@ def describe_plugins() -> str:
 def support_table() -> str:
     """The README's plugin x strategy x precision table, from the plugins' own declarations
     (refused_under, notes_under, precision): `python -m launcher --support-table`."""
-    from launcher.distributed import PRECISIONS, STRATEGIES
-
     titles = {"ddp": "DDP", **{s: f"ZeRO-{s[-1]}" for s in STRATEGIES if s.startswith("zero")}}
     lines = ["| plugin | " + " | ".join(titles[s] for s in STRATEGIES) + " |",
              "|---|" + "---|" * len(STRATEGIES)]

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from launcher.errors import LauncherError, run_command
-from launcher.runlog import atomic_write_text
+from launcher.runlog import atomic_write_text, final_weights, metrics_file, recipe_file, report_dir
 
 
 @torch.no_grad()
@@ -213,11 +213,11 @@ def plot_pr_roc(probs: np.ndarray, labels: np.ndarray, report: dict, out: Path) 
 
 def write_report(run_dir: Path, recipe, probs: np.ndarray, labels: np.ndarray, out: Optional[Path] = None,
                  weights: Optional[Path] = None) -> tuple[dict, list[Path]]:
-    out = Path(out) if out else Path(run_dir) / "report"
+    out = Path(out) if out else report_dir(run_dir)
     out.mkdir(parents=True, exist_ok=True)
     report = compute(probs, labels, class_names(recipe))
     report["weights"] = str(weights) if weights else None
-    images = [p for p in [plot_curves(Path(run_dir) / "metrics.jsonl", out), plot_confusion(report, out),
+    images = [p for p in [plot_curves(metrics_file(run_dir), out), plot_confusion(report, out),
                           *plot_pr_roc(probs, labels, report, out)] if p is not None]
     atomic_write_text(out / "report.json", json.dumps(report, indent=1) + "\n")
     return report, images
@@ -238,13 +238,13 @@ def _report_command(args) -> int:
     from launcher.models import create_model
     from launcher.recipe import load_recipe
 
-    recipe_file = args.run_dir / "recipe.yaml"
-    weights = args.weights or args.run_dir / "final" / "model.safetensors"
-    if not recipe_file.is_file() or not weights.is_file():
+    recipe_path = recipe_file(args.run_dir)
+    weights = args.weights or final_weights(args.run_dir)
+    if not recipe_path.is_file() or not weights.is_file():
         raise LauncherError(f"'{args.run_dir}' is not a finished run directory: it needs recipe.yaml and "
                             f"{weights.relative_to(args.run_dir) if not args.weights else weights} "
                             "(train it first, or pass --weights).")
-    recipe = load_recipe(recipe_file)
+    recipe = load_recipe(recipe_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = create_model(recipe.model)
     model.load_state_dict(load_file(str(weights)))

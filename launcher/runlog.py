@@ -5,11 +5,15 @@
       manifest.json      versions, git commit, host, world size, seed, start time, command
       metrics.jsonl      one JSON object per logged training step and per evaluation (strict
                          JSON: a non-finite value, e.g. a diverged loss, is written as null)
-      final/model.safetensors
+      status.json        running, interrupted, failed (with the error) or finished
+      final/model.safetensors   (and final/ema.safetensors with the ema plugin)
+      checkpoints/       plugins.checkpoint: step-NNNNNNNN/ folders
+      report/            plugins.report / python -m launcher.report
       .lock              held by every process of the run while it runs (RunDirLock)
 
-Only the main process writes. Files are written to a temporary name and renamed, so a
-crash never leaves a half-written file under a real name.
+The functions below name these paths once; everything else asks them. Only the main
+process writes. Files are written to a temporary name and renamed, so a crash never
+leaves a half-written file under a real name.
 """
 
 from __future__ import annotations
@@ -24,20 +28,77 @@ import socket
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import yaml
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
+def recipe_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "recipe.yaml"
+
+
+def manifest_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "manifest.json"
+
+
+def metrics_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "metrics.jsonl"
+
+
+def status_file(run_dir: Path) -> Path:
+    return Path(run_dir) / "status.json"
+
+
+def final_weights(run_dir: Path, name: str = "model") -> Path:
+    """final/model.safetensors, or final/<name>.safetensors (e.g. "ema")."""
+    return Path(run_dir) / "final" / f"{name}.safetensors"
+
+
+def checkpoints_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "checkpoints"
+
+
+def report_dir(run_dir: Path) -> Path:
+    return Path(run_dir) / "report"
+
+
+@contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """A temporary name next to `path` to write to; renamed onto `path` when the block ends
+    without an error, removed when it fails (a half-written file never takes the real name)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp, path)
+
+
+def save_state_dict(state: dict, path: Path) -> None:
+    """A state dict as safetensors (tensors copied to the CPU), written atomically."""
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file({k: v.detach().cpu().contiguous() for k, v in state.items()}, str(tmp))
+
+
+def save_weights(model, path: Path) -> None:
+    """A module's weights as safetensors (shared tensors stored once), written atomically."""
+    from safetensors.torch import save_model
+
+    with atomic_path(path) as tmp:
+        save_model(model, str(tmp))
 
 
 def strict_json(value: Any, **kwargs: Any) -> str:
@@ -101,13 +162,13 @@ def write_status(run_dir: Path, state: str, **facts: Any) -> None:
     scripts (slurm/train.sbatch) decide on requeueing from it."""
     import time
 
-    atomic_write_text(run_dir / "status.json", json.dumps({"state": state, "time": time.time(), **facts}) + "\n")
+    atomic_write_text(status_file(run_dir), json.dumps({"state": state, "time": time.time(), **facts}) + "\n")
 
 
 def start_run_dir(run_dir: Path, recipe, info: dict[str, Any]) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(run_dir / "recipe.yaml", yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-    atomic_write_text(run_dir / "manifest.json", json.dumps(info, indent=2))
+    atomic_write_text(recipe_file(run_dir), yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    atomic_write_text(manifest_file(run_dir), json.dumps(info, indent=2))
 
 
 class MetricsLog:

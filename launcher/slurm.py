@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Optional
 
 from launcher.errors import LauncherError, run_command
+from launcher.runlog import checkpoints_dir, status_file
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "slurm" / "train.sbatch"
 
@@ -207,10 +208,10 @@ def job_state(job_id: str) -> dict:
 def describe(run_dir: Path) -> dict:
     jobs_file = run_dir / "slurm" / "jobs.json"
     jobs = json.loads(jobs_file.read_text()) if jobs_file.exists() else []
-    status_file = run_dir / "status.json"
-    status = json.loads(status_file.read_text()) if status_file.exists() else {}
-    checkpoints = sorted((p.name for p in (run_dir / "checkpoints").glob("step-*")), reverse=True) \
-        if (run_dir / "checkpoints").is_dir() else []
+    status_path = status_file(run_dir)
+    status = json.loads(status_path.read_text()) if status_path.exists() else {}
+    checkpoints = sorted((p.name for p in checkpoints_dir(run_dir).glob("step-*")), reverse=True) \
+        if checkpoints_dir(run_dir).is_dir() else []
     logs = sorted(p.name for p in (run_dir / "slurm").glob("job-*.log")) if (run_dir / "slurm").is_dir() else []
     info = {"run_dir": str(run_dir), "job_id": jobs[-1]["job_id"] if jobs else None,
             "run_state": status.get("state"), "step": status.get("step"),

@@ -16,6 +16,9 @@ What a checkpoint holds (checkpoints/step-NNNNNNNN/):
   meta.json           step, epoch, position in the epoch, the data plan, the recipe and its
                       hash, metrics.jsonl rows to keep, the size and SHA-256 of each file, and
                       the SHA-256 of its own content (meta_sha256: an edited meta.json is skipped)
+The strategy writes and reads the weights and optimizer state (launcher/distributed.py:
+save_checkpoint / load_checkpoint), the run context its progress (RunContext.progress_state);
+this plugin decides when and where, and makes it atomic and verified.
 The data position needs no worker state: what a step reads, and every augmentation draw,
 is a function of (seed, epoch, step) (see launcher/data.py), so resuming seeks straight to
 the next step, whatever the number of loader workers.
@@ -61,12 +64,10 @@ import numpy as np
 import torch
 from pydantic import Field
 
-from launcher.distributed import safe_deepspeed_loading
 from launcher.errors import LauncherError
-from launcher.loop import save_full_weights
 from launcher.recipe import MISSING, schema_default
 from launcher.registry import Plugin, PluginOptions, register
-from launcher.runlog import atomic_write_text, strict_json
+from launcher.runlog import atomic_write_text, checkpoints_dir, strict_json
 
 FORMAT = 2  # 2: meta.json carries its own digest (meta_sha256)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch it to continue
@@ -179,7 +180,7 @@ def _unsafe_pickle(path: Path) -> Optional[str]:
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
     """Complete-looking checkpoint folders, newest first (temporary folders are ignored)."""
-    folder = run_dir / "checkpoints"
+    folder = checkpoints_dir(run_dir)
     if not folder.is_dir():
         return []
     return sorted((p for p in folder.iterdir() if p.is_dir() and p.name.startswith("step-")), reverse=True)
@@ -314,7 +315,7 @@ class Checkpoint(Plugin):
             return  # e.g. a step checkpoint that is also the epoch's
         self.last_saved_step = ctx.step
         accelerator = ctx.accelerator
-        root = ctx.run_dir / "checkpoints"
+        root = checkpoints_dir(ctx.run_dir)
         name = f"step-{ctx.step:08d}"
         tmp = root / f".tmp-{name}"
         error = None
@@ -325,18 +326,15 @@ class Checkpoint(Plugin):
             except OSError as err:
                 error = err
         accelerator.wait_for_everyone()
-        deepspeed = ctx.recipe.distributed.strategy == "deepspeed"
         try:
             if error:
                 raise error
-            # Every rank: under ZeRO the weights are gathered and DeepSpeed writes each rank's shard.
-            save_full_weights(ctx, tmp / "model.safetensors")
-            if deepspeed:
-                ctx.model.save_checkpoint(str(tmp), tag="deepspeed", save_latest=False)
-            torch.save({"rng": _rng_state(), "loss_window": ctx.loss_window.detach().cpu(),
-                        "loss_window_steps": ctx.loss_window_steps}, tmp / f"rank-{ctx.rank}.pt")
+            # Every rank: the strategy writes the weights (ZeRO gathers them) and, under DeepSpeed,
+            # each rank's shard of the engine's own checkpoint.
+            optimizer_state = ctx.strategy.save_checkpoint(ctx.model, ctx.optimizer, tmp)
+            torch.save({"rng": _rng_state(), **ctx.rank_progress_state()}, tmp / f"rank-{ctx.rank}.pt")
             if ctx.is_main:
-                self._write_main(ctx, tmp, name, owned_by_engine=deepspeed)
+                self._write_trainer(ctx, tmp, name, optimizer_state)
         except Exception as err:  # noqa: BLE001  a full disk is OSError, torch's RuntimeError, SafetensorError
             error = err
         self._stop_if_failed(ctx, tmp, error)
@@ -393,25 +391,20 @@ class Checkpoint(Plugin):
             os.replace(tmp, final)  # the checkpoint becomes visible only when complete
         _fsync_dir(final.parent)
 
-    def _write_main(self, ctx, folder: Path, name: str, owned_by_engine: bool) -> None:
-        """trainer.pt; with owned_by_engine (DeepSpeed) the optimizer and loss scaler are in its files."""
+    def _write_trainer(self, ctx, folder: Path, name: str, optimizer_state: Optional[dict]) -> None:
+        """trainer.pt; optimizer_state is None under DeepSpeed (the optimizer and loss scaler are in its files)."""
         if self.options.keep_best and ctx.last_eval_step == ctx.step and self.options.monitor in ctx.metrics:
             self.scores[name] = float(ctx.metrics[self.options.monitor])  # before the state is saved
         trainer = {
-            "optimizer": None if owned_by_engine else ctx.optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "scaler": ctx.accelerator.scaler.state_dict() if ctx.accelerator.scaler is not None else None,
             "plugins": ctx.plugins.state_dict(),
         }
         torch.save(trainer, folder / "trainer.pt")
-        delay = float(os.environ.get("LAUNCHER_TEST_CHECKPOINT_DELAY", "0"))
-        if delay:  # tests only: widen the window in which a kill lands mid-write
-            time.sleep(delay)
 
     def _meta(self, ctx, files: dict) -> dict:
         return {
-            "format": FORMAT, "step": ctx.step, "epoch": ctx.epoch, "step_in_epoch": ctx.step_in_epoch,
-            "last_eval_step": ctx.last_eval_step, "metrics": ctx.metrics,
-            "metrics_rows": ctx.metrics_log.rows if ctx.metrics_log else 0,
+            "format": FORMAT, **ctx.progress_state(),  # step, epoch, position in the epoch, rows to keep...
             "world_size": ctx.world_size, "streams": ctx.plan.streams, "global_batch": ctx.plan.global_batch,
             "recipe_digest": ctx.recipe.digest(), "recipe": ctx.recipe.to_dict(),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": files,
@@ -426,7 +419,7 @@ class Checkpoint(Plugin):
             keep |= set(best[: self.options.keep_best])
         for name in names:
             if name not in keep:
-                shutil.rmtree(ctx.run_dir / "checkpoints" / name, ignore_errors=True)
+                shutil.rmtree(checkpoints_dir(ctx.run_dir) / name, ignore_errors=True)
 
     # ------------------------------------------------------------ resuming
 
@@ -446,11 +439,11 @@ class Checkpoint(Plugin):
     def _choose_on_main(self, ctx) -> tuple[str, Optional[str]]:
         # Half-written folders of a run killed while saving: no run writes them now (the run
         # directory is locked), and on a full disk they hold the space a new checkpoint needs.
-        for leftover in (ctx.run_dir / "checkpoints").glob(".tmp-step-*"):
+        for leftover in checkpoints_dir(ctx.run_dir).glob(".tmp-step-*"):
             shutil.rmtree(leftover, ignore_errors=True)
         resume = self.options.resume
         if resume == "none":
-            old = ctx.run_dir / "checkpoints"
+            old = checkpoints_dir(ctx.run_dir)
             if old.is_dir() and any(old.iterdir()):
                 kept = old.with_name(f"checkpoints-{time.strftime('%Y%m%d-%H%M%S')}")
                 os.replace(old, kept)  # a fresh start never deletes what an earlier run saved
@@ -470,8 +463,6 @@ class Checkpoint(Plugin):
         return "none", None
 
     def _load(self, ctx, folder: Path) -> None:
-        from safetensors.torch import load_model
-
         meta = json.loads((folder / "meta.json").read_text())
         diffs = recipe_differences(meta["recipe"], ctx.recipe.to_dict())
         if diffs:
@@ -485,11 +476,7 @@ class Checkpoint(Plugin):
         if meta["streams"] != ctx.plan.streams and meta["streams"] % ctx.world_size == 0:
             ctx.make_plan(streams=meta["streams"])  # continue the epoch with the saved lanes
         trainer = torch.load(folder / "trainer.pt", map_location="cpu", weights_only=True)
-        if ctx.recipe.distributed.strategy == "deepspeed":
-            self._load_deepspeed(ctx, folder, meta)
-        else:
-            load_model(ctx.accelerator.unwrap_model(ctx.model), str(folder / "model.safetensors"))
-            ctx.optimizer.load_state_dict(trainer["optimizer"])
+        ctx.strategy.load_checkpoint(ctx.model, ctx.optimizer, folder, trainer["optimizer"], meta["world_size"])
         # The LR schedule is not restored: it is a function of the recipe and the step (timm's
         # schedulers and ours hold nothing else), and its saved state would pin the old length. So a
         # resume with another train.epochs follows the schedule of the new recipe from this step on.
@@ -497,15 +484,13 @@ class Checkpoint(Plugin):
         if ctx.accelerator.scaler is not None and trainer["scaler"] is not None:
             ctx.accelerator.scaler.load_state_dict(trainer["scaler"])
         ctx.plugins.load_state_dict(trainer["plugins"])
-        ctx.step, ctx.epoch, ctx.step_in_epoch = meta["step"], meta["epoch"], meta["step_in_epoch"]
-        ctx.last_eval_step, ctx.metrics, ctx.metrics_rows = meta["last_eval_step"], meta["metrics"], meta["metrics_rows"]
+        ctx.load_progress_state(meta)
         self.last_saved_step = ctx.step
         rank_file = folder / f"rank-{ctx.rank}.pt"
         if meta["world_size"] == ctx.world_size and rank_file.is_file():
             rank_state = torch.load(rank_file, map_location="cpu", weights_only=True)
             _set_rng_state(rank_state["rng"])
-            ctx.loss_window = rank_state["loss_window"].to(ctx.accelerator.device)
-            ctx.loss_window_steps = rank_state["loss_window_steps"]
+            ctx.load_rank_progress_state(rank_state)
         elif ctx.is_main:
             warnings.warn(f"resuming {meta['world_size']}-process checkpoint on {ctx.world_size} processes: "
                           "random states are re-seeded and the current loss window restarts", stacklevel=2)
@@ -524,20 +509,6 @@ class Checkpoint(Plugin):
         print(f"[checkpoint] train.epochs changed from {saved} to {ctx.recipe.train.epochs}: the LR schedule is "
               f"planned over {ctx.recipe.train.epochs} epochs, as if the run had been launched with them; at step "
               f"{meta['step']} the learning rate goes from {before:.6g} to {after:.6g}.", flush=True)
-
-    @staticmethod
-    def _load_deepspeed(ctx, folder: Path, meta: dict) -> None:
-        if meta["world_size"] != ctx.world_size:
-            raise LauncherError(
-                f"The checkpoint {folder} was written by DeepSpeed on {meta['world_size']} processes, whose ZeRO "
-                f"shards cannot be loaded by {ctx.world_size}. Resume on {meta['world_size']} processes, or start a "
-                f"new run from its consolidated weights (plugins.pretrained.checkpoint={folder}).")
-        # DeepSpeed's own loader, reading its files with weights_only=True (it would unpickle anything).
-        with safe_deepspeed_loading(ctx.model):
-            path, _ = ctx.model.load_checkpoint(str(folder), tag="deepspeed", load_optimizer_states=True,
-                                                load_lr_scheduler_states=False, load_module_strict=True)
-        if path is None:
-            raise LauncherError(f"DeepSpeed could not load the checkpoint in {folder / 'deepspeed'}.")
 
     def _check_plan(self, ctx, meta: dict) -> None:
         """Mid-epoch, the new run must be able to follow the saved epoch plan."""

@@ -27,6 +27,7 @@ from pydantic import Field
 
 from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
+from launcher.runlog import final_weights, recipe_file
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, task_loss: torch.Tensor, alpha: float,
@@ -42,11 +43,11 @@ def resolve_teacher(checkpoint: str, model: Optional[str]) -> tuple[str, Path, d
     path = Path(checkpoint)
     kwargs: dict[str, Any] = {}
     if path.is_dir():
-        weights, recipe_file = path / "final" / "model.safetensors", path / "recipe.yaml"
-        if not weights.is_file() or not recipe_file.is_file():
+        weights, teacher_recipe = final_weights(path), recipe_file(path)
+        if not weights.is_file() or not teacher_recipe.is_file():
             raise LauncherError(f"plugins.distill.checkpoint: '{path}' is not a finished run directory (it needs "
                                 "recipe.yaml and final/model.safetensors). Train the teacher first.")
-        teacher_model = yaml.safe_load(recipe_file.read_text())["model"]
+        teacher_model = yaml.safe_load(teacher_recipe.read_text())["model"]
         model = model or teacher_model["name"]
         kwargs = {"in_chans": teacher_model["in_chans"], **teacher_model.get("kwargs", {})}
         return model, weights, kwargs

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from pydantic import Field
 
-from launcher.loop import save_weights
+from launcher.runlog import final_weights, save_weights
 from launcher.registry import Plugin, PluginOptions, register
 
 
@@ -57,7 +57,7 @@ class ExponentialMovingAverage(Plugin):
 
     def on_train_end(self, ctx) -> None:
         if ctx.is_main:
-            save_weights(self.ema.module, ctx.run_dir / "final" / "ema.safetensors")
+            save_weights(self.ema.module, final_weights(ctx.run_dir, "ema"))
 
     def state_dict(self) -> dict:
         return {"module": self.ema.module.state_dict()}

@@ -19,8 +19,8 @@ Under DeepSpeed, k becomes the engine's gradient_accumulation_steps (a DeepSpeed
 that sets another value is refused); mode auto is refused there, as the engine's
 accumulation is fixed when it is built.
 
-Hooks: accelerator_options (DeepSpeed), setup (installs ctx.micro_batches and wraps
-ctx.forward_backward). State: k.
+Hooks: accelerator_options (DeepSpeed), micro_batches (k for every step; the probe at the
+first step with mode auto; a doubled k after an out-of-memory error). State: k.
 """
 
 from __future__ import annotations
@@ -35,16 +35,6 @@ from pydantic import Field
 from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import atomic_write_text
-
-
-def split_batch(batch, parts: int) -> list:
-    """The batch as at most `parts` non-empty micro-batches, in order."""
-    from dataclasses import replace
-
-    n = len(batch.targets)
-    chunks = [c for c in torch.arange(n).tensor_split(min(parts, n)) if len(c)]
-    return [replace(batch, images=batch.images[c[0]:c[-1] + 1], targets=batch.targets[c[0]:c[-1] + 1],
-                    ids=batch.ids[c[0]:c[-1] + 1]) for c in chunks]
 
 
 @register("grad_accum")
@@ -85,25 +75,19 @@ class GradientAccumulation(Plugin):
             options["deepspeed_config"]["gradient_accumulation_steps"] = self.k
         return options
 
-    def setup(self, ctx) -> None:
-        ctx.micro_batches = lambda batch: split_batch(batch, self.k)
-        plain = ctx.forward_backward
-        ctx.forward_backward = lambda batch: self._forward_backward(ctx, plain, batch)
+    def micro_batches(self, ctx, count: int) -> int:
+        batch = ctx.batch
+        if ctx.out_of_memory:  # the step with k micro-batches did not fit: retry with 2k
+            if ctx.world_size > 1 or self.options.mode == "fixed":
+                raise LauncherError(
+                    f"Out of memory with {self.k} micro-batches of about {len(batch.targets) // self.k} "
+                    f"samples. Set plugins.grad_accum.micro_batches={self.k * 2} (or mode: auto).") from None
+            self._halve(ctx, batch)
+        elif not self.settled:
+            self._probe(ctx, batch)
+        return self.k
 
-    def _forward_backward(self, ctx, plain, batch):
-        if not self.settled:
-            self._probe(ctx, plain, batch)
-        while True:
-            try:
-                return plain(batch)
-            except torch.OutOfMemoryError:
-                if ctx.world_size > 1 or self.options.mode == "fixed":
-                    raise LauncherError(
-                        f"Out of memory with {self.k} micro-batches of about {len(batch.targets) // self.k} "
-                        f"samples. Set plugins.grad_accum.micro_batches={self.k * 2} (or mode: auto).") from None
-                self._halve(ctx, batch)
-
-    def _probe(self, ctx, plain, batch) -> None:
+    def _probe(self, ctx, batch) -> None:
         """Find the k that fits, without all-reducing, then agree on it across ranks. The probe
         leaves no trace: buffers (BatchNorm statistics) and RNG states are restored, so the
         step that follows is exactly the one a run with that k from the start would take."""
@@ -112,8 +96,9 @@ class GradientAccumulation(Plugin):
         with torch.random.fork_rng(devices=devices):
             while True:
                 try:
+                    ctx.micro_batch_count = self.k
                     with ctx.accelerator.no_sync(ctx.model):
-                        plain(batch)
+                        ctx.forward_backward_once(batch)
                     break
                 except torch.OutOfMemoryError:
                     self._halve(ctx, batch)

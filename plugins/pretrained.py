@@ -21,11 +21,12 @@ from pydantic import Field
 
 from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
+from launcher.runlog import final_weights
 
 
 def resolve_weights(path: str) -> Path:
     p = Path(path).expanduser()
-    for candidate in (p, p / "final" / "model.safetensors", p / "model.safetensors"):
+    for candidate in (p, final_weights(p), p / "model.safetensors"):  # a file, a run, a checkpoint
         if candidate.is_file():
             return candidate
     raise LauncherError(f"plugins.pretrained.weights: '{path}' is not a .safetensors file, a finished run "

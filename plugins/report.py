@@ -38,14 +38,14 @@ class Report(Plugin):
 
             from launcher.models import create_model
             from launcher.report import predict, write_report
+            from launcher.runlog import final_weights
 
-            weights = ctx.run_dir / "final" / "model.safetensors"
+            weights = final_weights(ctx.run_dir)
             model = create_model(ctx.recipe.model).to(ctx.accelerator.device)
             load_model(model, str(weights))
             with ctx.accelerator.autocast():
                 probs, labels = predict(ctx.recipe, model, ctx.accelerator.device)
             report, images = write_report(ctx.run_dir, ctx.recipe, probs, labels, weights=weights)
-            self.report = report
             print(f"\n[report] accuracy {report['accuracy']:.4f}, macro F1 {report['macro']['f1']:.4f}: "
                   f"{images[0].parent}", flush=True)
             if self.options.wandb:

@@ -6,12 +6,14 @@ Loaded in subprocess runs through LAUNCHER_PLUGINS=tests.recorder_plugin (see co
 from __future__ import annotations
 
 import json
+import os
+import time
 
 import torch
 
 from pydantic import Field
 
-from launcher.registry import HOOKS, Plugin, PluginOptions, register
+from launcher.registry import Plugin, PluginOptions, register
 
 
 @register("recorder")
@@ -35,11 +37,19 @@ class Recorder(Plugin):
         self._trace("accelerator_options")
         return options
 
+    def param_groups(self, ctx, groups):
+        self._trace("param_groups")
+        return groups
+
     def setup(self, ctx):
         self._trace("setup")
         # The dtype the convolutions compute in (Accelerate casts the model's outputs back to fp32).
         conv = next(m for m in ctx.model.modules() if isinstance(m, torch.nn.Conv2d))
         conv.register_forward_hook(lambda module, args, out: setattr(self, "compute_dtype", str(out.dtype)))
+
+    def criterion(self, ctx, criterion):
+        self._trace("criterion")
+        return criterion
 
     def after_prepare(self, ctx):
         self._trace("after_prepare")
@@ -65,6 +75,10 @@ class Recorder(Plugin):
                 f.write(json.dumps(entry) + "\n")
         return batch
 
+    def micro_batches(self, ctx, count):
+        self._trace("micro_batches")
+        return count
+
     def transform_loss(self, ctx, loss, batch, logits):
         self._trace("transform_loss")
         return loss
@@ -82,11 +96,16 @@ class Recorder(Plugin):
         return models
 
     def eval_logits(self, ctx, outputs, images, model, prefix):
+        self._trace("eval_logits")
         return outputs
 
     def on_evaluate(self, ctx, metrics):
         self._trace("on_evaluate")
         self.evals.append(metrics)
+
+    def log_row(self, ctx, row):
+        self._trace("log_row")
+        return row
 
     def on_log(self, ctx, row):
         self._trace("on_log")
@@ -111,6 +130,14 @@ class Recorder(Plugin):
                                     "shards_read": sorted({str(p) for p in self._shards(ctx)}),
                                     "weights": self._weights(ctx)}))
 
+    def state_dict(self) -> dict:
+        # LAUNCHER_TEST_STATE_PAUSE=SECONDS: the checkpoint plugin asks every plugin for its state
+        # while it writes a checkpoint (after the weights, before trainer.pt and meta.json): a pause
+        # here keeps the half-written folder there for a test to kill the run in.
+        if os.environ.get("LAUNCHER_TEST_STATE_PAUSE"):
+            time.sleep(float(os.environ["LAUNCHER_TEST_STATE_PAUSE"]))
+        return {}
+
     @staticmethod
     def _weights(ctx) -> dict:
         """Per parameter: a float64 sum and a sum of squares (ranks must agree bit for bit)."""
@@ -123,9 +150,6 @@ class Recorder(Plugin):
         for step in self.steps:
             for i in step["ids"]:
                 yield index.paths[int(index.shard_of[i])]
-
-
-assert set(HOOKS) >= {"setup", "transform_batch", "on_train_end"}
 
 
 @register("test_fault")

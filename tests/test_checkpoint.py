@@ -187,7 +187,7 @@ def test_every_plugin_survives_save_and_resume(name, digits, tmp_path):
 def test_extending_a_finished_run_replans_the_schedule_over_the_new_length(digits, tmp_path, capsys):
     """Run 1 epoch to the end, relaunch with train.epochs=2: the new steps follow the 2-epoch
     cosine schedule (as if launched with 2 epochs), not the finished 1-epoch one (LR 0)."""
-    from launcher.loop import create_schedule
+    from launcher.optim import create_schedule
 
     def extended(epochs):
         return validate_recipe(small_recipe(digits, tmp_path / "run", train={"epochs": epochs}, data={"val": None},

@@ -26,7 +26,7 @@ class Accel:
 def plain_strategy():
     from launcher.distributed import DataParallel
 
-    return DataParallel(Accel, None)
+    return DataParallel(Accel)
 
 
 def run_sequence(weights, **options):

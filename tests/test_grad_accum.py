@@ -16,15 +16,15 @@ from launcher.errors import LauncherError
 from launcher.loop import RunContext, train
 from launcher.recipe import validate_recipe
 from launcher.registry import Plugin, PluginOptions, PluginSet, register
-from plugins.grad_accum import GradientAccumulation, split_batch
+from plugins.grad_accum import GradientAccumulation
 from tests.conftest import small_recipe
 
 
 def test_split_batch_keeps_order_and_handles_short_batches():
     batch = Batch(images=torch.arange(7.0)[:, None], targets=torch.arange(7), ids=torch.arange(7), global_count=7)
-    parts = split_batch(batch, 3)
+    parts = batch.split(3)
     assert [p.targets.tolist() for p in parts] == [[0, 1, 2], [3, 4], [5, 6]]
-    assert [len(p.targets) for p in split_batch(batch, 10)] == [1] * 7  # never an empty micro-batch
+    assert [len(p.targets) for p in batch.split(10)] == [1] * 7  # never an empty micro-batch
     assert all(p.global_count == 7 for p in parts)
 
 
@@ -45,13 +45,13 @@ def sgd_steps(k, batches, momentum=0.9):
 
     accelerator = Accelerator(cpu=True)
     ddp = types.SimpleNamespace(distributed=types.SimpleNamespace(strategy="ddp", stage=None))
-    ctx = RunContext(recipe=ddp, accelerator=accelerator, strategy=DataParallel(accelerator, ddp), model=model,
-                     plugins=PluginSet([]))
+    plugins = [GradientAccumulation(GradientAccumulation.Options(micro_batches=k))] if k > 1 else []
+    ctx = RunContext(recipe=ddp, accelerator=accelerator, strategy=DataParallel(accelerator), model=model,
+                     plugins=PluginSet(plugins))
     ctx.optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=momentum)
-    if k > 1:
-        GradientAccumulation(GradientAccumulation.Options(micro_batches=k)).setup(ctx)
     for x, y in batches:
         ctx.batch = Batch(images=x, targets=y, ids=torch.arange(len(y)), global_count=len(y))
+        ctx.micro_batch_count = ctx.plugins.chain("micro_batches", ctx, 1)  # as the loop does
         ctx.forward_backward(ctx.batch)
         ctx.optimizer.step()
         ctx.optimizer.zero_grad(set_to_none=True)

@@ -111,8 +111,8 @@ def test_sigkill_at_several_moments_then_relaunch_gives_the_same_model(digits, t
     wait_for(lambda: (run / "ids-rank0.jsonl").exists(), proc)
     kill(proc)
     assert checkpoints(run) == []
-    # 2. in the middle of a checkpoint write (the test slows the write down)
-    proc = start(cmd, log, LAUNCHER_TEST_CHECKPOINT_DELAY="3")
+    # 2. in the middle of a checkpoint write (the recorder plugin slows the write down)
+    proc = start(cmd, log, LAUNCHER_TEST_STATE_PAUSE="3")
     assert wait_for(lambda: checkpoints(run, ".tmp-step-*"), proc)
     kill(proc)
     assert checkpoints(run, ".tmp-step-*") and not checkpoints(run)  # half-written, never visible

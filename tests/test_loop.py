@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 
 from benchmarks.plain_loop import plain_train
 from launcher.errors import LauncherError
-from launcher.loop import create_optimizer, create_schedule, default_param_groups, train
+from launcher.loop import train
+from launcher.optim import create_optimizer, create_schedule, default_param_groups
 from launcher.recipe import validate_recipe
 from tests.conftest import small_recipe
 

@@ -138,15 +138,17 @@ def test_golden_hook_order_for_a_short_run(digits, tmp_path):
                        run={"log_every": 2}, data={"batch_size": 512}, plugins={"recorder": {}})
     train(validate_recipe(raw))
     hooks = json.loads((tmp_path / "run" / "recorder-rank0.json").read_text())["hooks"]
-    step = ["transform_batch", "transform_loss", "before_optimizer_step", "after_optimizer_step"]
+    step = ["transform_batch", "micro_batches", "transform_loss", "before_optimizer_step", "after_optimizer_step"]
+    row = ["log_row", "on_log"]
     end = ["on_step_end"]
-    evaluation = ["eval_models", "on_evaluate", "on_log"]
-    expected = (["accelerator_options", "setup", "after_prepare"]
-                + ["on_epoch_start"] + step + end + step + ["on_log"] + end + step + end  # epoch 0: steps 1-3
+    evaluation = ["eval_models", "eval_logits", "on_evaluate", *row]  # one validation batch
+    expected = (["accelerator_options", "param_groups", "setup", "criterion", "after_prepare"]
+                + ["on_epoch_start"] + step + end + step + row + end + step + end  # epoch 0: steps 1-3
                 + evaluation + ["on_epoch_end"]
-                + ["on_epoch_start"] + step + ["on_log"] + end + evaluation  # epoch 1: step 4, stop
+                + ["on_epoch_start"] + step + row + end + evaluation  # epoch 1: step 4, stop
                 + ["on_train_end"])
     assert hooks == expected
+    assert set(hooks) == set(registry.HOOKS)  # the recorder traces every hook there is
 
 
 def test_list_plugins_prints_every_plugin_with_options_and_defaults():
@@ -156,3 +158,49 @@ def test_list_plugins_prints_every_plugin_with_options_and_defaults():
         for option in cls.Options.model_fields:
             assert f"    {option}: " in text
     assert "mode: Literal['offline', 'online', 'disabled'] = 'offline'" in text
+
+
+def _imports_of_the_project() -> dict[str, set[str]]:
+    """Module -> the project modules it imports (top-level and inside functions), by parsing."""
+    import ast
+
+    from tests.conftest import REPO
+
+    graph: dict[str, set[str]] = {}
+    for path in sorted([*(REPO / "launcher").glob("*.py"), *(REPO / "plugins").glob("*.py")]):
+        module = f"{path.parent.name}.{path.stem}".removesuffix(".__init__")
+        targets = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = ([a.name for a in node.names] if isinstance(node, ast.Import)
+                     else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
+            for name in names:
+                if name.split(".")[0] in ("launcher", "plugins") and name not in ("launcher", "plugins"):
+                    targets.add(name)
+        graph[module] = targets - {module}
+    return graph
+
+
+def test_the_import_graph_has_no_circle_and_plugins_stand_alone():
+    graph = _imports_of_the_project()
+    assert "launcher.loop" in graph and "plugins.checkpoint" in graph
+    for module, targets in graph.items():
+        if module.startswith("plugins."):
+            # Plugins talk to the loop through ctx only, and never to each other.
+            assert not {t for t in targets if t.startswith("plugins.") or t == "launcher.loop"}, (module, targets)
+    for module, targets in graph.items():
+        if module.startswith("launcher."):
+            assert not any(t.startswith("plugins.") for t in targets), (module, targets)  # the core names no plugin
+    # Depth-first search for a cycle; the path is the message.
+    state: dict[str, int] = {}
+
+    def visit(module: str, path: list[str]) -> None:
+        state[module] = 1
+        for target in sorted(graph.get(module, ())):
+            assert state.get(target) != 1, "import circle: " + " -> ".join(path + [target])
+            if target not in state:
+                visit(target, path + [target])
+        state[module] = 2
+
+    for module in sorted(graph):
+        if module not in state:
+            visit(module, [module])

@@ -53,7 +53,7 @@ def launcher_sam_step(model, x, y, lr, **options):
     from launcher.distributed import DataParallel
 
     accelerator = Accelerator(cpu=True)
-    ctx = RunContext(recipe=None, accelerator=accelerator, strategy=DataParallel(accelerator, None), model=model,
+    ctx = RunContext(recipe=None, accelerator=accelerator, strategy=DataParallel(accelerator), model=model,
                      plugins=PluginSet([]))
     ctx.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     ctx.batch = Batch(images=x, targets=y, ids=torch.arange(len(x)), global_count=len(x))
@@ -85,9 +85,10 @@ def test_the_loop_runs_two_passes_per_step_on_the_same_batch(digits, tmp_path):
                        plugins={"recorder": {}, "sam": {"rho": 0.05}})  # recipe order = hook order
     train(validate_recipe(raw))
     hooks = json.loads((tmp_path / "run" / "recorder-rank0.json").read_text())["hooks"]
-    step = ["transform_batch", "transform_loss", "before_optimizer_step", "transform_loss", "after_optimizer_step"]
+    step = ["transform_batch", "micro_batches", "transform_loss", "before_optimizer_step", "transform_loss",
+            "after_optimizer_step"]
     first = hooks.index("transform_batch")
-    assert hooks[first:first + 5] == step and hooks.count("transform_loss") == 8
+    assert hooks[first:first + 6] == step and hooks.count("transform_loss") == 8
 
 
 def test_non_finite_gradients_are_not_used_to_perturb():

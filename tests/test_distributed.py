@@ -42,10 +42,12 @@ from launcher.recipe import validate_recipe
 from tests.conftest import REPO, accelerate_cmd, free_port, run_cli, small_recipe
 
 ACCELERATE = str(Path(sys.executable).with_name("accelerate"))
-WEIGHT_TOL = dict(atol=1e-5, rtol=1e-4)
-# One process and two add the same per-sample gradients in another order; over 23 steps the
-# float32 rounding differences grow to ~1e-5 of the loss (1.2e-5 seen once), while a wrong
-# normalisation of the loss or a sample used twice moves it by 1e-3 and more.
+# One process and two (or DDP and ZeRO) add the same per-sample gradients in another order; the
+# float32 rounding differences depend on the CPU's kernels. On an AMD EPYC machine, 23 steps
+# left 1.2e-5 of the loss and up to 8e-5 on 6 of 18,432 conv weights (the same on the commits
+# before, so the machine, not a change); a wrong normalisation of the loss or a sample used
+# twice moves the loss by 1e-3 and more. The weight tolerance is the GPU tests' (test_gpu.py).
+WEIGHT_TOL = dict(atol=1e-4, rtol=1e-3)
 LOSS_RTOL = 5e-5
 
 

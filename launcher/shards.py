@@ -6,12 +6,18 @@
     python -m launcher.shards imagefolder --src DIR --out data/mine
     python -m launcher.shards npz --src arrays.npz --out data/mine   # x_train, y_train, x_val, y_val (uint8 NHWC)
     python -m launcher.shards synthetic --out data/fake --num-classes 100 --train 2048 --val 512
+    python -m launcher.shards index 'data/other/train-{000000..000999}.tar'   # shards of other tools
 
 Each sample is `<key>.<npy|png|jpg>` + `<key>.cls`, written by webdataset.ShardWriter, so
 the shards are plain WebDataset. `--format raw` stores uint8 arrays as .npy (no decode
 cost); png/jpg store encoded images. The output folder gets train-NNNNNN.tar,
 val-NNNNNN.tar and info.json (brace patterns, counts, classes), written last, so a folder
 with info.json is complete.
+
+Next to each shard goes its index, `<shard>.index.npz` (sample offsets, sizes, extensions,
+labels, the shard's size and SHA-256), so that a run starts without scanning the tars
+(launcher/data.py, "index files"). `index PATTERN` writes the same for existing shards; a
+run without them scans once per machine and caches the result.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from typing import Iterable, Optional
 
 import numpy as np
 
+from launcher.data import expand_pattern, index_file_next_to, scan_shard, write_index_file
 from launcher.errors import LauncherError
 
 FORMATS = ("raw", "png", "jpg")
@@ -80,7 +87,11 @@ def write_dataset(out: Path, train, val, fmt: str, shard_size: int, classes: lis
             info[f"num_{split}"] = count
         for old in list(out.glob("train-*.tar")) + list(out.glob("val-*.tar")) + [out / "info.json"]:
             old.unlink(missing_ok=True)
-        for f in tmp.iterdir():
+        for old in list(out.glob("train-*.tar.index.npz")) + list(out.glob("val-*.tar.index.npz")):
+            old.unlink(missing_ok=True)
+        for f in sorted(tmp.iterdir()):
+            if f.suffix == ".tar":  # its index, computed from the finished file
+                write_index_file(scan_shard(f, split_of(f), checksum=True), index_file_next_to(out / f.name))
             os.replace(f, out / f.name)
         (tmp / "info.json").write_text(json.dumps(info, indent=2))
         os.replace(tmp / "info.json", out / "info.json")
@@ -202,7 +213,45 @@ def imagefolder_items(src: Path, fmt: str, seed: int, val_fraction: float):
     return items(train), items(val), classes
 
 
+def split_of(shard: Path) -> str:
+    return shard.name.split("-")[0]
+
+
+def index_main(argv: list[str]) -> int:
+    """`python -m launcher.shards index PATTERN...`: write <shard>.index.npz next to each shard."""
+    import time
+
+    parser = argparse.ArgumentParser(prog="python -m launcher.shards index",
+                                     description="Write each shard's index next to it, so runs start without "
+                                                 "scanning the tars.")
+    parser.add_argument("patterns", nargs="+", help="shard paths or brace patterns (local files)")
+    parser.add_argument("--no-checksum", action="store_true", help="skip the SHA-256 of each shard (faster)")
+    args = parser.parse_args(argv)
+    start, shards, samples = time.perf_counter(), 0, 0
+    try:
+        for pattern in args.patterns:
+            for url in expand_pattern(pattern):
+                path = Path(url)
+                if not path.is_file():
+                    raise LauncherError(f"shard '{url}' does not exist (pattern '{pattern}'); index local shards.")
+                index = scan_shard(path, pattern, checksum=not args.no_checksum)
+                write_index_file(index, index_file_next_to(path))
+                shards, samples = shards + 1, samples + len(index["labels"])
+    except LauncherError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: cannot write the index next to the shards ({err}). Runs still work: they index "
+              "once per machine into data.cache_dir.", file=sys.stderr)
+        return 2
+    print(f"indexed {samples} samples in {shards} shards ({time.perf_counter() - start:.1f} s)")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["index"]:
+        return index_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m launcher.shards", description=__doc__.split("\n\n")[0])
     parser.add_argument("source", choices=["digits", "cifar10", "cifar100", "imagefolder", "npz", "synthetic"])
     parser.add_argument("--out", required=True, type=Path)

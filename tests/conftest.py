@@ -16,6 +16,20 @@ REPO = Path(__file__).resolve().parents[1]
 # Subprocess runs must find the test-only plugins (tests/recorder_plugin.py).
 os.environ.setdefault("LAUNCHER_PLUGINS", "tests.recorder_plugin")
 os.environ.setdefault("WANDB_SILENT", "true")
+# Shard indexes and downloads are cached per test session, not in ~/.cache (a stale entry of an
+# earlier session's temporary path must not stand in for a test's freshly written shard).
+_OWN_CACHE = "LAUNCHER_CACHE_DIR" not in os.environ
+if _OWN_CACHE:
+    import tempfile
+
+    os.environ["LAUNCHER_CACHE_DIR"] = tempfile.mkdtemp(prefix="launcher-test-cache-")
+
+
+def pytest_unconfigure(config):
+    if _OWN_CACHE:
+        import shutil
+
+        shutil.rmtree(os.environ["LAUNCHER_CACHE_DIR"], ignore_errors=True)
 
 
 def pytest_collection_modifyitems(config, items):

@@ -165,7 +165,7 @@ def test_digits_writer_makes_a_stratified_80_20_split(digits):
 
 def test_png_and_raw_shards_hold_the_same_pixels(digits, digits_png):
     raw, png = index_shards(digits["train"], "t"), index_shards(digits_png["train"], "t")
-    assert np.array_equal(raw.labels, png.labels) and set(png.exts) == {"png"} and set(raw.exts) == {"npy"}
+    assert np.array_equal(raw.labels, png.labels) and png.image_exts() == {"png"} and raw.image_exts() == {"npy"}
     files_raw, files_png = {}, {}
     for i in (0, 5, 1436):
         a = decode_image(*raw.read_image(i, files_raw))
@@ -222,7 +222,99 @@ def test_pipe_urls_are_streamed_into_a_cache(digits, tmp_path):
     first = expand_pattern(digits["train"])[0]
     index = index_shards(f"pipe:cat {first}", "data.train", cache_dir=str(tmp_path / "cache"))
     direct = index_shards(first, "data.train")
-    assert np.array_equal(index.labels, direct.labels) and len(list((tmp_path / "cache").iterdir())) == 1
+    assert np.array_equal(index.labels, direct.labels) and len(list((tmp_path / "cache").glob("*.tar"))) == 1
+
+
+# ---------------------------------------------------------------- index files
+
+
+def _same_index(a, b) -> bool:
+    return all(np.array_equal(getattr(a, k), getattr(b, k))
+               for k in ("shard_sizes", "shard_of", "offsets", "sizes", "ext_codes", "labels"))
+
+
+def _no_scanning(monkeypatch):
+    import launcher.data as data
+
+    def refuse(path, key, checksum=False):
+        raise AssertionError(f"scanned {path}")
+
+    monkeypatch.setattr(data, "scan_shard", refuse)
+
+
+def test_the_writer_leaves_an_index_next_to_each_shard_and_runs_read_it_instead_of_scanning(
+        digits, tmp_path, monkeypatch):
+    import hashlib
+    import shutil
+
+    from launcher.data import index_file_next_to
+
+    urls = [Path(u) for u in expand_pattern(digits["train"])]
+    for url in urls:
+        saved = np.load(index_file_next_to(url))
+        assert str(saved["sha256"]) == hashlib.sha256(url.read_bytes()).hexdigest()
+        assert int(saved["shard_bytes"]) == url.stat().st_size
+    scanned = index_shards(digits["train"], "t", cache_dir=str(tmp_path / "none"))  # (reads the files)
+    _no_scanning(monkeypatch)
+    assert _same_index(index_shards(digits["train"], "t"), scanned)
+    # A shard rewritten since (another size): its index file no longer describes it and is ignored.
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    shutil.copy(urls[0], copy / "a-0.tar")
+    shutil.copy(index_file_next_to(urls[0]), index_file_next_to(copy / "a-0.tar"))
+    shutil.copy(urls[3], copy / "a-0.tar")  # 237 samples instead of 400
+    monkeypatch.undo()
+    assert len(index_shards(str(copy / "a-0.tar"), "t", cache_dir=str(tmp_path / "c"))) == 237
+
+
+def test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first_use(digits, tmp_path, monkeypatch):
+    import shutil
+
+    from launcher.data import index_file_next_to
+    from launcher.shards import main
+
+    urls = [Path(u) for u in expand_pattern(digits["train"])]
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    for i, url in enumerate(urls):
+        shutil.copy(url, foreign / f"x-{i}.tar")  # no index files
+    pattern = str(foreign / "x-{0..3}.tar")
+    reference = index_shards(digits["train"], "t")
+    # First use: scanned once and cached; the second run reads the cache.
+    assert _same_index(index_shards(pattern, "t", cache_dir=str(tmp_path / "cache")), reference)
+    assert not index_file_next_to(foreign / "x-0.tar").exists()  # the user's folder is left alone
+    with monkeypatch.context() as m:
+        _no_scanning(m)
+        assert _same_index(index_shards(pattern, "t", cache_dir=str(tmp_path / "cache")), reference)
+    # The index command writes the files next to the shards.
+    assert main(["index", pattern]) == 0
+    _no_scanning(monkeypatch)
+    assert _same_index(index_shards(pattern, "t", cache_dir=str(tmp_path / "other-cache")), reference)
+
+
+def test_processes_starting_together_scan_each_shard_once(digits, tmp_path):
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    urls = [Path(u) for u in expand_pattern(digits["train"])]
+    for i, url in enumerate(urls):
+        shutil.copy(url, tmp_path / f"x-{i}.tar")
+    script = ("import sys, launcher.data as d\n"
+              "scan = d.scan_shard\n"
+              "def counted(path, key, checksum=False):\n"
+              "    open(sys.argv[3], 'a').write(f'{path}\\n')\n"
+              "    return scan(path, key, checksum)\n"
+              "d.scan_shard = counted\n"
+              "print(len(d.index_shards(sys.argv[1], 't', cache_dir=sys.argv[2])))\n")
+    args = [sys.executable, "-c", script, str(tmp_path / "x-{0..3}.tar"), str(tmp_path / "cache"),
+            str(tmp_path / "scans.txt")]
+    procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(3)]
+    assert [p.communicate(timeout=120)[0].strip() for p in procs] == ["1437"] * 3
+    scans = (tmp_path / "scans.txt").read_text().splitlines()
+    assert sorted(scans) == sorted(str(tmp_path / f"x-{i}.tar") for i in range(4))  # each once, by one process
 
 
 def test_brace_patterns_expand():
@@ -334,7 +426,7 @@ def test_imagefolder_source(tmp_path):
     info = write_shards(tmp_path / "out", "imagefolder", "--src", str(tmp_path / "src"), "--format", "keep")
     assert info["classes"] == ["cat", "dog"] and info["num_train"] + info["num_val"] == 10
     index = index_shards(info["train"], "t")
-    assert set(index.exts) == {"png"} and sorted(set(index.labels.tolist())) == [0, 1]
+    assert index.image_exts() == {"png"} and sorted(set(index.labels.tolist())) == [0, 1]
 
 
 def _tar_with(tmp_path, members: list[tuple[str, bytes]]) -> Path:

@@ -41,6 +41,8 @@ README_COMMANDS = {
     "python -m launcher.shards cifar10 --src DIR/cifar-10-batches-py --out data/cifar10": ("test", "tests/test_data.py::test_cifar10_source_from_the_python_pickles"),
     "python -m launcher.shards imagefolder --src DIR --out data/mine": ("test", "tests/test_data.py::test_imagefolder_source"),
     "python -m launcher.shards npz --src arrays.npz --out data/mine": ("test", "tests/test_data.py::test_npz_source"),
+    "python -m launcher.shards index 'data/other/train-{000000..000999}.tar'": ("test", "tests/test_data.py::test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first_use"),
+    "python benchmarks/data_scale.py": ("test", "tests/test_readme_commands.py::test_the_data_scale_benchmark_runs"),
     "accelerate launch --multi_gpu --num_processes N -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "accelerate launch --multi_gpu --num_machines M --machine_rank R --main_process_ip HOST0 --main_process_port 29500 --num_processes $((M*N)) -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "python benchmarks/loop_overhead.py": ("here", "benchmark"),
@@ -189,6 +191,13 @@ def test_the_benchmark_command_runs(tmp_path):
                                                                      "--out", str(tmp_path / "bench.md")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ratio" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_data_scale_benchmark_runs(tmp_path):
+    result = run_cli(command("python benchmarks/data_scale.py") + ["--sizes", "1500", "--out", str(tmp_path / "d.md")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    row = next(line for line in (tmp_path / "d.md").read_text().splitlines() if line.startswith("| 1,500 |"))
+    assert len(row.split("|")) == 11  # every column measured
 
 
 def test_the_guarantee_table_names_tests_that_exist():

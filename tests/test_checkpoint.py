@@ -142,6 +142,8 @@ PLUGIN_OPTIONS = {
     "sam": {"rho": 0.05},
     "tta": {},
     "wandb": {"mode": "disabled"},
+    "tensorboard": {},
+    "csv_log": {},
     "distill": "teacher",
     "mixup": {"mixup_alpha": 0.4, "cutmix_alpha": 1.0},
     "early_stopping": {"monitor": "val/loss", "mode": "min", "patience": 3},

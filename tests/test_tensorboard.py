@@ -1,0 +1,44 @@
+"""The tensorboard plugin: every metrics.jsonl row as scalars, one point per step after a resume."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from launcher.loop import train
+from launcher.recipe import validate_recipe
+from tests.conftest import small_recipe
+
+pytest.importorskip("tensorboard")
+
+
+def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
+    """What TensorBoard itself reads back from the event files."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run_dir / "tensorboard"))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_rows_become_scalars_and_a_resume_leaves_one_point_per_step(digits, tmp_path):
+    run = tmp_path / "run"
+
+    def recipe(max_steps):
+        return validate_recipe(small_recipe(digits, run, train={"epochs": 2, "max_steps": max_steps},
+                                            plugins={"checkpoint": {"every_steps": 10}, "tensorboard": {}}))
+
+    train(recipe(25))
+    # As if the run had been killed after step 25's row but before its checkpoint: the relaunch
+    # resumes at step 20 and logs step 25 again.
+    shutil.rmtree(run / "checkpoints" / "step-00000025")
+    train(recipe(50))
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curves = scalars(run)
+    for key in ("train/loss", "train/lr", "val/loss", "val/top1"):
+        expected = [(r["step"], r[key]) for r in rows if key in r]
+        assert [s for s, _ in curves[key]] == [s for s, _ in expected], key  # one point per step
+        assert [v for _, v in curves[key]] == pytest.approx([v for _, v in expected], rel=1e-6), key
+    assert [s for s, _ in curves["train/loss"]] == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]

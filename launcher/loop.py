@@ -60,6 +60,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from launcher.distributed import broadcast_buffers, initial_accelerator_options, make_accelerator, make_strategy
+from launcher.console import Console
 from launcher.data import Batch, EpochPlan, EvalStream, ShardIndex, TrainStream, batches, index_shards
 from launcher.errors import LauncherError
 from launcher.models import create_model
@@ -122,6 +123,7 @@ class RunContext:
     loss_window: Optional[torch.Tensor] = None
     loss_window_steps: int = 0
     metrics_log: Optional[MetricsLog] = None
+    console: Optional[Console] = None  # the main process's progress bar or log lines
     metrics_rows: int = 0  # rows of metrics.jsonl to keep when the run starts (a resume sets it)
     # Micro-batches the step's batch is split into (the micro_batches hook sets it per step), and
     # whether the hook is being asked because the step ran out of memory.
@@ -344,7 +346,7 @@ def _train(ctx: RunContext) -> None:
     ctx.metrics_log = log = MetricsLog(metrics_file(ctx.run_dir) if ctx.is_main else None,
                                        keep_rows=ctx.metrics_rows)
     memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
-    progress = _progress(ctx, enabled=ctx.is_main and recipe.run.progress)
+    console = ctx.console = Console.for_run(ctx)
     if ctx.scheduler is not None:
         ctx.scheduler.step_update(ctx.step)
 
@@ -372,6 +374,7 @@ def _train(ctx: RunContext) -> None:
 
             ctx.loss_window += ctx.loss
             ctx.loss_window_steps += 1
+            console.step_done(batch.global_count)
             if ctx.step % recipe.run.log_every == 0 or _done(ctx):
                 # One all-reduce per logged row, not per step: .item() is a sync point.
                 window = accelerator.reduce(ctx.loss_window, "sum").item()
@@ -379,10 +382,9 @@ def _train(ctx: RunContext) -> None:
                 row = {"step": ctx.step, "epoch": ctx.epoch, "train/loss": mean_loss,
                        "train/lr": ctx.optimizer.param_groups[0]["lr"]}
                 _emit(ctx, log, row)
-                progress.set_postfix(loss=f"{mean_loss:.4f}", refresh=False)
+                console.row(row)
                 ctx.loss_window.zero_()
                 ctx.loss_window_steps = 0
-            progress.update(1)
             plugins.call("on_step_end", ctx)  # the step is complete and logged (checkpoints go here)
             if _done(ctx) or ctx.interrupted:
                 break
@@ -397,7 +399,7 @@ def _train(ctx: RunContext) -> None:
             evaluate(ctx, eval_transform, log)
         if epoch_finished:
             plugins.call("on_epoch_end", ctx)  # after the epoch's evaluation is logged
-    progress.close()
+    console.close()
     if ctx.interrupted:
         log.close()
         if ctx.is_main:
@@ -481,9 +483,8 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
     ctx.last_eval_step = ctx.step
     ctx.plugins.call("on_evaluate", ctx, metrics)
     _emit(ctx, log, {"step": ctx.step, "epoch": ctx.epoch, **metrics})
-    if ctx.is_main and recipe.run.progress:
-        shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("top1", "loss")))
-        print(f"\n[eval] step {ctx.step} epoch {ctx.epoch}: {shown}", flush=True)
+    if ctx.console is not None:
+        ctx.console.evaluation(ctx.step, ctx.epoch, metrics)
     return metrics
 
 
@@ -498,18 +499,3 @@ def _eval_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     loss = F.cross_entropy(logits, targets, reduction="sum")
     return torch.stack([loss.double(), hits[:, 0].sum().double(), hits.any(-1).sum().double(),
                         torch.tensor(float(len(targets)), device=logits.device, dtype=torch.float64)])
-
-
-class _NoProgress:
-    def update(self, n=1): pass
-    def set_postfix(self, *a, **k): pass
-    def close(self): pass
-
-
-def _progress(ctx: RunContext, enabled: bool):
-    if not enabled:
-        return _NoProgress()
-    from tqdm.auto import tqdm
-
-    return tqdm(total=ctx.total_steps, initial=ctx.step, desc=f"{ctx.recipe.name}", unit="step",
-                dynamic_ncols=True, mininterval=1.0)

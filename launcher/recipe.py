@@ -35,7 +35,7 @@ class Section(BaseModel):
 class RunSection(Section):
     dir: Optional[str] = Field(None, description="run directory; default runs/<recipe name>")
     log_every: int = Field(10, ge=1, description="optimizer steps between train rows in metrics.jsonl")
-    progress: bool = Field(True, description="live progress bar on the main process")
+    progress: bool = Field(True, description="live progress bar on a terminal; otherwise (a log file, or false) one plain line per logged row")
 
 
 class ModelSection(Section):

@@ -190,3 +190,32 @@ def test_a_diverged_run_writes_strict_json_with_null_for_non_finite_values(digit
     assert any(row.get("train/loss") is None for row in rows), rows  # the run did diverge
     for meta in (tmp_path / "run" / "checkpoints").glob("*/meta.json"):
         strict.loads(meta.read_text(), parse_constant=refuse)
+
+
+def test_a_log_file_gets_one_plain_line_per_row_and_no_carriage_returns(digits, tmp_path):
+    """stdout is a pipe here, as in a Slurm log: no progress bar, a line per logged row."""
+    import re
+    import sys
+
+    import yaml
+
+    from tests.conftest import run_cli
+
+    raw = small_recipe(digits, tmp_path / "run", train={"epochs": 1, "max_steps": 10})
+    raw["run"]["progress"] = True  # the default; a pipe still gets plain lines
+    (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
+    result = run_cli([sys.executable, "-m", "launcher", str(tmp_path / "r.yaml")])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "\r" not in result.stdout + result.stderr
+    lines = [line for line in result.stdout.splitlines() if line.startswith("[train]")]
+    rows = [json.loads(r) for r in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    train_rows = [r for r in rows if "train/loss" in r]
+    assert len(lines) == len(train_rows) == 2
+    for line, row in zip(lines, train_rows):
+        match = re.fullmatch(r"\[train\] step (\d+)/10 \((\d+)%\) epoch 0 \| loss (\S+) \| lr (\S+) \| "
+                             r"([\d,]+) samples/s \| ETA (\d+):(\d\d):(\d\d)", line)
+        assert match, line
+        assert int(match[1]) == row["step"] and int(match[2]) == row["step"] * 10
+        assert match[3] == f"{row['train/loss']:.4f}" and float(match[4]) == pytest.approx(row["train/lr"], rel=1e-3)
+        assert int(match[5].replace(",", "")) > 0
+    assert re.search(r"^\[eval\] step 10 epoch 0: val/loss=\d\.\d{4}, val/top1=\d\.\d{4}", result.stdout, re.M)

@@ -125,6 +125,17 @@ def make_accelerator(recipe, options: dict):
         # Here CPU is the right answer, so say it instead of being told.
         os.environ["DS_ACCELERATOR"] = "cpu"
     options = dict(options)
+    # The recipe's precision (plugins.amp) is passed explicitly: Accelerate would otherwise take
+    # `accelerate launch --mixed_precision` (or the user's accelerate config) from the environment,
+    # and a recipe without amp would train in bf16 without a word.
+    options.setdefault("mixed_precision", "no")
+    launched = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+    if launched not in ("no", options["mixed_precision"]):
+        wanted = options["mixed_precision"] if options["mixed_precision"] != "no" else "fp32 (no amp plugin)"
+        raise LauncherError(
+            f"accelerate launch was given --mixed_precision {launched} (or an accelerate config that sets it), but "
+            f"the recipe trains in {wanted}. The recipe decides: launch with --mixed_precision no, or add "
+            f"plugins.amp={{dtype: {launched}}} to the recipe.")
     config = options.pop("deepspeed_config", None)
     if config is None:
         if LAUNCHED_WITH_DEEPSPEED:

@@ -6,8 +6,10 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
+from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.recipe import validate_recipe
 from launcher.registry import Plugin, register
@@ -63,3 +65,16 @@ def test_fp16_with_sam_unscales_both_passes(digits, tmp_path):
     assert all(r["train/skipped_steps"] == 0 for r in train_rows)  # scale 65536 and no overflow in 8 steps
     assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
     assert all(torch.isfinite(p).all() for p in ctx.model.parameters())
+
+
+def test_accelerate_launch_precision_cannot_override_the_recipe(digits, tmp_path, monkeypatch):
+    """`accelerate launch --mixed_precision bf16` sets ACCELERATE_MIXED_PRECISION for the ranks."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    with pytest.raises(LauncherError, match=r"--mixed_precision bf16 .* the recipe trains in fp32 \(no amp plugin\)"
+                                            r".*plugins.amp=\{dtype: bf16\}"):
+        train(validate_recipe(small_recipe(digits, tmp_path / "run", train={"max_steps": 2})))
+    assert not (tmp_path / "run").exists()
+    # The same precision as the recipe's is no conflict.
+    ctx = train(validate_recipe(small_recipe(digits, tmp_path / "amp", train={"max_steps": 2},
+                                             plugins={"amp": {"dtype": "bf16"}})))
+    assert ctx.accelerator.mixed_precision == "bf16"

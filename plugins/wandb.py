@@ -1,7 +1,12 @@
 """wandb: log every metrics.jsonl row to Weights & Biases.
 
-Hooks: after_prepare (start the run on the main process), on_log, on_train_end.
 Offline by default, so it never needs a network or an API key; `wandb sync` uploads later.
+A resumed run continues the same wandb run: its id is kept in <run dir>/wandb_run_id and
+wandb.init gets resume="allow" (rows after the checkpoint's step are logged again, as
+metrics.jsonl rewrites them).
+
+Hooks: on_epoch_start (the first one starts or continues the run: a resume has set ctx.step
+by then), on_log, on_train_end.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from typing import Literal, Optional
 from pydantic import Field
 
 from launcher.registry import Plugin, PluginOptions, register
+from launcher.runlog import atomic_write_text
 
 
 @register("wandb")
@@ -21,18 +27,30 @@ class WandbLogger(Plugin):
         project: str = Field("launcher", description="wandb project name")
         mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline needs no network")
         name: Optional[str] = Field(None, description="run name; default: the recipe name")
+        entity: Optional[str] = Field(None, description="wandb entity (user or team); default: yours")
+        group: Optional[str] = Field(None, description="group runs together, e.g. a sweep")
         tags: list[str] = Field(default_factory=list)
 
     run = None
 
-    def after_prepare(self, ctx) -> None:
-        if not ctx.is_main:
+    def on_epoch_start(self, ctx) -> None:
+        if self.run is not None or not ctx.is_main:
             return
+        import secrets
+
         import wandb
 
+        id_file = ctx.run_dir / "wandb_run_id"
+        resumed = ctx.step > 0 and id_file.is_file()
+        run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)  # wandb's id alphabet
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(id_file, run_id + "\n")
         self.run = wandb.init(
+            id=run_id,
+            resume="allow",
             project=self.options.project,
+            entity=self.options.entity,
+            group=self.options.group,
             mode=self.options.mode,
             name=self.options.name or ctx.recipe.name,
             tags=self.options.tags,

@@ -48,3 +48,32 @@ def test_real_wandb_offline_run_writes_its_files_without_network(digits, tmp_pat
     train(recipe)
     offline_runs = list((tmp_path / "run" / "wandb").glob("offline-run-*"))
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(digits, tmp_path, monkeypatch):
+    inits = []
+
+    class FakeRun:
+        def log(self, data, step):
+            pass
+
+        def finish(self):
+            pass
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kwargs: inits.append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+
+    def run(folder, max_steps):
+        options = {"wandb": {"project": "p", "entity": "lab", "group": "g"}, "checkpoint": {"every_steps": 10}}
+        train(validate_recipe(small_recipe(digits, tmp_path / folder, train={"epochs": 2, "max_steps": max_steps},
+                                           plugins=options)))
+
+    run("a", 10)
+    run("a", 20)  # resumes from step 10
+    run("b", 10)  # another run
+    assert [i["resume"] for i in inits] == ["allow"] * 3
+    assert inits[0]["id"] == inits[1]["id"] != inits[2]["id"]
+    assert (tmp_path / "a" / "wandb_run_id").read_text().strip() == inits[0]["id"]
+    assert (inits[0]["entity"], inits[0]["group"]) == ("lab", "g")

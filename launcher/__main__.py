@@ -5,6 +5,14 @@
     python -m launcher --check RECIPE [overrides]             validate and print the resolved recipe
     python -m launcher --list-plugins                         every registered plugin, options, defaults
     python -m launcher --support-table                        which plugin runs under which strategy and precision
+
+The other commands (each with its own --help):
+
+    python -m launcher.shards SOURCE --out DIR                write WebDataset shards (digits, cifar10/100, imagefolder, npz)
+    python -m launcher.shards index PATTERN                   write each shard's index next to it
+    python -m launcher.lr_find RECIPE [overrides]             learning-rate range test
+    python -m launcher.report RUN_DIR                         evaluation report: curves, confusion matrix, PR/ROC
+    python -m launcher.slurm submit|status|cancel ...         Slurm jobs that requeue and resume
 """
 
 from __future__ import annotations

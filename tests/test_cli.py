@@ -102,3 +102,18 @@ def test_a_file_that_is_not_a_yaml_recipe_is_refused_in_one_line(tmp_path, capsy
     for path, message in ((binary, "is not a text file"), (nested, "nested too deeply")):
         assert main([str(path)]) == 2
         assert message in capsys.readouterr().err
+
+
+def test_help_lists_every_command_and_each_answers_its_own_help(capsys):
+    import importlib
+    import re
+
+    assert main(["--help"]) == 0
+    text = capsys.readouterr().out
+    modules = sorted(set(re.findall(r"python -m (launcher\.\w+)", text)))
+    assert modules == ["launcher.lr_find", "launcher.report", "launcher.shards", "launcher.slurm"]
+    for name in modules:
+        with pytest.raises(SystemExit) as stop:
+            importlib.import_module(name).main(["--help"])
+        assert stop.value.code == 0, name
+        assert "usage: python -m " + name in capsys.readouterr().out

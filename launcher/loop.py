@@ -465,7 +465,7 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
                 outputs = ctx.plugins.chain("eval_logits", ctx, {prefix: logits}, images, model, prefix)
             for name, out in outputs.items() if count else ():
                 sums.setdefault(name, torch.zeros(4, device=accelerator.device, dtype=torch.float64))
-                sums[name] += _eval_sums(out.float(), batch.targets)
+                sums[name] += eval_sums(out.float(), batch.targets)
 
     batch = None
     for batch in batches(stream, recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda"):
@@ -492,7 +492,8 @@ def _param_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
 
 
-def _eval_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+def eval_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """[loss sum, top-1 hits, top-5 hits, samples] of a batch, in float64 (also launcher.evaluate)."""
     k = min(5, logits.shape[-1])
     topk = logits.topk(k, dim=-1).indices
     hits = topk == targets[:, None]

@@ -33,6 +33,7 @@ README_COMMANDS = {
     "python -m launcher --list-plugins": ("test", "tests/test_cli.py::test_list_plugins_command"),
     "python -m launcher.lr_find recipes/digits.yaml [--steps 100]": ("here", "quick start"),
     "python -m launcher.report runs/digits": ("here", "quick start"),
+    "python -m launcher.evaluate runs/digits [--weights ema]": ("here", "quick start"),
     "python -m launcher.slurm submit recipes/wrn.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00": ("here", "dry run"),
     "python -m launcher.slurm submit recipes/wrn.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu [key=value ...]": ("here", "dry run"),
     "python -m launcher.slurm submit recipes/wrn.yaml --dry-run": ("here", "dry run"),
@@ -117,6 +118,10 @@ def test_the_quick_start_commands_run(workdir):
 
     result = run_cli(command("python -m launcher.report runs/digits"), cwd=workdir)
     assert result.returncode == 0, result.stderr[-3000:]
+
+    result = run_cli(command("python -m launcher.evaluate runs/digits [--weights ema]"), cwd=workdir)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads(result.stdout)["val/samples"] == 360
 
     result = run_cli(command("python -m launcher.lr_find recipes/digits.yaml [--steps 100]") + ["--steps", "5"],
                      cwd=workdir)

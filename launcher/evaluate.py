@@ -1,0 +1,93 @@
+"""Score a trained run's weights on a shard set, as the training loop's evaluation does.
+
+    python -m launcher.evaluate RUN_DIR                       # final/model.safetensors on the run's data.val
+    python -m launcher.evaluate RUN_DIR --weights ema         # final/ema.safetensors (plugins.ema)
+    python -m launcher.evaluate RUN_DIR data.val='other/val-{000000..000009}.tar'
+
+Prints loss, top-1, top-5 and the sample count as JSON (keys like the run's metrics.jsonl) and
+writes them to RUN_DIR/evaluate-<weights>.json. The computation is the loop's own (same
+transform, batches, precision and sums), so on the run's data.val and final weights it gives
+the numbers of the run's last evaluation row. One process.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from launcher.errors import LauncherError, run_command
+
+
+@torch.no_grad()
+def evaluate_weights(recipe, model: torch.nn.Module, device: torch.device, prefix: str = "val") -> dict:
+    """{prefix}/loss, /top1, /top5, /samples over recipe.data.val, every sample once."""
+    from launcher.data import EvalStream, batches, index_shards
+    from launcher.loop import eval_sums
+    from launcher.registry import recipe_precision
+    from launcher.transforms import ImageTransform
+
+    data = recipe.data
+    if not data.val:
+        raise LauncherError("nothing to evaluate on: the recipe sets no data.val; give data.val=PATTERN.")
+    index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes)
+    transform = ImageTransform(data, recipe.model.in_chans, train=False)
+    stream = EvalStream(index, transform, data.eval_batch_size or 2 * data.batch_size, 0, 1)
+    memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
+    precision = recipe_precision(recipe)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                              enabled=precision in ("bf16", "fp16"))
+    model.eval()
+    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    for batch in batches(stream, data.num_workers):
+        batch = batch.to(device, memory_format)
+        with autocast:
+            logits = model(batch.images)
+        sums += eval_sums(logits.float(), batch.targets)
+    loss_sum, top1, top5, count = sums.tolist()
+    return {f"{prefix}/loss": loss_sum / count, f"{prefix}/top1": top1 / count, f"{prefix}/top5": top5 / count,
+            f"{prefix}/samples": int(count)}
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.evaluate", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.val=PATTERN")
+    parser.add_argument("--weights", default="model",
+                        help="model (final/model.safetensors), ema (final/ema.safetensors) or a .safetensors path")
+    args = parser.parse_intermixed_args(argv)
+    return run_command(lambda: _evaluate_command(args))
+
+
+def _evaluate_command(args) -> int:
+    from safetensors.torch import load_model
+
+    from launcher.models import create_model
+    from launcher.recipe import load_recipe
+    from launcher.runlog import atomic_write_text, final_weights, recipe_file
+
+    if not recipe_file(args.run_dir).is_file():
+        raise LauncherError(f"'{args.run_dir}' is not a run directory (no recipe.yaml).")
+    named = args.weights in ("model", "ema")
+    weights = final_weights(args.run_dir, args.weights) if named else Path(args.weights)
+    if not weights.is_file():
+        raise LauncherError(f"no weights at '{weights}'" + (" (the run has not finished, or ran without "
+                                                            "plugins.ema)" if named else "") + ".")
+    recipe = load_recipe(recipe_file(args.run_dir), args.overrides)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(recipe.model).to(device)
+    load_model(model, str(weights))
+    metrics = evaluate_weights(recipe, model, device, prefix="val_ema" if args.weights == "ema" else "val")
+    text = json.dumps({"weights": str(weights), "data.val": recipe.data.val, **metrics}, indent=1)
+    print(text)
+    label = args.weights if named else weights.stem
+    atomic_write_text(args.run_dir / f"evaluate-{label}.json", text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

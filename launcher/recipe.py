@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from launcher.errors import LauncherError, did_you_mean
 from launcher.registry import validate_plugins
+from launcher.runlog import shard_info
 
 
 class Section(BaseModel):
@@ -40,6 +41,7 @@ class RunSection(Section):
 
 class ModelSection(Section):
     name: str = Field(description="any timm model name, or a CIFAR WideResNet such as wrn28_10")
+    # Optional in a recipe whose data.train has the shard writer's info.json next to it.
     num_classes: int = Field(gt=1)
     in_chans: int = Field(3, ge=1, description="input channels; grayscale data is repeated to fit")
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier (WRN: inside blocks)")
@@ -294,11 +296,23 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     return validate_recipe(apply_overrides(raw, list(overrides)), name=path.stem, source=str(path))
 
 
+def _num_classes_from_the_shards(raw: dict[str, Any]) -> dict[str, Any]:
+    """model.num_classes, when the recipe leaves it out, from the training shards' info.json."""
+    model, data = raw.get("model"), raw.get("data")
+    if not isinstance(model, dict) or "num_classes" in model or not isinstance(data, dict):
+        return raw
+    num_classes = shard_info(data.get("train")).get("num_classes")
+    if not isinstance(num_classes, int):
+        return raw
+    return {**raw, "model": {**model, "num_classes": num_classes}}
+
+
 def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "recipe") -> Recipe:
     bad = _non_finite(raw)
     if bad:
         raise LauncherError(f"Recipe {source} is invalid: {', '.join(repr(k) for k in bad)} "
                             f"{'is' if len(bad) == 1 else 'are'} not a finite number (.inf/.nan). Give a finite value.")
+    raw = _num_classes_from_the_shards(raw)
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:

@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from launcher.errors import LauncherError, run_command
-from launcher.runlog import atomic_write_text, final_weights, metrics_file, recipe_file, report_dir
+from launcher.runlog import atomic_write_text, final_weights, metrics_file, recipe_file, report_dir, shard_info
 
 
 @torch.no_grad()
@@ -57,13 +57,9 @@ def predict(recipe, model: torch.nn.Module, device: torch.device, batch_size: Op
 def class_names(recipe) -> list[str]:
     """From the shards' info.json (written by python -m launcher.shards) where there is one."""
     num = recipe.model.num_classes
-    first = recipe.data.val.split("::")[0]
-    folder = Path(first.split("{")[0]).parent if not first.startswith(("pipe:", "http")) else None
-    info = folder / "info.json" if folder else None
-    if info and info.is_file():
-        classes = json.loads(info.read_text()).get("classes")
-        if isinstance(classes, list) and len(classes) == num:
-            return [str(c) for c in classes]
+    classes = shard_info(recipe.data.val).get("classes")
+    if isinstance(classes, list) and len(classes) == num:
+        return [str(c) for c in classes]
     return [str(i) for i in range(num)]
 
 

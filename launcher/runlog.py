@@ -130,6 +130,23 @@ def git_commit() -> str | None:
         return None
 
 
+def shard_info(pattern: Any) -> dict[str, Any]:
+    """The info.json that `python -m launcher.shards` wrote next to a local shard pattern
+    (num_classes, classes, counts), or {} when there is none."""
+    if not isinstance(pattern, str) or pattern.startswith(("pipe:", "http://", "https://", "s3://")):
+        return {}
+    try:
+        info = json.loads((Path(pattern.split("::")[0].split("{")[0]).parent / "info.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return info if isinstance(info, dict) else {}
+
+
+def _class_names(recipe) -> list[str] | None:
+    classes = shard_info(recipe.data.train).get("classes")
+    return [str(c) for c in classes] if isinstance(classes, list) else None
+
+
 def manifest(recipe, world_size: int, device: str, mixed_precision: str) -> dict[str, Any]:
     import importlib.metadata as md
 
@@ -151,6 +168,8 @@ def manifest(recipe, world_size: int, device: str, mixed_precision: str) -> dict
         "world_size": world_size,
         "mixed_precision": mixed_precision,
         "seed": recipe.seed,
+        # The class names, when the shard writer recorded them (info.json next to the shards).
+        "classes": _class_names(recipe),
         "start_time": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "command": sys.argv,
     }

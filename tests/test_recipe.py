@@ -102,3 +102,21 @@ def test_resolved_recipe_round_trips_through_yaml(digits, tmp_path):
     recipe = validate_recipe(small_recipe(digits, tmp_path))
     again = validate_recipe(yaml.safe_load(yaml.safe_dump(recipe.to_dict())))
     assert again.to_dict() == recipe.to_dict()
+
+
+def test_num_classes_comes_from_the_shard_writers_info_when_left_out(digits, tmp_path):
+    import json
+
+    from launcher.loop import train
+    from tests.conftest import small_recipe
+
+    raw = small_recipe(digits, tmp_path / "run", train={"max_steps": 2})
+    del raw["model"]["num_classes"]
+    recipe = validate_recipe(raw)
+    assert recipe.model.num_classes == 10 == digits["num_classes"]
+    train(recipe)
+    assert json.loads((tmp_path / "run" / "manifest.json").read_text())["classes"] == digits["classes"]
+    # Without info.json next to the shards (other tools' shards), the recipe must say it.
+    raw["data"]["train"] = str(tmp_path / "elsewhere-{0..1}.tar")
+    with pytest.raises(LauncherError, match="num_classes"):
+        validate_recipe(raw)

@@ -23,12 +23,43 @@ import torch
 from launcher.errors import LauncherError, run_command
 
 
+def recipe_autocast(recipe, device: torch.device):
+    """The recipe's precision for a forward pass, as the loop's accelerator.autocast() gives it."""
+    from launcher.registry import recipe_precision
+
+    precision = recipe_precision(recipe)
+    return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
+                          enabled=precision in ("bf16", "fp16"))
+
+
+def load_run_model(run_dir: Path, weights: str, overrides: list[str] = ()):
+    """(recipe, model in eval mode on the device, weights path) of a run directory; weights is
+    model, ema or a .safetensors path."""
+    from safetensors.torch import load_model
+
+    from launcher.models import create_model
+    from launcher.recipe import load_recipe
+    from launcher.runlog import final_weights, recipe_file
+
+    if not recipe_file(run_dir).is_file():
+        raise LauncherError(f"'{run_dir}' is not a run directory (no recipe.yaml).")
+    named = weights in ("model", "ema")
+    path = final_weights(run_dir, weights) if named else Path(weights)
+    if not path.is_file():
+        raise LauncherError(f"no weights at '{path}'" + (" (the run has not finished, or ran without "
+                                                          "plugins.ema)" if named else "") + ".")
+    recipe = load_recipe(recipe_file(run_dir), list(overrides))
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = create_model(recipe.model).to(device)
+    load_model(model, str(path))
+    return recipe, model.eval(), device, path
+
+
 @torch.no_grad()
 def evaluate_weights(recipe, model: torch.nn.Module, device: torch.device, prefix: str = "val") -> dict:
     """{prefix}/loss, /top1, /top5, /samples over recipe.data.val, every sample once."""
     from launcher.data import EvalStream, batches, index_shards
     from launcher.loop import eval_sums
-    from launcher.registry import recipe_precision
     from launcher.transforms import ImageTransform
 
     data = recipe.data
@@ -38,9 +69,7 @@ def evaluate_weights(recipe, model: torch.nn.Module, device: torch.device, prefi
     transform = ImageTransform(data, recipe.model.in_chans, train=False)
     stream = EvalStream(index, transform, data.eval_batch_size or 2 * data.batch_size, 0, 1)
     memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
-    precision = recipe_precision(recipe)
-    autocast = torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16,
-                              enabled=precision in ("bf16", "fp16"))
+    autocast = recipe_autocast(recipe, device)
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)
     for batch in batches(stream, data.num_workers):
@@ -64,27 +93,13 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _evaluate_command(args) -> int:
-    from safetensors.torch import load_model
+    from launcher.runlog import atomic_write_text
 
-    from launcher.models import create_model
-    from launcher.recipe import load_recipe
-    from launcher.runlog import atomic_write_text, final_weights, recipe_file
-
-    if not recipe_file(args.run_dir).is_file():
-        raise LauncherError(f"'{args.run_dir}' is not a run directory (no recipe.yaml).")
-    named = args.weights in ("model", "ema")
-    weights = final_weights(args.run_dir, args.weights) if named else Path(args.weights)
-    if not weights.is_file():
-        raise LauncherError(f"no weights at '{weights}'" + (" (the run has not finished, or ran without "
-                                                            "plugins.ema)" if named else "") + ".")
-    recipe = load_recipe(recipe_file(args.run_dir), args.overrides)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(recipe.model).to(device)
-    load_model(model, str(weights))
+    recipe, model, device, weights = load_run_model(args.run_dir, args.weights, args.overrides)
     metrics = evaluate_weights(recipe, model, device, prefix="val_ema" if args.weights == "ema" else "val")
     text = json.dumps({"weights": str(weights), "data.val": recipe.data.val, **metrics}, indent=1)
     print(text)
-    label = args.weights if named else weights.stem
+    label = args.weights if args.weights in ("model", "ema") else weights.stem
     atomic_write_text(args.run_dir / f"evaluate-{label}.json", text + "\n")
     return 0
 

@@ -42,3 +42,39 @@ def test_any_shard_set_and_clear_errors(finished, digits, capsys):
     assert "is not a run directory" in capsys.readouterr().err
     assert main([str(finished), "--weights", str(finished / "missing.safetensors")]) == 2
     assert "no weights at" in capsys.readouterr().err
+
+
+def test_predict_classifies_shards_and_image_files_alike(finished, digits, tmp_path):
+    import csv
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from launcher.data import decode_image, index_shards
+    from launcher.evaluate import load_run_model
+    from launcher.predict import main as predict
+    from launcher.report import predict as report_probabilities
+
+    assert predict([str(finished), digits["val"], "--out", str(tmp_path / "shards.csv"), "--top-k", "3"]) == 0
+    with open(tmp_path / "shards.csv") as f:
+        rows = list(csv.DictReader(f))
+    recipe, model, device, _ = load_run_model(finished, "model")
+    probs, labels = report_probabilities(recipe, model, device)  # the report's own pass over data.val
+    assert len(rows) == 360 and [int(r["label"]) for r in rows] == labels.tolist()
+    assert [int(r["class1"]) for r in rows] == probs.argmax(1).tolist()
+    assert [float(r["probability1"]) for r in rows] == pytest.approx(probs.max(1).tolist(), abs=1e-6)
+    assert all(float(r["probability1"]) >= float(r["probability2"]) >= float(r["probability3"]) for r in rows)
+    # The first 5 validation images as PNG files (lossless): the same classes.
+    index, folder = index_shards(digits["val"], "v"), tmp_path / "pngs"
+    folder.mkdir()
+    for i in range(5):
+        pixels = decode_image(*index.read_image(i, {}))[0].numpy().astype(np.uint8)
+        Image.fromarray(pixels).save(folder / f"img{i}.png")
+    assert predict([str(finished), str(folder), "--out", str(tmp_path / "files.csv")]) == 0
+    with open(tmp_path / "files.csv") as f:
+        files = list(csv.DictReader(f))
+    assert [r["input"] for r in files] == [str(folder / f"img{i}.png") for i in range(5)]
+    assert [r["class"] for r in files] == [r["class1"] for r in rows[:5]]
+    assert torch.tensor([float(r["probability"]) for r in files]).allclose(
+        torch.tensor([float(r["probability1"]) for r in rows[:5]]), atol=1e-5)

@@ -113,11 +113,20 @@ class WideResNet(nn.Module):
 
 def _make_wrn(depth: int, width: int):
     def entrypoint(pretrained: bool = False, **kwargs) -> WideResNet:
-        if pretrained:
-            raise LauncherError(f"wrn{depth}_{width} has no pretrained weights; load a local checkpoint instead.")
+        # No published weights; pretrained=True loads a local file given the timm way,
+        # pretrained_cfg_overlay=dict(file=...) (what python -m launcher.export writes).
+        weights = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
+        if pretrained and not weights:
+            raise LauncherError(f"wrn{depth}_{width} has no published weights: give a local file with "
+                                "pretrained_cfg_overlay=dict(file=...), or load a checkpoint.")
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
             kwargs.pop(key, None)
-        return WideResNet(depth=depth, width=width, **kwargs)
+        model = WideResNet(depth=depth, width=width, **kwargs)
+        if pretrained:
+            from safetensors.torch import load_model
+
+            load_model(model, str(weights))
+        return model
 
     entrypoint.__name__ = f"wrn{depth}_{width}"
     entrypoint.__qualname__ = entrypoint.__name__

@@ -111,7 +111,7 @@ def test_help_lists_every_command_and_each_answers_its_own_help(capsys):
     assert main(["--help"]) == 0
     text = capsys.readouterr().out
     modules = sorted(set(re.findall(r"python -m (launcher\.\w+)", text)))
-    assert modules == ["launcher.evaluate", "launcher.lr_find", "launcher.predict", "launcher.report", "launcher.shards",
+    assert modules == ["launcher.evaluate", "launcher.export", "launcher.lr_find", "launcher.predict", "launcher.report", "launcher.shards",
                        "launcher.slurm"]
     for name in modules:
         with pytest.raises(SystemExit) as stop:

@@ -78,3 +78,56 @@ def test_predict_classifies_shards_and_image_files_alike(finished, digits, tmp_p
     assert [r["class"] for r in files] == [r["class1"] for r in rows[:5]]
     assert torch.tensor([float(r["probability"]) for r in files]).allclose(
         torch.tensor([float(r["probability1"]) for r in rows[:5]]), atol=1e-5)
+
+
+def test_export_gives_a_timm_folder_and_torchscript_that_compute_the_same(finished, tmp_path):
+    import timm
+    import torch
+
+    from launcher.evaluate import load_run_model
+    from launcher.export import main as export
+
+    recipe, model, _, _ = load_run_model(finished, "model")
+    images = torch.randn(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(images)
+    assert export([str(finished), "--out", str(tmp_path / "timm")]) == 0
+    config = json.loads((tmp_path / "timm" / "config.json").read_text())
+    assert config["architecture"] == "wrn10_1" and config["num_classes"] == 10 and len(config["label_names"]) == 10
+    assert config["pretrained_cfg"]["input_size"] == [3, 16, 16]
+    loaded = timm.create_model(config["architecture"], pretrained=True, num_classes=config["num_classes"],
+                               pretrained_cfg_overlay=dict(config["pretrained_cfg"],
+                                                           file=str(tmp_path / "timm" / "model.safetensors")),
+                               **config["model_args"]).eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(images), expected)
+    assert export([str(finished), "--format", "torchscript", "--out", str(tmp_path / "ts")]) == 0
+    scripted = torch.jit.load(str(tmp_path / "ts" / "model.torchscript.pt"))
+    with torch.no_grad():
+        assert torch.allclose(scripted(images), expected, atol=1e-6)
+
+
+def test_export_of_a_timm_model_loads_through_timms_own_pretrained_path(digits, tmp_path):
+    import timm
+    import torch
+    import yaml
+    from safetensors.torch import save_model
+
+    from launcher.export import main as export
+
+    run = tmp_path / "run"
+    (run / "final").mkdir(parents=True)
+    raw = small_recipe(digits, run, model={"name": "resnet10t", "num_classes": 10})
+    (run / "recipe.yaml").write_text(yaml.safe_dump(raw))
+    torch.manual_seed(0)
+    model = timm.create_model("resnet10t", num_classes=10).eval()
+    save_model(model, str(run / "final" / "model.safetensors"))
+    assert export([str(run)]) == 0
+    folder = run / "export" / "timm"
+    config = json.loads((folder / "config.json").read_text())
+    loaded = timm.create_model(config["architecture"], pretrained=True, num_classes=config["num_classes"],
+                               pretrained_cfg_overlay=dict(config["pretrained_cfg"], file=str(folder / "model.safetensors")),
+                               **config["model_args"]).eval()
+    images = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert torch.equal(loaded(images), model(images))

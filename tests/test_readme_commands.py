@@ -34,6 +34,7 @@ README_COMMANDS = {
     "python -m launcher.lr_find recipes/digits.yaml [--steps 100]": ("here", "quick start"),
     "python -m launcher.report runs/digits": ("here", "quick start"),
     "python -m launcher.evaluate runs/digits [--weights ema]": ("here", "quick start"),
+    "python -m launcher.export runs/digits [--format torchscript]": ("test", "tests/test_evaluate.py::test_export_gives_a_timm_folder_and_torchscript_that_compute_the_same"),
     "python -m launcher.predict runs/digits photos/ --out preds.csv": ("test", "tests/test_evaluate.py::test_predict_classifies_shards_and_image_files_alike"),
     "python -m launcher.slurm submit recipes/wrn.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00": ("here", "dry run"),
     "python -m launcher.slurm submit recipes/wrn.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu [key=value ...]": ("here", "dry run"),

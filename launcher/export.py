@@ -1,0 +1,91 @@
+"""Export a trained run's weights for use outside the launcher.
+
+    python -m launcher.export RUN_DIR                        # timm folder: RUN_DIR/export/timm/
+    python -m launcher.export RUN_DIR --format torchscript   # RUN_DIR/export/model.torchscript.pt
+    python -m launcher.export RUN_DIR --weights ema --out DIR
+
+timm: model.safetensors + config.json in the layout of timm's Hugging Face hub folders
+(architecture, num_classes, num_features, model_args, label_names, pretrained_cfg with the
+run's input size, mean and std), loadable without the launcher:
+
+    cfg = json.load(open("DIR/config.json"))
+    timm.create_model(cfg["architecture"], pretrained=True, num_classes=cfg["num_classes"],
+                      pretrained_cfg_overlay=dict(cfg["pretrained_cfg"], file="DIR/model.safetensors"),
+                      **cfg["model_args"])
+
+The pretrained_cfg tells timm that the file's classifier has num_classes outputs, so timm keeps
+it instead of replacing it with a new head. The CIFAR WideResNets need `import launcher` first,
+which registers them with timm.
+
+torchscript: torch.jit.trace of the model in evaluation mode on one input of the run's size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from launcher.errors import run_command
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m launcher.export", description=__doc__.split("\n\n")[0])
+    parser.add_argument("run_dir", type=Path)
+    parser.add_argument("--format", choices=("timm", "torchscript"), default="timm")
+    parser.add_argument("--weights", default="model", help="model, ema, or a .safetensors path")
+    parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export/timm or RUN_DIR/export")
+    args = parser.parse_args(argv)
+    return run_command(lambda: _export_command(args))
+
+
+def _export_command(args) -> int:
+    from launcher.evaluate import load_run_model
+    from launcher.report import class_names
+    from launcher.runlog import atomic_write_text
+
+    recipe, model, _, weights = load_run_model(args.run_dir, args.weights)
+    model = model.cpu().float()
+    size = recipe.data.image_size
+    if args.format == "timm":
+        out = args.out or args.run_dir / "export" / "timm"
+        out.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(weights, out / "model.safetensors")
+        model_args = {"in_chans": recipe.model.in_chans, **recipe.model.kwargs}
+        config = {
+            "architecture": recipe.model.name,
+            "num_classes": recipe.model.num_classes,
+            "num_features": getattr(model, "num_features", None),
+            "model_args": model_args,
+            "label_names": class_names(recipe),
+            "pretrained_cfg": {
+                "input_size": [recipe.model.in_chans, size, size], "mean": list(recipe.data.mean),
+                "std": list(recipe.data.std), "crop_pct": 1.0, "interpolation": "bilinear",
+                "num_classes": recipe.model.num_classes, "classifier": _classifier_name(model),
+            },
+        }
+        atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
+        print(f"timm folder -> {out}")
+    else:
+        out = args.out or args.run_dir / "export"
+        out.mkdir(parents=True, exist_ok=True)
+        example = torch.zeros(1, recipe.model.in_chans, size, size)
+        with torch.no_grad():
+            traced = torch.jit.trace(model, example)
+        traced.save(str(out / "model.torchscript.pt"))
+        print(f"torchscript -> {out / 'model.torchscript.pt'}")
+    return 0
+
+
+def _classifier_name(model) -> Optional[str]:
+    classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
+    return next((name for name, module in model.named_modules() if module is classifier), None)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -43,6 +43,11 @@ class Console:
         if self.bar is not None:
             self.bar.update(1)
 
+    def samples_per_second(self) -> float:
+        """Training samples (all ranks) per second since the last logged row."""
+        elapsed = time.perf_counter() - self.window_start
+        return round(self.window_samples / elapsed, 1) if elapsed > 0 else 0.0
+
     def row(self, row: dict) -> None:
         """A training row was logged: the bar's postfix, or one plain line."""
         elapsed = time.perf_counter() - self.window_start
@@ -50,7 +55,7 @@ class Console:
             self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
         elif self.enabled and self.window_steps:
             step = row["step"]
-            rate = self.window_samples / elapsed if elapsed > 0 else float("inf")
+            rate = row.get("train/samples_per_s") or self.samples_per_second()
             eta = (self.total - step) * elapsed / self.window_steps
             print(f"[train] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) epoch {row['epoch']} | "
                   f"loss {row['train/loss']:.4f} | lr {row['train/lr']:.4g} | {rate:,.0f} samples/s | "

@@ -51,6 +51,7 @@ of ranks or micro-batches, and however unevenly the last step of an epoch is spl
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -380,7 +381,8 @@ def _train(ctx: RunContext) -> None:
                 window = accelerator.reduce(ctx.loss_window, "sum").item()
                 mean_loss = window / (ctx.world_size * ctx.loss_window_steps)
                 row = {"step": ctx.step, "epoch": ctx.epoch, "train/loss": mean_loss,
-                       "train/lr": ctx.optimizer.param_groups[0]["lr"]}
+                       "train/lr": ctx.optimizer.param_groups[0]["lr"],
+                       "train/samples_per_s": console.samples_per_second()}
                 _emit(ctx, log, row)
                 console.row(row)
                 ctx.loss_window.zero_()
@@ -421,6 +423,7 @@ def _done(ctx: RunContext) -> bool:
 
 
 def _emit(ctx: RunContext, log: MetricsLog, row: dict) -> None:
+    row = {**row, "time": round(time.time(), 3)}  # wall clock (Unix seconds) when the row was logged
     row = ctx.plugins.chain("log_row", ctx, row)
     log.write(row)
     ctx.plugins.call("on_log", ctx, row)

@@ -45,7 +45,7 @@ class TensorBoardLogger(Plugin):
         if self.writer is None:
             return
         for key, value in row.items():
-            if key not in ("step", "epoch") and isinstance(value, (int, float)) and math.isfinite(value):
+            if key not in ("step", "epoch", "time") and isinstance(value, (int, float)) and math.isfinite(value):
                 self.writer.add_scalar(key, value, global_step=row["step"])
         self.writer.add_scalar("epoch", row["epoch"], global_step=row["step"])
         self.writer.flush()

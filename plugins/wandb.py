@@ -60,7 +60,7 @@ class WandbLogger(Plugin):
 
     def on_log(self, ctx, row: dict) -> None:
         if self.run is not None:
-            self.run.log({k: v for k, v in row.items() if k != "step"}, step=row["step"])
+            self.run.log({k: v for k, v in row.items() if k not in ("step", "time")}, step=row["step"])
 
     def on_train_end(self, ctx) -> None:
         if self.run is not None:

@@ -59,6 +59,16 @@ def digits_png(tmp_path_factory) -> dict:
     return write_shards(tmp_path_factory.mktemp("digits_png"), "digits", "--format", "png")
 
 
+# Row fields that differ between two runs of the same training (wall clock, measured speed).
+TIMING_FIELDS = ("time", "train/samples_per_s")
+
+
+def metric_rows(run_dir: Path) -> list[dict]:
+    """metrics.jsonl without the timing fields: what two runs of the same training share exactly."""
+    rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in row.items() if k not in TIMING_FIELDS} for row in rows]
+
+
 def small_recipe(info: dict, run_dir: Path, **sections) -> dict:
     """A raw recipe mapping for a fast CPU run on the shards of `info` (an info.json dict)."""
     recipe = {

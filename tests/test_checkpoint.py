@@ -15,7 +15,7 @@ from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.recipe import validate_recipe
 from plugins.checkpoint import list_checkpoints, recipe_differences, verify
-from tests.conftest import small_recipe
+from tests.conftest import metric_rows, small_recipe
 
 AUGMENT = {"crop_padding": 2, "rotation": 10, "random_erasing": 0.3}
 
@@ -30,7 +30,7 @@ def recipe(digits, run_dir, max_steps, plugins=None, **sections):
 def same_run(a, b):
     wa, wb = load_file(a / "final" / "model.safetensors"), load_file(b / "final" / "model.safetensors")
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
-    assert (a / "metrics.jsonl").read_text() == (b / "metrics.jsonl").read_text()
+    assert metric_rows(a) == metric_rows(b)
 
 
 def test_stopping_and_resuming_gives_the_same_model_and_metrics(digits, tmp_path):

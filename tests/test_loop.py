@@ -37,6 +37,10 @@ def test_a_short_run_writes_the_run_directory(digits, tmp_path):
     assert [(r["step"], r["epoch"]) for r in eval_rows] == [(45, 1), (90, 2)]
     assert all(r["val/samples"] == 360 for r in eval_rows)
     assert train_rows[-1]["train/loss"] < train_rows[0]["train/loss"]
+    # Every row has the wall clock when it was logged; training rows the samples/s since the last.
+    times = [r["time"] for r in rows]
+    assert times == sorted(times) and abs(times[-1] - __import__("time").time()) < 120
+    assert all(r["train/samples_per_s"] > 0 for r in train_rows)
     assert eval_rows[-1]["val/top1"] > 0.5  # a tiny WRN at 16x16 after 2 epochs; chance is 0.1
     weights = load_file(run / "final" / "model.safetensors")
     model = timm.create_model("wrn10_1", num_classes=10)

@@ -26,7 +26,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, accelerate_cmd, run_cli, small_recipe
+from tests.conftest import REPO, accelerate_cmd, metric_rows, run_cli, small_recipe
 
 pytestmark = pytest.mark.slow
 SNAPSHOT = REPO / "tests" / "snapshots" / "slurm_dry_run.sbatch"
@@ -127,9 +127,7 @@ def test_two_nodes_train_with_two_ranks_like_a_local_run(uninterrupted):
     log = logs(tmp / "slurm_run")
     assert "on n[1-2] (2 nodes x 1 processes)" in log and "run state: finished" in log
     assert weights(tmp / "slurm_run") == weights(tmp / "local_run")
-    on_slurm, local = ([json.loads(r) for r in (tmp / run / "metrics.jsonl").read_text().splitlines()]
-                       for run in ("slurm_run", "local_run"))
-    assert on_slurm == local
+    assert metric_rows(tmp / "slurm_run") == metric_rows(tmp / "local_run")
     status = run_cli([sys.executable, "-m", "launcher.slurm", "status", str(tmp / "slurm_run")])
     assert re.search(r"job \d+: COMPLETED, restarts 0, run finished at step 1150, last checkpoint step-00001150",
                      status.stdout), status.stdout

@@ -2,7 +2,8 @@
 
 Relaunching the same command continues from the newest complete checkpoint in
 <run dir>/checkpoints (resume: auto), as if nothing had happened: same samples, same
-augmentation draws, same weights bit for bit, same metrics.jsonl rows.
+augmentation draws, same weights bit for bit, same metrics.jsonl rows (apart from their
+time and samples/s).
 
 What a checkpoint holds (checkpoints/step-NNNNNNNN/):
   model.safetensors   the weights (full, fp32, whatever the strategy)

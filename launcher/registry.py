@@ -79,6 +79,9 @@ class Plugin:
     Options: ClassVar[type[PluginOptions]] = PluginOptions
     # Other plugin names this one cannot run with, each with the reason.
     incompatible: ClassVar[dict[str, str]] = {}
+    # Other plugin names that, when present, must come after this one under plugins: (hooks
+    # run in recipe order), each with the reason. The other order is refused when the recipe loads.
+    listed_before: ClassVar[dict[str, str]] = {}
 
     def __init__(self, options: PluginOptions):
         self.options = options
@@ -262,6 +265,10 @@ def validate_plugins(recipe) -> None:
         for other, reason in cls.incompatible.items():
             if other in parsed:
                 raise LauncherError(f"Plugins '{name}' and '{other}' cannot run together: {reason}")
+        for other, reason in cls.listed_before.items():
+            if other in parsed and names.index(other) < names.index(name):
+                raise LauncherError(f"Plugin '{name}' must be listed before '{other}' under plugins: ({reason}). "
+                                    "Swap the two entries.")
         refused = refusal(cls, strategy, precision)
         if refused:
             where = f"{strategy.replace('zero', 'DeepSpeed ZeRO-')} with {precision}"
@@ -339,6 +346,8 @@ def describe_plugins() -> str:
             lines.append("    (no options)")
         for other, reason in cls.incompatible.items():
             lines.append(f"    cannot run with '{other}': {reason}")
+        for other, reason in cls.listed_before.items():
+            lines.append(f"    must be listed before '{other}': {reason}")
     return "\n".join(lines)
 
 

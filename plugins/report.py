@@ -6,8 +6,9 @@ precision / recall / F1 / AUC per class, into <run dir>/report/. The same report
 The main process predicts the validation set once with the final weights as written to
 final/model.safetensors (loaded into a fresh model: the same file whatever the strategy,
 also under ZeRO-3, where no rank holds the whole model); other ranks wait.
-When a wandb run is active, the images and the per-class table are logged to it; list
-`report` before `wandb` in the recipe so the wandb run is still open at that point.
+When a wandb run is active, the images and the per-class table are logged to it. `report`
+must be listed before `wandb` (the recipe loader refuses the other order): hooks run in
+recipe order, and wandb's on_train_end closes its run.
 
 Hooks: on_train_end. No state.
 """
@@ -25,6 +26,8 @@ class Report(Plugin):
 
     class Options(PluginOptions):
         wandb: bool = Field(True, description="also log the images and table to the active wandb run, if any")
+
+    listed_before = {"wandb": "the report logs its images to the wandb run, which wandb closes at the end"}
 
     @classmethod
     def check_recipe(cls, recipe, options):

@@ -204,3 +204,14 @@ def test_the_import_graph_has_no_circle_and_plugins_stand_alone():
     for module in sorted(graph):
         if module not in state:
             visit(module, [module])
+
+
+def test_an_order_that_matters_is_declared_and_the_wrong_one_refused(digits, tmp_path, capsys):
+    """report logs its images to the wandb run, which wandb's on_train_end closes: hooks run in
+    recipe order, so report must come first."""
+    wrong = small_recipe(digits, tmp_path / "run", plugins={"wandb": {"mode": "disabled"}, "report": {}})
+    with pytest.raises(LauncherError, match=r"Plugin 'report' must be listed before 'wandb' under plugins: .*Swap"):
+        validate_recipe(wrong)
+    right = small_recipe(digits, tmp_path / "run", plugins={"report": {}, "wandb": {"mode": "disabled"}})
+    assert list(validate_recipe(right).plugins) == ["report", "wandb"]
+    assert "must be listed before 'wandb'" in registry.describe_plugins()

@@ -55,7 +55,7 @@ class Console:
             self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
         elif self.enabled and self.window_steps:
             step = row["step"]
-            rate = row.get("train/samples_per_s") or self.samples_per_second()
+            rate = row["train/samples_per_s"]
             eta = (self.total - step) * elapsed / self.window_steps
             print(f"[train] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) epoch {row['epoch']} | "
                   f"loss {row['train/loss']:.4f} | lr {row['train/lr']:.4g} | {rate:,.0f} samples/s | "
@@ -65,7 +65,8 @@ class Console:
     def evaluation(self, step: int, epoch: int, metrics: dict) -> None:
         if self.enabled:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("top1", "loss")))
-            print(f"{chr(10) if self.bar is not None else ''}[eval] step {step} epoch {epoch}: {shown}", flush=True)
+            after_bar = "\n" if self.bar is not None else ""  # off the progress bar's line
+            print(f"{after_bar}[eval] step {step} epoch {epoch}: {shown}", flush=True)
 
     def close(self) -> None:
         if self.bar is not None:

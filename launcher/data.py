@@ -49,6 +49,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from launcher.errors import LauncherError
+from launcher.runlog import file_sha256
 
 IMAGE_EXTS = ("npy", "png", "jpg", "jpeg", "webp", "ppm", "bmp")
 LABEL_EXTS = ("cls", "cls.txt", "label", "target")
@@ -219,13 +220,7 @@ def scan_shard(path: Path, key: str, checksum: bool = False) -> dict[str, np.nda
     if not samples:
         raise LauncherError(f"{key}: shard '{path}' holds no samples (an empty tar). Remove it or rewrite it.")
     offsets, sizes, exts, labels = zip(*samples)
-    digest = ""
-    if checksum:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            while chunk := f.read(1 << 22):
-                h.update(chunk)
-        digest = h.hexdigest()
+    digest = file_sha256(path) if checksum else ""
     return {"version": np.asarray(INDEX_VERSION), "shard_bytes": np.asarray(path.stat().st_size),
             "sha256": np.asarray(digest), "offsets": np.asarray(offsets, dtype=np.int64),
             "sizes": np.asarray(sizes, dtype=np.int64),

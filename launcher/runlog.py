@@ -78,6 +78,17 @@ def atomic_path(path: Path) -> Iterator[Path]:
             tmp.unlink()
 
 
+def file_sha256(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in 4 MiB chunks (checkpoint files, shards)."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         f.write(data)

@@ -68,7 +68,7 @@ from pydantic import Field
 from launcher.errors import LauncherError
 from launcher.recipe import MISSING, schema_default
 from launcher.registry import Plugin, PluginOptions, register
-from launcher.runlog import atomic_write_text, checkpoints_dir, strict_json
+from launcher.runlog import atomic_write_text, checkpoints_dir, file_sha256, strict_json
 
 FORMAT = 2  # 2: meta.json carries its own digest (meta_sha256)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch it to continue
@@ -78,14 +78,6 @@ SAFE_TO_CHANGE = ("train.epochs", "train.max_steps", "train.eval_every", "run.",
                   "distributed.failure_timeout", "train.tf32", "train.deterministic",  # kernels, not the run
                   "data.cache_dir", "data.eval_batch_size", "data.batch_size", "data.train", "data.val",
                   "plugins.checkpoint.", "plugins.wandb.")
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _flatten(tree: dict, prefix: str = "") -> dict:
@@ -149,7 +141,7 @@ def verify(folder: Path) -> Optional[str]:
             path = folder / name
             if not path.is_file() or path.stat().st_size != expected["size"]:
                 return f"'{path}' is missing or truncated"
-            if _sha256(path) != expected["sha256"]:
+            if file_sha256(path) != expected["sha256"]:
                 return f"'{path}' is corrupt (its SHA-256 does not match meta.json)"
         for name in meta["files"]:
             if name.endswith(".pt"):
@@ -374,7 +366,7 @@ class Checkpoint(Plugin):
     def _publish(self, ctx, tmp: Path, final: Path) -> None:
         """Main process: meta.json last, then the rename that makes the checkpoint visible."""
         # Hashed from the disk, after writing: the checksums vouch for the bytes that were stored.
-        meta_files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+        meta_files = {str(f.relative_to(tmp)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
                       for f in sorted(tmp.rglob("*")) if f.is_file()}
         meta = json.loads(strict_json(self._meta(ctx, meta_files)))  # the digest is of what is stored
         meta["meta_sha256"] = meta_digest(meta)

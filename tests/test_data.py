@@ -536,3 +536,26 @@ def test_a_process_that_keeps_a_training_error_still_exits_with_its_loader_worke
     done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "r.yaml")], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and "cannot be read: ValueError: not an image" in done.stdout, done.stderr[-2000:]
+
+
+def test_a_loader_worker_is_quiet_about_an_abandoned_handover_only():
+    """In a worker (after _prepare_worker), the traceback multiprocessing's resource-sharer thread
+    prints when the training process drops a batch hand-over (Ctrl-C) is silenced; any other
+    error still prints."""
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    script = ("import sys\n"
+              "from launcher.data import _prepare_worker\n"
+              "_prepare_worker(0)\n"
+              "for error in (ConnectionResetError('peer gone'), EOFError(), ValueError('real problem')):\n"
+              "    try:\n"
+              "        raise error\n"
+              "    except BaseException:\n"
+              "        sys.excepthook(*sys.exc_info())\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "ValueError: real problem" in done.stderr
+    assert "ConnectionResetError" not in done.stderr and "EOFError" not in done.stderr

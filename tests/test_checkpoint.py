@@ -224,10 +224,11 @@ class _Evil:
 
 def resign(folder):
     """What a tamperer who knows the format does: rewrite meta.json's checksums and digest."""
-    from plugins.checkpoint import _sha256, meta_digest
+    from launcher.runlog import file_sha256
+    from plugins.checkpoint import meta_digest
 
     meta = json.loads((folder / "meta.json").read_text())
-    meta["files"] = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": _sha256(f)}
+    meta["files"] = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
                      for f in sorted(folder.rglob("*")) if f.is_file() and f.name != "meta.json"}
     meta["meta_sha256"] = meta_digest(meta)
     (folder / "meta.json").write_text(json.dumps(meta))

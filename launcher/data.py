@@ -30,6 +30,7 @@ any process count that divides it trains on the same global batches. Non-local s
 from __future__ import annotations
 
 import atexit
+import contextlib
 import hashlib
 import io
 import math
@@ -48,8 +49,11 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
+from launcher import remote
 from launcher.errors import LauncherError
+from launcher.remote import FetchOptions
 from launcher.runlog import file_sha256
+from launcher.shard_cache import ShardCache, needs_of
 
 IMAGE_EXTS = ("npy", "png", "jpg", "jpeg", "webp", "ppm", "bmp")
 LABEL_EXTS = ("cls", "cls.txt", "label", "target")
@@ -68,39 +72,22 @@ def expand_pattern(pattern: str) -> list[str]:
 
 
 def is_local(url: str) -> bool:
-    return "://" not in url and not url.startswith("pipe:")
+    return remote.kind(url) == "local"
 
 
 def default_cache_dir() -> Path:
-    """Where downloaded shards and shard indexes are cached without data.cache_dir:
+    """Where streamed shards and shard indexes are cached without data.cache_dir:
     $LAUNCHER_CACHE_DIR, else $XDG_CACHE_HOME/launcher/shards, else ~/.cache/launcher/shards."""
     if os.environ.get("LAUNCHER_CACHE_DIR"):
         return Path(os.environ["LAUNCHER_CACHE_DIR"]).expanduser()
     return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "launcher" / "shards"
 
 
-def local_copy(url: str, cache_dir: Optional[str]) -> Path:
-    """A local, seekable path for a shard: local files as they are, others cached once."""
-    if url.startswith("file://"):
-        url = url[len("file://"):]
-    if is_local(url):
-        return Path(url)
-    from webdataset.gopen import gopen
-
-    cache = Path(cache_dir) if cache_dir else default_cache_dir()
-    cache.mkdir(parents=True, exist_ok=True)
-    target = cache / (hashlib.sha256(url.encode()).hexdigest()[:20] + ".tar")
-    if not target.exists():
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        try:
-            with gopen(url, "rb") as src, open(tmp, "wb") as dst:
-                while chunk := src.read(1 << 20):
-                    dst.write(chunk)
-            os.replace(tmp, target)  # atomic: a half-fetched shard is never seen as cached
-        except Exception as err:
-            tmp.unlink(missing_ok=True)
-            raise LauncherError(f"Could not read shard '{url}': {err}") from None
-    return target
+def fetch_options(data) -> FetchOptions:
+    """The recipe's data section -> how remote shards are fetched and cached."""
+    return FetchOptions(s3_endpoint=data.s3_endpoint, retries=data.fetch_retries, retry_wait=data.fetch_retry_wait,
+                        timeout=data.fetch_timeout, cache_limit=remote.parse_size(data.cache_limit),
+                        prefetch_shards=data.prefetch_shards)
 
 
 # ---------------------------------------------------------------- the index
@@ -111,15 +98,18 @@ class ShardIndex:
     """Where every sample of a shard set lives. Sample ids are positions in shard order.
 
     numpy arrays only (no Python object per sample): 1.28M samples take ~30 MB, and loader
-    workers (forked) share the pages instead of copying them."""
+    workers (forked) share the pages instead of copying them. Remote shards (s3://, http(s)://,
+    pipe:) are read from `cache`, which fetches them as the epoch plan reads them."""
 
-    paths: list[Path]
+    paths: list[Path]  # local files; for remote shards, where the cache puts them
     shard_sizes: np.ndarray  # samples per shard
     shard_of: np.ndarray  # sample id -> shard number
     offsets: np.ndarray  # sample id -> byte offset of its image member
     sizes: np.ndarray  # sample id -> byte size of its image member
     ext_codes: np.ndarray  # sample id -> position of its image extension in IMAGE_EXTS
     labels: np.ndarray  # sample id -> class label
+    urls: list[str] = field(default_factory=list)  # the shards as the pattern names them
+    cache: Optional[ShardCache] = None  # remote shards only
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -127,19 +117,22 @@ class ShardIndex:
     def image_exts(self) -> set[str]:
         return {IMAGE_EXTS[int(c)] for c in np.unique(self.ext_codes)}
 
+    def shard_name(self, shard: int) -> str:
+        return self.urls[shard] if self.urls else str(self.paths[shard])
+
     def describe_bad_sample(self, sample_id: int, err: BaseException) -> str:
         """An error message naming the shard and the sample's key (read from its tar header)."""
-        path, member = self.paths[int(self.shard_of[sample_id])], "?"
+        shard, member = int(self.shard_of[sample_id]), "?"
         try:
-            with open(path, "rb") as f:
+            with open(self.paths[shard], "rb") as f:
                 f.seek(int(self.offsets[sample_id]) - 512)
                 member = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape").name
         except (OSError, tarfile.TarError, ValueError):
             pass
         match = _KEY_RE.match(member)
         key = match.group(1) if match else member
-        return (f"shard '{path}', sample '{key}' (member '{member}' at byte {int(self.offsets[sample_id])}) "
-                f"cannot be read: "
+        return (f"shard '{self.shard_name(shard)}', sample '{key}' (member '{member}' at byte "
+                f"{int(self.offsets[sample_id])}) cannot be read: "
                 f"{type(err).__name__}: {str(err)[:300]}. The shard changed or is damaged since the run "
                 "started; rewrite or re-download it, then relaunch (the run resumes from its last checkpoint).")
 
@@ -147,29 +140,42 @@ class ShardIndex:
         shard = int(self.shard_of[sample_id])
         handle = files.get(shard)
         if handle is None:
-            handle = files[shard] = open(self.paths[shard], "rb")
+            path = self.paths[shard] if self.cache is None else self.cache.wait_for(shard)
+            handle = files[shard] = open(path, "rb")
         handle.seek(int(self.offsets[sample_id]))
         return handle.read(int(self.sizes[sample_id])), IMAGE_EXTS[int(self.ext_codes[sample_id])]
 
+    def shard_starts(self) -> np.ndarray:
+        """The first sample id of each shard."""
+        return np.concatenate([[0], np.cumsum(self.shard_sizes)[:-1]]).astype(np.int64)
+
 
 def index_shards(pattern: str, key: str, cache_dir: Optional[str] = None,
-                 num_classes: Optional[int] = None) -> ShardIndex:
+                 num_classes: Optional[int] = None, fetch: Optional[FetchOptions] = None) -> ShardIndex:
     """Index every shard of a pattern; any unusable shard is an error naming it. Each shard's
-    index is read from its saved index file (see shard_index) when there is one."""
-    urls = expand_pattern(pattern)
-    paths = []
-    for url in urls:
-        path = local_copy(url, cache_dir)
-        if not path.is_file():
-            hint = ""
-            if "digits" in str(path):
-                hint = " Write the digits shards first: python -m launcher.shards digits --out data/digits."
-            raise LauncherError(
-                f"{key}: shard '{url}' does not exist (pattern '{pattern}'). Check the path and the "
-                f"brace range, or write the shards with `python -m launcher.shards`.{hint}"
-            )
-        paths.append(path)
-    parts = load_shard_indexes(paths, key, cache_dir)
+    index is read from its saved index file (see "index files") when there is one. Remote shards
+    are not fetched here (only their index files): the returned index's cache fetches them."""
+    urls = [u[len("file://"):] if u.startswith("file://") else u for u in expand_pattern(pattern)]
+    remote_urls = [u for u in urls if not is_local(u)]
+    cache = None
+    if remote_urls:
+        if len(remote_urls) != len(urls):
+            raise LauncherError(f"{key}: the pattern '{pattern}' mixes local and remote shards; use one kind "
+                                "per data set (upload the local ones, or fetch the remote ones).")
+        parts, cache = remote_shard_indexes(urls, key, cache_dir, fetch or FetchOptions())
+        paths = [cache.path(i) for i in range(len(urls))]
+    else:
+        paths = [Path(u) for u in urls]
+        for url, path in zip(urls, paths):
+            if not path.is_file():
+                hint = ""
+                if "digits" in str(path):
+                    hint = " Write the digits shards first: python -m launcher.shards digits --out data/digits."
+                raise LauncherError(
+                    f"{key}: shard '{url}' does not exist (pattern '{pattern}'). Check the path and the "
+                    f"brace range, or write the shards with `python -m launcher.shards`.{hint}"
+                )
+        parts = load_shard_indexes(paths, key, cache_dir)
     labels = np.concatenate([p["labels"] for p in parts]).astype(np.int64)
     if num_classes is not None and len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
         bad = int(labels.max() if labels.max() >= num_classes else labels.min())
@@ -186,6 +192,8 @@ def index_shards(pattern: str, key: str, cache_dir: Optional[str] = None,
         sizes=np.concatenate([p["sizes"] for p in parts]),
         ext_codes=np.concatenate([p["ext_codes"] for p in parts]),
         labels=labels,
+        urls=urls,
+        cache=cache,
     )
 
 
@@ -198,20 +206,30 @@ def index_shards(pattern: str, key: str, cache_dir: Optional[str] = None,
 #   <cache>/index/...   otherwise, built on first use (one process per machine builds, the
 #                       others wait for it and read).
 # An index file is used only if it still describes its shard: the same byte size, and the tar
-# headers in front of its first and last samples still name members of the recorded sizes.
+# headers in front of its first and last samples still name members of the recorded sizes. An
+# index next to its shard that does not is an error (the shard was rewritten, the index was not);
+# a cached one is rebuilt. Remote shards (s3://, http(s)://) have theirs next to them in the store
+# (`<url>.index.npz`), checked against the object's size; they are cached by URL, and built on
+# first use by fetching the shard once when the store has none.
 # Written by hand: WebDataset keeps no index, and MosaicML Streaming / litdata need their own
 # shard formats.
 
 INDEX_VERSION = 1
+INDEX_KEYS = ("version", "shard_bytes", "sha256", "offsets", "sizes", "ext_codes", "labels")
 
 
 def index_file_next_to(path: Path) -> Path:
     return path.with_name(path.name + ".index.npz")
 
 
-def _cached_index_file(path: Path, cache_dir: Optional[str]) -> Path:
-    cache = (Path(cache_dir) if cache_dir else default_cache_dir()) / "index"
-    return cache / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:24] + ".index.npz")
+def _cache_root(cache_dir: Optional[str]) -> Path:
+    return Path(cache_dir) if cache_dir else default_cache_dir()
+
+
+def _cached_index_file(path: Path | str, cache_dir: Optional[str]) -> Path:
+    """A local shard's cached index (by its absolute path), or a remote one's (by its URL)."""
+    name = str(path.resolve()) if isinstance(path, Path) else path
+    return _cache_root(cache_dir) / "index" / (hashlib.sha256(name.encode()).hexdigest()[:24] + ".index.npz")
 
 
 def scan_shard(path: Path, key: str, checksum: bool = False) -> dict[str, np.ndarray]:
@@ -239,60 +257,172 @@ def write_index_file(index: dict[str, np.ndarray], target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
-def _read_index_file(target: Path, path: Path) -> Optional[dict[str, np.ndarray]]:
-    """The index in `target` if it exists and still describes the shard at `path`, else None."""
+def _parse_index(source) -> dict[str, np.ndarray]:
+    """An index file's arrays (a path or bytes); ValueError if it is not one of ours."""
     try:
-        with np.load(target, allow_pickle=False) as npz:
+        with np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False) as npz:
             index = {k: npz[k] for k in npz.files}
-        if int(index["version"]) != INDEX_VERSION or int(index["shard_bytes"]) != path.stat().st_size:
-            return None
+        if any(k not in index for k in INDEX_KEYS) or int(index["version"]) != INDEX_VERSION:
+            raise ValueError(f"not a version-{INDEX_VERSION} shard index")
+        return index
+    except (OSError, KeyError, zipfile.BadZipFile, EOFError) as err:
+        raise ValueError(f"unreadable ({type(err).__name__})") from None
+
+
+def _read_index_file(target: Path, path: Path) -> tuple[Optional[dict[str, np.ndarray]], str]:
+    """(the index in `target`, "") if it describes the shard at `path`; (None, why not) if it
+    does not; (None, "") if there is no such file."""
+    if not target.exists():
+        return None, ""
+    try:
+        index = _parse_index(target)
+        if int(index["shard_bytes"]) != path.stat().st_size:
+            return None, f"it records {int(index['shard_bytes'])} bytes, the shard has {path.stat().st_size}"
         with open(path, "rb") as f:
             for i in {0, len(index["offsets"]) - 1}:
                 f.seek(int(index["offsets"][i]) - 512)
                 header = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape")
                 if header.size != int(index["sizes"][i]):
-                    return None
-        return index
-    except (OSError, ValueError, KeyError, IndexError, tarfile.TarError, zipfile.BadZipFile):
-        return None
+                    return None, f"its sample {i} is not where the shard has it"
+        return index, ""
+    except (OSError, ValueError, IndexError, tarfile.TarError) as err:
+        return None, f"it cannot be used ({err})"
 
 
-def load_shard_indexes(paths: list[Path], key: str, cache_dir: Optional[str]) -> list[dict[str, np.ndarray]]:
-    """Every shard's index: from its index file, else scanned once and cached. While one process
-    of this machine scans, the others wait on a lock and then read what it wrote."""
+def _mismatch(key: str, shard: str, index_file: str, why: str, pattern_hint: str) -> LauncherError:
+    return LauncherError(
+        f"{key}: the index '{index_file}' does not match its shard '{shard}': {why}. The shard was rewritten "
+        f"after it was indexed; write the index again with `python -m launcher.shards index '{pattern_hint}'` "
+        "(or delete the index file to have the launcher index the shard on first use).")
 
-    def saved(path: Path) -> Optional[dict[str, np.ndarray]]:
-        return _read_index_file(index_file_next_to(path), path) or \
-            _read_index_file(_cached_index_file(path, cache_dir), path)
 
-    parts = [saved(p) for p in paths]
-    missing = [i for i, part in enumerate(parts) if part is None]
-    if not missing:
-        return parts
-    # One lock for the machine's index cache (not per shard: processes that started at different
-    # moments see different shards missing, and must still wait for each other).
-    lock_file = _cached_index_file(paths[0], cache_dir).parent / "scanning.lock"
+@contextlib.contextmanager
+def _machine_lock(cache_dir: Optional[str]):
+    """One lock for the machine's index cache (not per shard: processes that started at different
+    moments see different shards missing, and must still wait for each other). Yields False when
+    the cache is not writable (then every process indexes for itself)."""
+    import fcntl
+
+    lock_file = _cache_root(cache_dir) / "index" / "scanning.lock"
     try:
         lock_file.parent.mkdir(parents=True, exist_ok=True)
         lock = open(lock_file, "a+")
-    except OSError:  # no writable cache: scan, as before index files existed
-        return [part if part is not None else scan_shard(path, key) for part, path in zip(parts, paths)]
+    except OSError:
+        yield False
+        return
     with lock:
-        import fcntl
-
-        fcntl.lockf(lock, fcntl.LOCK_EX)  # another process of this machine may be scanning them
+        fcntl.lockf(lock, fcntl.LOCK_EX)  # another process of this machine may be indexing them
         try:
-            for i in missing:
-                parts[i] = saved(paths[i])
-                if parts[i] is None:
-                    parts[i] = scan_shard(paths[i], key)
-                    try:
-                        write_index_file(parts[i], _cached_index_file(paths[i], cache_dir))
-                    except OSError:
-                        pass  # a read-only cache: index again next time
+            yield True
         finally:
             fcntl.lockf(lock, fcntl.LOCK_UN)
+
+
+def _write_cached(index: dict, target: Path) -> None:
+    try:
+        write_index_file(index, target)
+    except OSError:
+        pass  # a read-only cache: index again next time
+
+
+def load_shard_indexes(paths: list[Path], key: str, cache_dir: Optional[str]) -> list[dict[str, np.ndarray]]:
+    """Every local shard's index: from its index file, else scanned once and cached. While one
+    process of this machine scans, the others wait on a lock and then read what it wrote."""
+
+    def saved(path: Path) -> Optional[dict[str, np.ndarray]]:
+        index, problem = _read_index_file(index_file_next_to(path), path)
+        if problem:
+            raise _mismatch(key, str(path), str(index_file_next_to(path)), problem, str(path))
+        return index or _read_index_file(_cached_index_file(path, cache_dir), path)[0]
+
+    parts = [saved(p) for p in paths]
+    missing = [i for i, part in enumerate(parts) if part is None]
+    if missing:
+        with _machine_lock(cache_dir) as locked:
+            for i in missing:
+                parts[i] = saved(paths[i]) if locked else None
+                if parts[i] is None:
+                    parts[i] = scan_shard(paths[i], key)
+                    if locked:
+                        _write_cached(parts[i], _cached_index_file(paths[i], cache_dir))
     return parts
+
+
+def remote_shard_indexes(urls: list[str], key: str, cache_dir: Optional[str],
+                         options: FetchOptions) -> tuple[list[dict[str, np.ndarray]], ShardCache]:
+    """Every remote shard's index, and the cache that will fetch the shards. An index comes from
+    this machine's cache (checked against the object's size), else from `<url>.index.npz` in the
+    store, else from fetching the shard once and scanning it (one process of the machine does it)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    store = remote.Remote(options)
+    sizes = store.sizes(urls)
+    absent = [u for u in urls if sizes[u] is None]
+    if absent:
+        raise LauncherError(
+            f"{key}: shard '{absent[0]}' does not exist{' (' + str(len(absent)) + ' of ' + str(len(urls)) + ' are missing)' if len(absent) > 1 else ''}"
+            f"{' at ' + store.endpoint() if remote.kind(absent[0]) == 's3' else ''}. Check the URL, the brace range "
+            "and the endpoint (data.s3_endpoint or AWS_ENDPOINT_URL).")
+
+    def cached(url: str) -> Optional[dict[str, np.ndarray]]:
+        target = _cached_index_file(url, cache_dir)
+        try:
+            index = _parse_index(target) if target.exists() else None
+        except ValueError:
+            return None
+        if index is not None and sizes[url] not in (remote.UNKNOWN_SIZE, int(index["shard_bytes"])):
+            return None  # the object changed: index it again
+        return index
+
+    def from_store(url: str) -> Optional[dict[str, np.ndarray]]:
+        index_url = remote.remote_url_of_index(url)
+        data = store.read_small(index_url) if index_url else None
+        if data is None:
+            return None
+        try:
+            index = _parse_index(data)
+        except ValueError as err:
+            raise _mismatch(key, url, index_url, str(err), url) from None
+        if int(index["shard_bytes"]) != sizes[url]:
+            raise _mismatch(key, url, index_url, f"it records {int(index['shard_bytes'])} bytes, the shard has "
+                                                  f"{sizes[url]}", url)
+        return index
+
+    parts = [cached(u) for u in urls]
+    if any(p is None for p in parts):
+        with _machine_lock(cache_dir):
+            missing = [i for i, u in enumerate(urls) if cached(u) is None]
+            for i in set(range(len(urls))) - set(missing):
+                parts[i] = cached(urls[i])
+            with ThreadPoolExecutor(16) as pool:
+                found = list(pool.map(from_store, [urls[i] for i in missing]))
+            unindexed = [i for i, index in zip(missing, found) if index is None]
+            for i, index in zip(missing, found):
+                if index is not None:
+                    parts[i] = index
+                    _write_cached(index, _cached_index_file(urls[i], cache_dir))
+            if unindexed:
+                print(f"{key}: {len(unindexed)} remote shard(s) have no index file; fetching each once to index it "
+                      f"(first use on this machine). `python -m launcher.shards index PATTERN` writes them next "
+                      f"to the shards.", file=sys.stderr)
+            for i in unindexed:
+                parts[i] = _fetch_and_scan(store, urls[i], sizes[urls[i]], key, cache_dir)
+                _write_cached(parts[i], _cached_index_file(urls[i], cache_dir))
+    cache = ShardCache(urls, [int(p["shard_bytes"]) for p in parts], [str(p["sha256"]) for p in parts], key,
+                       store, _cache_root(cache_dir), options.cache_limit, options.prefetch_shards)
+    return parts, cache
+
+
+def _fetch_and_scan(store: remote.Remote, url: str, size: int, key: str, cache_dir: Optional[str]) -> dict:
+    tmp = _cache_root(cache_dir) / "index" / f".scan-{os.getpid()}.tar"
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        store.fetch(url, tmp, key, shard_bytes=None if size == remote.UNKNOWN_SIZE else size)
+        return scan_shard(tmp, key, checksum=True)
+    except LauncherError as err:
+        raise LauncherError(str(err).replace(str(tmp), url)) from None
+    finally:
+        tmp.unlink(missing_ok=True)
 
 
 def _scan_tar(path: Path, key: str) -> list[tuple[int, int, str, int]]:
@@ -589,20 +719,32 @@ class _ShardReader(IterableDataset):
                 if len(raw) != self.index.sizes[i]:
                     raise EOFError(f"read {len(raw)} of its {self.index.sizes[i]} bytes")
                 image = decode_image(raw, ext)
+            except LauncherError:
+                raise  # a remote shard that could not be fetched: its own message
             except Exception as err:  # noqa: BLE001  (any decoder error: name the file and sample)
                 raise LauncherError(self.index.describe_bad_sample(i, err)) from None
             seed_for_sample(self.seed, self.epoch, int(sample_id))
             images.append(self.transform(image))
         return torch.stack(images), torch.from_numpy(self.index.labels[ids % len(self.index)])
 
+    def items(self) -> list[np.ndarray]:
+        """The sample ids of each item (batch) this stream yields, in order."""
+        raise NotImplementedError
+
     def _my_share(self, items: list) -> Iterator:
-        """This data-loader worker's items (every nw-th), and a per-worker file cache."""
+        """This data-loader worker's items (every nw-th), and a per-worker file cache. Remote
+        shards' files are closed after each item: the shard cache may evict them, and an open
+        file keeps its disk space."""
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info else (0, 1)
         files: dict = {}
         try:
             for item in items[worker::workers]:
                 yield item, files
+                if self.index.cache is not None:
+                    for handle in files.values():
+                        handle.close()
+                    files.clear()
         finally:
             for handle in files.values():
                 handle.close()
@@ -618,6 +760,10 @@ class TrainStream(_ShardReader):
 
     def __len__(self) -> int:
         return max(0, self.plan.steps_per_epoch() - self.start_step)
+
+    def items(self) -> list[np.ndarray]:
+        return [self.plan.rank_ids(self.epoch, step, self.rank) % len(self.index)
+                for step in range(self.start_step, self.plan.steps_per_epoch())]
 
     def __iter__(self):
         steps = list(range(self.start_step, self.plan.steps_per_epoch()))
@@ -640,6 +786,9 @@ class EvalStream(_ShardReader):
     def __len__(self) -> int:
         return len(self.batches)
 
+    def items(self) -> list[np.ndarray]:
+        return self.batches
+
     def __iter__(self):
         for ids, files in self._my_share(self.batches):
             images, targets = self._load(ids, files)
@@ -651,15 +800,22 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) ->
     """Iterate a stream through a DataLoader. Workers hand back whole batches in turn, so the
     order is the step order. With no workers, loading runs here, and the per-sample seeding
     must not disturb the training process's own RNG (dropout, plugins)."""
-    loader = None
+    loader, cache, index = None, stream.index.cache, stream.index
+    if cache is not None:  # remote shards: what this pass reads, before the workers start
+        cache.prepare(needs_of(stream.items(), index.shard_of, index.offsets, index.sizes, index.shard_starts(),
+                               cache.shard_bytes, ranged=cache.ranged), in_flight_items=max(1, 2 * num_workers))
     if num_workers == 0:
         iterator = _rng_preserving(iter(stream))
     else:
         iterator = loader = iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
                                             pin_memory=pin_memory, prefetch_factor=2, worker_init_fn=_prepare_worker))
         _running_loaders.add(loader)
+    if cache is not None:
+        cache.start()  # after the workers are forked: no fetch thread is copied into them
     try:
-        for item in iterator:
+        for item_number, item in enumerate(iterator):
+            if cache is not None:
+                cache.item_done(item_number)  # its samples are here: shards only it read may go
             yield Batch(**item)
     except LauncherError as err:
         # A loader worker's LauncherError arrives wrapped with the worker's traceback: keep the message.
@@ -667,6 +823,8 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) ->
     finally:
         if loader is not None:
             _stop_workers(loader)
+        if cache is not None:
+            cache.stop()
 
 
 # DataLoader iterators whose workers may still run. The workers ignore SIGTERM (_prepare_worker),

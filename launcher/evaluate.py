@@ -58,14 +58,14 @@ def load_run_model(run_dir: Path, weights: str, overrides: list[str] = ()):
 @torch.no_grad()
 def evaluate_weights(recipe, model: torch.nn.Module, device: torch.device, prefix: str = "val") -> dict:
     """{prefix}/loss, /top1, /top5, /samples over recipe.data.val, every sample once."""
-    from launcher.data import EvalStream, batches, index_shards
+    from launcher.data import EvalStream, batches, fetch_options, index_shards
     from launcher.loop import eval_sums
     from launcher.transforms import ImageTransform
 
     data = recipe.data
     if not data.val:
         raise LauncherError("nothing to evaluate on: the recipe sets no data.val; give data.val=PATTERN.")
-    index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes)
+    index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes, fetch_options(data))
     transform = ImageTransform(data, recipe.model.in_chans, train=False)
     stream = EvalStream(index, transform, data.eval_batch_size or 2 * data.batch_size, 0, 1)
     memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format

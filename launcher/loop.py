@@ -62,7 +62,7 @@ import torch.nn.functional as F
 
 from launcher.distributed import broadcast_buffers, initial_accelerator_options, make_accelerator, make_strategy
 from launcher.console import Console
-from launcher.data import Batch, EpochPlan, EvalStream, ShardIndex, TrainStream, batches, index_shards
+from launcher.data import Batch, EpochPlan, EvalStream, ShardIndex, TrainStream, batches, fetch_options, index_shards
 from launcher.errors import LauncherError
 from launcher.models import create_model
 from launcher.optim import create_optimizer, create_schedule, default_param_groups
@@ -321,9 +321,11 @@ def _train(ctx: RunContext) -> None:
 
     # Everything that can fail on bad input is checked before the run directory exists.
     data = recipe.data
-    ctx.train_index = index_shards(data.train, "data.train", data.cache_dir, recipe.model.num_classes)
+    ctx.train_index = index_shards(data.train, "data.train", data.cache_dir, recipe.model.num_classes,
+                                   fetch_options(data))
     if data.val:
-        ctx.val_index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes)
+        ctx.val_index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes,
+                                     fetch_options(data))
     ctx.make_plan()
     eval_transform = ImageTransform(data, recipe.model.in_chans, train=False)
 

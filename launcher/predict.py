@@ -56,12 +56,13 @@ def _batches_of_files(files: list[Path], transform, batch_size: int) -> Iterator
 
 
 def _batches_of_shards(pattern: str, recipe, transform, batch_size: int):
-    from launcher.data import EvalStream, batches, index_shards
+    from launcher.data import EvalStream, batches, fetch_options, index_shards
 
-    index = index_shards(pattern, "input", recipe.data.cache_dir, recipe.model.num_classes)
+    index = index_shards(pattern, "input", recipe.data.cache_dir, recipe.model.num_classes,
+                         fetch_options(recipe.data))
     first_of_shard = index.shard_sizes.cumsum() - index.shard_sizes  # sample id of each shard's first sample
     for batch in batches(EvalStream(index, transform, batch_size, 0, 1), recipe.data.num_workers):
-        names = [f"{index.paths[index.shard_of[i]]}#{i - first_of_shard[index.shard_of[i]]}" for i in batch.ids.tolist()]
+        names = [f"{index.shard_name(index.shard_of[i])}#{i - first_of_shard[index.shard_of[i]]}" for i in batch.ids.tolist()]
         yield names, batch.images, batch.targets.tolist()
 
 

@@ -8,7 +8,7 @@ from launcher.errors import LauncherError, did_you_mean
 
 
 def preflight(recipe) -> list[str]:
-    """Raise on a model name timm does not know or a local shard that is missing; return the
+    """Raise on a model name timm does not know or a shard that is missing (local, s3://, http); return the
     shell commands the recipe's `pipe:` shards will run (WebDataset runs them through a shell)."""
     import timm
 
@@ -18,17 +18,30 @@ def preflight(recipe) -> list[str]:
     if not timm.is_model(recipe.model.name):
         raise LauncherError(
             f"Unknown model '{recipe.model.name}' (model.name).{did_you_mean(recipe.model.name, timm.list_models())}")
+    from pathlib import Path
+
+    from launcher.data import fetch_options
+    from launcher.remote import Remote, kind
+
     commands = []
     for key in ("train", "val"):
         pattern = getattr(recipe.data, key)
         if not pattern:
             continue
-        from pathlib import Path
-
-        for url in expand_pattern(pattern):
+        urls = expand_pattern(pattern)
+        for url in urls:
             if url.startswith("pipe:"):
                 commands.append(url[len("pipe:"):])
             elif is_local(url) and not Path(url).is_file():
                 raise LauncherError(f"data.{key}: shard '{url}' does not exist (pattern '{pattern}'). Check the path "
                                     "and the brace range, or write the shards with `python -m launcher.shards`.")
+        # s3:// and http(s):// shards: one listing (S3) or HEAD requests, as a run makes first.
+        stored = [u for u in urls if kind(u) in ("s3", "http")]
+        if stored:
+            store = Remote(fetch_options(recipe.data))
+            sizes = store.sizes(stored)
+            absent = [u for u in stored if sizes[u] is None]
+            if absent:
+                raise LauncherError(f"data.{key}: shard '{absent[0]}' does not exist ({len(absent)} of {len(stored)} "
+                                    f"missing; pattern '{pattern}'{', endpoint ' + store.endpoint() if kind(absent[0]) == 's3' else ''}).")
     return commands

@@ -16,7 +16,7 @@ import hashlib
 import json
 import math
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -60,7 +60,8 @@ class AugmentSection(Section):
 
 
 class DataSection(Section):
-    train: str = Field(description="training shards: a brace pattern, local paths or pipe:/http URLs")
+    train: str = Field(description="training shards: a brace pattern of local paths, s3:// or http(s):// URLs, "
+                       "or pipe: commands")
     val: Optional[str] = Field(None, description="validation shards (same forms)")
     batch_size: int = Field(gt=0, description="samples per process per optimizer step")
     eval_batch_size: Optional[int] = Field(None, gt=0, description="default: 2 x batch_size")
@@ -78,8 +79,26 @@ class DataSection(Section):
         description="sequential streams an epoch is cut into; a fixed value gives the same batches on any "
         "process count that divides it (default: the number of processes)",
     )
-    cache_dir: Optional[str] = Field(None, description="where pipe:/http shards are cached (default ~/.cache/launcher)")
+    cache_dir: Optional[str] = Field(
+        None, description="where shard indexes and streamed shards are cached (default $LAUNCHER_CACHE_DIR, else "
+        "~/.cache/launcher/shards)")
+    cache_limit: Optional[Union[int, str]] = Field(
+        None, description="remote shards (s3://, http(s)://, pipe:): local bytes one rank may hold, e.g. 20GB; "
+        "shards it has finished reading are evicted (default: no limit)")
+    prefetch_shards: int = Field(4, ge=0, description="remote shards fetched ahead of those being read")
+    s3_endpoint: Optional[str] = Field(
+        None, description="S3-compatible endpoint URL for s3:// shards (default: AWS_ENDPOINT_URL or AWS S3)")
+    fetch_retries: int = Field(5, ge=0, description="retries of a failed remote fetch (waits double each time)")
+    fetch_retry_wait: float = Field(1.0, ge=0.0, description="seconds before the first retry")
+    fetch_timeout: float = Field(60.0, gt=0.0, description="seconds a remote connection or read may stall")
     augment: AugmentSection = Field(default_factory=AugmentSection)
+
+    @model_validator(mode="after")
+    def _sizes(self):
+        from launcher.remote import parse_size
+
+        parse_size(self.cache_limit)  # '20GB' and the like; a ValueError names the value
+        return self
 
 
 class TrainSection(Section):

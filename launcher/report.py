@@ -34,13 +34,13 @@ from launcher.runlog import atomic_write_text, final_weights, metrics_file, reci
 @torch.no_grad()
 def predict(recipe, model: torch.nn.Module, device: torch.device, batch_size: Optional[int] = None):
     """Softmax probabilities (N, C) and labels (N,) of the whole validation set, in index order."""
-    from launcher.data import EvalStream, batches, index_shards
+    from launcher.data import EvalStream, batches, fetch_options, index_shards
     from launcher.transforms import ImageTransform
 
     data = recipe.data
     if not data.val:
         raise LauncherError("the report needs validation data; the recipe sets no data.val.")
-    index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes)
+    index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes, fetch_options(data))
     transform = ImageTransform(data, recipe.model.in_chans, train=False)
     stream = EvalStream(index, transform, batch_size or data.eval_batch_size or 2 * data.batch_size, 0, 1)
     was_training = model.training

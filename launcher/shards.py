@@ -218,24 +218,42 @@ def split_of(shard: Path) -> str:
 
 
 def index_main(argv: list[str]) -> int:
-    """`python -m launcher.shards index PATTERN...`: write <shard>.index.npz next to each shard."""
+    """`python -m launcher.shards index PATTERN...`: write <shard>.index.npz next to each shard
+    (local files, or s3:// objects: each is fetched once, indexed and the index uploaded)."""
     import time
+
+    from launcher.data import is_local
+    from launcher.remote import FetchOptions, Remote, kind, remote_url_of_index
 
     parser = argparse.ArgumentParser(prog="python -m launcher.shards index",
                                      description="Write each shard's index next to it, so runs start without "
                                                  "scanning the tars.")
-    parser.add_argument("patterns", nargs="+", help="shard paths or brace patterns (local files)")
-    parser.add_argument("--no-checksum", action="store_true", help="skip the SHA-256 of each shard (faster)")
+    parser.add_argument("patterns", nargs="+", help="shard paths or brace patterns: local files or s3:// URLs")
+    parser.add_argument("--no-checksum", action="store_true", help="skip the SHA-256 of each shard (faster; "
+                        "downloads are then checked by size only)")
+    parser.add_argument("--s3-endpoint", default=None, help="S3-compatible endpoint (default: AWS_ENDPOINT_URL)")
     args = parser.parse_args(argv)
     start, shards, samples = time.perf_counter(), 0, 0
+    store = Remote(FetchOptions(s3_endpoint=args.s3_endpoint))
     try:
         for pattern in args.patterns:
             for url in expand_pattern(pattern):
-                path = Path(url)
-                if not path.is_file():
-                    raise LauncherError(f"shard '{url}' does not exist (pattern '{pattern}'); index local shards.")
-                index = scan_shard(path, pattern, checksum=not args.no_checksum)
-                write_index_file(index, index_file_next_to(path))
+                if is_local(url):
+                    path = Path(url)
+                    if not path.is_file():
+                        raise LauncherError(f"shard '{url}' does not exist (pattern '{pattern}').")
+                    index = scan_shard(path, pattern, checksum=not args.no_checksum)
+                    write_index_file(index, index_file_next_to(path))
+                elif kind(url) == "s3":
+                    with tempfile.TemporaryDirectory() as tmp:
+                        local = Path(tmp) / "shard.tar"
+                        store.fetch(url, local, pattern)
+                        index = scan_shard(local, url, checksum=not args.no_checksum)
+                        write_index_file(index, Path(tmp) / "index.npz")
+                        store.upload(Path(tmp) / "index.npz", remote_url_of_index(url))
+                else:
+                    raise LauncherError(f"'{url}': index files can be written for local shards and s3:// only; for "
+                                        "http(s):// shards, index the files where they are served from.")
                 shards, samples = shards + 1, samples + len(index["labels"])
     except LauncherError as err:
         print(f"error: {err}", file=sys.stderr)

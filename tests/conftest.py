@@ -115,3 +115,45 @@ def accelerate_cmd(num_processes: int) -> list[str]:
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     return [accelerate, "launch", "--multi_gpu", "--num_processes", str(num_processes), "--num_machines", "1",
             "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port()), "-m"]
+
+
+@pytest.fixture(scope="session")
+def object_store(tmp_path_factory):
+    """A real S3-compatible server (SeaweedFS) on loopback, for the whole session (tests/object_store.py)."""
+    from tests.object_store import ObjectStore
+
+    store = ObjectStore(tmp_path_factory.mktemp("seaweedfs") / "data")
+    store.start()
+    # Credentials for the launcher's boto3 (in-process runs and subprocesses); the endpoint is given
+    # by each test (data.s3_endpoint or AWS_ENDPOINT_URL), so both ways are used.
+    saved = {k: os.environ.get(k) for k in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_DEFAULT_REGION")}
+    os.environ.update({k: store.env[k] for k in saved})
+    yield store
+    store.stop()
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture(scope="session")
+def digits20(tmp_path_factory) -> dict:
+    """The digits set in 20 training shards (72 samples each) and 5 validation shards: enough
+    shards for a bounded cache to matter."""
+    return write_shards(tmp_path_factory.mktemp("digits20"), "digits", "--shard-size", "72")
+
+
+@pytest.fixture(scope="session")
+def remote_digits20(object_store, digits20) -> dict:
+    """digits20 uploaded with its index files (prefix d20) and without them (prefix d20-bare);
+    patterns for s3:// and for http:// (the same objects through the store's HTTP filer)."""
+    folder = Path(digits20["train"]).parent
+    object_store.upload_folder(folder, "d20")
+    object_store.upload_folder(folder, "d20-bare", index_files=False)
+    return {**digits20,
+            "s3_train": object_store.s3_url("d20", digits20["train"]),
+            "s3_val": object_store.s3_url("d20", digits20["val"]),
+            "http_train": object_store.http_url("d20", digits20["train"]),
+            "http_val": object_store.http_url("d20", digits20["val"]),
+            "bare_train": object_store.s3_url("d20-bare", digits20["train"])}

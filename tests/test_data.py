@@ -218,13 +218,6 @@ def test_reads_shards_written_by_others_with_png_and_cls(tmp_path):
         assert torch.equal(decode_image(*index.read_image(i, files)), torch.from_numpy(pixels).permute(2, 0, 1))
 
 
-def test_pipe_urls_are_streamed_into_a_cache(digits, tmp_path):
-    first = expand_pattern(digits["train"])[0]
-    index = index_shards(f"pipe:cat {first}", "data.train", cache_dir=str(tmp_path / "cache"))
-    direct = index_shards(first, "data.train")
-    assert np.array_equal(index.labels, direct.labels) and len(list((tmp_path / "cache").glob("*.tar"))) == 1
-
-
 # ---------------------------------------------------------------- index files
 
 
@@ -257,13 +250,20 @@ def test_the_writer_leaves_an_index_next_to_each_shard_and_runs_read_it_instead_
     scanned = index_shards(digits["train"], "t", cache_dir=str(tmp_path / "none"))  # (reads the files)
     _no_scanning(monkeypatch)
     assert _same_index(index_shards(digits["train"], "t"), scanned)
-    # A shard rewritten since (another size): its index file no longer describes it and is ignored.
+    # A shard rewritten since (another size): its index file no longer describes it, an error naming
+    # both files and the command that writes the index again; once written, the run reads it.
     copy = tmp_path / "copy"
     copy.mkdir()
     shutil.copy(urls[0], copy / "a-0.tar")
     shutil.copy(index_file_next_to(urls[0]), index_file_next_to(copy / "a-0.tar"))
     shutil.copy(urls[3], copy / "a-0.tar")  # 237 samples instead of 400
     monkeypatch.undo()
+    with pytest.raises(LauncherError, match=r"the index '.*a-0.tar.index.npz' does not match its shard '.*a-0.tar': "
+                                            r"it records \d+ bytes, the shard has \d+\. .*launcher.shards index"):
+        index_shards(str(copy / "a-0.tar"), "t", cache_dir=str(tmp_path / "c"))
+    from launcher.shards import main
+
+    assert main(["index", str(copy / "a-0.tar")]) == 0
     assert len(index_shards(str(copy / "a-0.tar"), "t", cache_dir=str(tmp_path / "c"))) == 237
 
 

@@ -1,0 +1,359 @@
+"""Remote shards: how big they are, and fetching them (whole or a byte range) into a local
+file, verified, with retries. Three kinds of URL:
+
+  s3://bucket/key     boto3; the endpoint is data.s3_endpoint, else boto3's own settings
+                      (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_* credentials, ~/.aws files)
+  http(s)://host/path urllib with Range requests
+  pipe:COMMAND        `sh -c COMMAND`, its standard output is the shard (as WebDataset); no
+                      sizes, no ranges: always fetched whole
+
+The retry loop and the verification are written here: boto3's and urllib's retries do not cover
+a body cut short mid-stream, and a shard is only ever stored under its real name once it has
+every byte it should (size, and SHA-256 where its index records one).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+from launcher.errors import LauncherError
+
+CHUNK = 1 << 20
+UNKNOWN_SIZE = -1  # pipe: shards, whose size is known only once fetched
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    s3_endpoint: Optional[str] = None
+    retries: int = 5  # attempts after the first
+    retry_wait: float = 1.0  # seconds before the first retry, doubled each time (at most 30 s)
+    timeout: float = 60.0  # seconds a connection or a read may stall before the attempt fails
+    cache_limit: Optional[int] = None  # bytes of remote shards one rank may hold locally (None: no limit)
+    prefetch_shards: int = 4  # shards fetched ahead of those the loader is reading
+
+
+class PermanentError(Exception):
+    """Retrying cannot help: the object does not exist, or access is denied."""
+
+
+class ChecksumMismatch(IOError):
+    """The bytes fetched are not those the shard's index describes (retried: the transfer may have
+    damaged them; if it persists, the shard was rewritten after it was indexed)."""
+
+
+def kind(url: str) -> str:
+    if url.startswith("s3://"):
+        return "s3"
+    if url.startswith(("http://", "https://")):
+        return "http"
+    if url.startswith("pipe:"):
+        return "pipe"
+    return "local"
+
+
+def _bucket_key(url: str) -> tuple[str, str]:
+    bucket, _, key = url[len("s3://"):].partition("/")
+    if not bucket or not key:
+        raise LauncherError(f"'{url}' is not an S3 object URL: write s3://BUCKET/KEY.")
+    return bucket, key
+
+
+class Remote:
+    """Access to remote shards for one data set; safe to use from several threads."""
+
+    def __init__(self, options: FetchOptions = FetchOptions()):
+        self.options = options
+        self._client = None
+        self._lock = threading.Lock()
+        self.cancelled = threading.Event()  # set to abandon downloads in progress (the run is stopping)
+
+    # ------------------------------------------------------------ S3
+
+    def s3(self):
+        with self._lock:
+            if self._client is None:
+                try:
+                    import boto3
+                    from botocore.config import Config
+                except ImportError:
+                    raise LauncherError("s3:// shards need boto3: pip install 'launcher[s3]' (or boto3).") from None
+                config = Config(connect_timeout=min(10.0, self.options.timeout), read_timeout=self.options.timeout,
+                                retries={"max_attempts": 1}, max_pool_connections=32)  # we retry, with backoff
+                self._client = boto3.session.Session().client("s3", endpoint_url=self.options.s3_endpoint,
+                                                              config=config)
+            return self._client
+
+    def endpoint(self) -> str:
+        return self.options.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
+            os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
+
+    # ------------------------------------------------------------ sizes
+
+    def sizes(self, urls: list[str]) -> dict[str, Optional[int]]:
+        """Each URL's byte size, None where there is no such object, UNKNOWN_SIZE for pipe:.
+        S3: one listing per folder (1,000 objects a request), not one request per shard."""
+        out: dict[str, Optional[int]] = {u: UNKNOWN_SIZE for u in urls if kind(u) == "pipe"}
+        s3_urls = [u for u in urls if kind(u) == "s3"]
+        http_urls = [u for u in urls if kind(u) == "http"]
+        if s3_urls:
+            out.update(self._retrying("list", s3_urls[0], lambda: self._s3_sizes(s3_urls)))
+        if http_urls:
+            with ThreadPoolExecutor(16) as pool:
+                for url, size in zip(http_urls, pool.map(
+                        lambda u: self._retrying("size", u, lambda: self._http_size(u)), http_urls)):
+                    out[url] = size
+        return out
+
+    def _s3_sizes(self, urls: list[str]) -> dict[str, Optional[int]]:
+        from botocore.exceptions import ClientError
+
+        folders: dict[tuple[str, str], list[str]] = {}
+        for url in urls:
+            bucket, key = _bucket_key(url)
+            folders.setdefault((bucket, key.rsplit("/", 1)[0] + "/" if "/" in key else ""), []).append(url)
+        out: dict[str, Optional[int]] = {}
+        for (bucket, folder), members in folders.items():
+            prefix = os.path.commonprefix([_bucket_key(u)[1] for u in members])
+            try:
+                listed = {}
+                for page in self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                    listed.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
+                out.update({u: listed.get(_bucket_key(u)[1]) for u in members})
+            except ClientError as err:
+                if _s3_code(err) not in ("AccessDenied", "403"):
+                    _raise_permanent_s3(err)
+                for url in members:  # no permission to list: ask for each object
+                    out[url] = self._s3_head(url)
+        return out
+
+    def _s3_head(self, url: str) -> Optional[int]:
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(url)
+        try:
+            return int(self.s3().head_object(Bucket=bucket, Key=key)["ContentLength"])
+        except ClientError as err:
+            if _s3_code(err) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            _raise_permanent_s3(err)
+
+    def _http_size(self, url: str) -> Optional[int]:
+        try:
+            with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
+                                        timeout=self.options.timeout) as resp:
+                length = resp.headers.get("Content-Length")
+                return int(length) if length is not None else UNKNOWN_SIZE
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            if err.code in (401, 403):
+                raise PermanentError(f"HTTP {err.code} {err.reason}") from None
+            raise
+
+    # ------------------------------------------------------------ small files
+
+    def read_small(self, url: str) -> Optional[bytes]:
+        """A small object (an index file) whole, or None if there is none."""
+        return self._retrying("read", url, lambda: self._read_small_once(url))
+
+    def _read_small_once(self, url: str) -> Optional[bytes]:
+        if kind(url) == "s3":
+            from botocore.exceptions import ClientError
+
+            bucket, key = _bucket_key(url)
+            try:
+                return self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()
+            except ClientError as err:
+                if _s3_code(err) in ("404", "NoSuchKey", "NotFound"):
+                    return None
+                _raise_permanent_s3(err)
+        try:
+            with urllib.request.urlopen(url, timeout=self.options.timeout) as resp:
+                return resp.read()
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                return None
+            raise
+
+    def upload(self, path: Path, url: str) -> None:
+        bucket, key = _bucket_key(url)
+        self._retrying("upload", url, lambda: self.s3().upload_file(str(path), bucket, key))
+
+    # ------------------------------------------------------------ shards
+
+    def fetch(self, url: str, target: Path, what: str, start: int = 0, end: Optional[int] = None,
+              shard_bytes: Optional[int] = None, sha256: str = "",
+              on_bytes: Optional[Callable[[int], None]] = None) -> int:
+        """Fetch bytes [start, end) of `url` into `target` at the same offsets (a ranged fetch
+        leaves the rest of the file a hole), retrying with backoff. Stored under `target` only
+        when complete: `shard_bytes` long (whole fetches: and with the right SHA-256). Returns
+        the bytes fetched; a LauncherError naming `what` and the URL after the last attempt."""
+        whole = start == 0 and (end is None or end == shard_bytes)
+        tmp = target.with_name(f".{target.name}.part{os.getpid()}-{threading.get_ident()}")
+
+        def once() -> int:
+            digest = hashlib.sha256() if whole and sha256 else None
+            with open(tmp, "wb") as out:
+                if not whole and shard_bytes:
+                    out.truncate(shard_bytes)  # sparse: the samples keep their offsets
+                out.seek(start)
+                got = 0
+                for chunk in self._chunks(url, start, None if whole else end):
+                    if self.cancelled.is_set():
+                        raise _Cancelled()
+                    out.write(chunk)
+                    got += len(chunk)
+                    if digest is not None:
+                        digest.update(chunk)
+                    if on_bytes is not None:
+                        on_bytes(len(chunk))
+            stop = end if end is not None else (shard_bytes if shard_bytes not in (None, UNKNOWN_SIZE) else None)
+            if stop is not None and got != stop - start:
+                raise IOError(f"got {got} of {stop - start} bytes (the transfer was cut short)")
+            if whole and shard_bytes not in (None, UNKNOWN_SIZE) and tmp.stat().st_size != shard_bytes:
+                raise IOError(f"the shard has {tmp.stat().st_size} bytes, its index says {shard_bytes}")
+            if digest is not None and digest.hexdigest() != sha256:
+                raise ChecksumMismatch(f"its SHA-256 {digest.hexdigest()[:16]}... differs from its index's "
+                                       f"{sha256[:16]}...")
+            os.replace(tmp, target)
+            return got
+
+        try:
+            return self._retrying("fetch", url, once, what=what)
+        finally:
+            tmp.unlink(missing_ok=True)
+
+    def _chunks(self, url: str, start: int, end: Optional[int]):
+        k = kind(url)
+        if k == "s3":
+            from botocore.exceptions import ClientError
+
+            bucket, key = _bucket_key(url)
+            extra = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
+            try:
+                body = self.s3().get_object(Bucket=bucket, Key=key, **extra)["Body"]
+            except ClientError as err:
+                _raise_permanent_s3(err)
+            try:
+                while chunk := body.read(CHUNK):
+                    yield chunk
+            finally:
+                body.close()
+        elif k == "http":
+            headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
+            try:
+                resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
+                                              timeout=self.options.timeout)
+            except urllib.error.HTTPError as err:
+                if err.code in (401, 403, 404):
+                    raise PermanentError(f"HTTP {err.code} {err.reason}") from None
+                raise
+            with resp:
+                skip = start if headers and resp.status == 200 else 0  # the server ignored Range
+                left = None if end is None else end - start
+                while chunk := resp.read(CHUNK):
+                    if skip:
+                        cut = min(skip, len(chunk))
+                        chunk, skip = chunk[cut:], skip - cut
+                    if left is not None:
+                        chunk = chunk[:left]
+                        left -= len(chunk)
+                    if chunk:
+                        yield chunk
+                    if left == 0:
+                        break
+        elif k == "pipe":
+            if start or end is not None:
+                raise PermanentError("pipe: shards cannot be read in part")
+            proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            try:
+                while chunk := proc.stdout.read(CHUNK):
+                    yield chunk
+            finally:
+                proc.stdout.close()
+                err = proc.stderr.read().decode(errors="replace").strip()
+                if proc.wait() != 0:
+                    raise IOError(f"the command exited with status {proc.returncode}: {err[-300:]}")
+        else:
+            raise PermanentError(f"'{url}' is not a remote URL")
+
+    # ------------------------------------------------------------ retrying
+
+    def _retrying(self, action: str, url: str, attempt: Callable, what: str = ""):
+        wait, last, permanent = self.options.retry_wait, None, False
+        for n in range(self.options.retries + 1):
+            if n:
+                if self.cancelled.wait(wait):
+                    raise _Cancelled()
+                wait = min(2 * wait, 30.0)
+            try:
+                return attempt()
+            except (_Cancelled, LauncherError):
+                raise
+            except PermanentError as err:
+                last, permanent = err, True
+                break
+            except Exception as err:  # noqa: BLE001  (network errors come in many types; all retried)
+                last = err
+                if n < self.options.retries and not self.cancelled.is_set():
+                    print(f"warning: {what + ': ' if what else ''}could not {action} '{url}' ({type(err).__name__}: "
+                          f"{str(err)[:200]}); retrying in {wait:g} s ({n + 1} of {self.options.retries} retries)",
+                          file=sys.stderr, flush=True)
+        where = f" (endpoint {self.endpoint()})" if kind(url) == "s3" else ""
+        tries = "" if permanent else f" after {self.options.retries + 1} attempts"
+        if isinstance(last, ChecksumMismatch):
+            advice = ("The shard no longer matches its index: it was rewritten after it was indexed. Write the "
+                      f"index again (python -m launcher.shards index '{url}'), then relaunch.")
+        else:
+            advice = ("Check that the store is reachable and the object exists (data.fetch_retries and "
+                      "data.fetch_retry_wait set how long to keep trying); nothing partial was kept, and a "
+                      "relaunch resumes from the last checkpoint.")
+        raise LauncherError(f"{what + ': ' if what else ''}could not {action} '{url}'{where}{tries}: "
+                            f"{type(last).__name__}: {str(last)[:300]}. {advice}")
+
+
+class _Cancelled(Exception):
+    """The run is stopping: abandon the download (not an error of the store)."""
+
+
+def _s3_code(err) -> str:
+    return str(err.response.get("Error", {}).get("Code", ""))
+
+
+def _raise_permanent_s3(err) -> None:
+    code = _s3_code(err)
+    if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket", "403", "AccessDenied", "InvalidAccessKeyId",
+                "SignatureDoesNotMatch"):
+        raise PermanentError(f"S3 {code}: {err.response.get('Error', {}).get('Message', '')}") from None
+    raise err
+
+
+def remote_url_of_index(url: str) -> Optional[str]:
+    """Where a remote shard's index file lives (next to it), or None (pipe: has no 'next to')."""
+    return None if kind(url) == "pipe" else url + ".index.npz"
+
+
+def parse_size(value) -> Optional[int]:
+    """'20GB', '500 MiB', 1e9 -> bytes (decimal and binary units, as litdata/streaming accept)."""
+    if value is None or isinstance(value, int):
+        return value
+    import re
+
+    match = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgtp]?)(i?)b?\s*", str(value).lower())
+    if not match:
+        raise ValueError(f"'{value}' is not a size: write bytes or e.g. 500MB, 20GB, 1.5TiB")
+    number, unit, binary = match.groups()
+    base = 1024 if binary else 1000
+    return int(float(number) * (base ** ("kmgtp".index(unit) + 1) if unit else 1))

@@ -46,6 +46,7 @@ README_COMMANDS = {
     "python -m launcher.shards npz --src arrays.npz --out data/mine": ("test", "tests/test_data.py::test_npz_source"),
     "python -m launcher.shards index 'data/other/train-{000000..000999}.tar'": ("test", "tests/test_data.py::test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first_use"),
     "python benchmarks/data_scale.py": ("test", "tests/test_readme_commands.py::test_the_data_scale_benchmark_runs"),
+    "python benchmarks/data_stream.py": ("test", "tests/test_readme_commands.py::test_the_data_stream_benchmark_runs"),
     "accelerate launch --multi_gpu --num_processes N -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "accelerate launch --multi_gpu --num_machines M --machine_rank R --main_process_ip HOST0 --main_process_port 29500 --num_processes $((M*N)) -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "python benchmarks/loop_overhead.py": ("here", "benchmark"),
@@ -205,6 +206,22 @@ def test_the_data_scale_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     row = next(line for line in (tmp_path / "d.md").read_text().splitlines() if line.startswith("| 1,500 |"))
     assert len(row.split("|")) == 11  # every column measured
+
+
+def test_the_data_stream_benchmark_runs(tmp_path):
+    """The object-store comparison, cheaply (300 samples, the launcher and WebDataset: the other
+    anchors are not dependencies). What it reports must hold: the launcher's resumed batches are
+    bit-exact, every sample is read once, and resuming at 90% fetches less than an epoch."""
+    out = tmp_path / "s.md"
+    result = run_cli(command("python benchmarks/data_stream.py") + [
+        "--samples", "300", "--per-shard", "60", "--repeats", "1", "--loaders", "launcher", "webdataset",
+        "--out", str(out)])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = {line.split("|")[1].strip(): [c.strip() for c in line.split("|")[2:-1]]
+            for line in out.read_text().splitlines() if line.startswith("| launcher") or line.startswith("| webdataset")}
+    launcher, webdataset = rows["launcher"], rows["webdataset"]
+    assert launcher[5:8] == ["yes", "yes", "yes"] and webdataset[7] == "yes"  # same samples, bit-exact, once
+    assert float(launcher[4]) < float(launcher[8])  # resume fetched < fetched per epoch
 
 
 def test_the_guarantee_table_names_tests_that_exist():

@@ -83,11 +83,12 @@ def write_shards(folder: Path, samples: int) -> str:
     return str(folder / f"train-{{000000..{shards - 1:06d}}}.tar")
 
 
-def measure(pattern: str, cache: Path, mode: str) -> dict:
+def measure(pattern: str, cache: Path, mode: str, env: dict | None = None) -> dict:
     env_cache = str(cache)
     out = subprocess.run([sys.executable, "-c", MEASURE, pattern, env_cache, mode], cwd=REPO, check=False,
                          capture_output=True, text=True, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO),
-                                                              "CUDA_VISIBLE_DEVICES": "", "HOME": str(cache)})
+                                                              "CUDA_VISIBLE_DEVICES": "", "HOME": str(cache),
+                                                              **(env or {})})
     if out.returncode:
         raise SystemExit(f"the {mode} measurement failed:\n{out.stderr[-3000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])
@@ -99,30 +100,52 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     lines = ["| samples | shards | scan: index s | scan: first batch s | cached: first batch s | "
-             "sidecar: first batch s | index command s | webdataset: first batch s | RSS MB after imports -> "
-             "peak (sidecar) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "sidecar: first batch s | s3: first batch s | s3 cached: first batch s | index command s | "
+             "webdataset: first batch s | RSS MB after imports -> peak (sidecar) |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    from tests.object_store import BUCKET, ObjectStore
+
     with tempfile.TemporaryDirectory() as tmp:
-        for n in args.sizes:
-            root = Path(tmp) / str(n)
-            pattern = write_shards(root / "shards", n)
-            scan = measure(pattern, root / "cache", "launcher")
-            cached = measure(pattern, root / "cache", "launcher")
-            start = time.perf_counter()
-            subprocess.run([sys.executable, "-m", "launcher.shards", "index", "--no-checksum", pattern], cwd=REPO,
-                           check=True, capture_output=True)
-            index_command = time.perf_counter() - start
-            sidecar = measure(pattern, root / "empty-cache", "launcher")
-            plain = measure(pattern, root / "cache", "webdataset")
-            lines.append(f"| {n:,} | {-(-n // PER_SHARD):,} | {scan['index_s']:.2f} | {scan['first_batch_s']:.2f} | "
-                         f"{cached['first_batch_s']:.2f} | {sidecar['first_batch_s']:.2f} | {index_command:.1f} | "
-                         f"{plain['first_batch_s']:.2f} | {sidecar['imported_rss_mb']:.0f} -> {sidecar['peak_rss_mb']:.0f} |")
-            print(lines[-1], flush=True)
+        store = ObjectStore(Path(tmp) / "seaweedfs")
+        store.start()
+        try:
+            for n in args.sizes:
+                lines.append(measure_size(Path(tmp) / str(n), n, store, BUCKET))
+                print(lines[-1], flush=True)
+        finally:
+            store.stop()
     lines += ["", "Times in seconds from after the imports to the first batch of 256 (2 loader workers), each in a "
               "fresh process on this machine's CPUs. `index command`: `python -m launcher.shards index --no-checksum` "
-              "(includes its own imports)."]
+              "(includes its own imports). `s3`: the same shards and index files in a SeaweedFS bucket on loopback, "
+              "an empty cache (the bucket is listed, every index file fetched, then the first shards); `s3 cached`: "
+              "a second process on the same machine (a requeued job): the listing, then the first shards."]
     emit(lines, args.out)
     return 0
+
+
+def measure_size(root: Path, n: int, store, bucket: str) -> str:
+    from concurrent.futures import ThreadPoolExecutor
+
+    pattern = write_shards(root / "shards", n)
+    scan = measure(pattern, root / "cache", "launcher")
+    cached = measure(pattern, root / "cache", "launcher")
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "launcher.shards", "index", "--no-checksum", pattern], cwd=REPO,
+                   check=True, capture_output=True)
+    index_command = time.perf_counter() - start
+    sidecar = measure(pattern, root / "empty-cache", "launcher")
+    plain = measure(pattern, root / "cache", "webdataset")
+    client = store.client()
+    files = sorted((root / "shards").iterdir())
+    with ThreadPoolExecutor(8) as pool:
+        list(pool.map(lambda f: client.upload_file(str(f), bucket, f"scale{n}/{f.name}"), files))
+    remote = f"s3://{bucket}/scale{n}/{Path(pattern).name}"
+    s3 = measure(remote, root / "s3-cache", "launcher", store.env)
+    s3_cached = measure(remote, root / "s3-cache", "launcher", store.env)
+    return (f"| {n:,} | {-(-n // PER_SHARD):,} | {scan['index_s']:.2f} | {scan['first_batch_s']:.2f} | "
+            f"{cached['first_batch_s']:.2f} | {sidecar['first_batch_s']:.2f} | {s3['first_batch_s']:.2f} | "
+            f"{s3_cached['first_batch_s']:.2f} | {index_command:.1f} | {plain['first_batch_s']:.2f} | "
+            f"{sidecar['imported_rss_mb']:.0f} -> {sidecar['peak_rss_mb']:.0f} |")
 
 
 if __name__ == "__main__":

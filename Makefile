@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EXTRAS ?= dev
 
-.PHONY: setup demo test test-fast test-gpu bench clean
+.PHONY: setup demo test test-fast test-gpu gpu-check bench clean
 
 # Re-installs only when pyproject.toml changes.
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
@@ -33,6 +33,12 @@ test: setup
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests
+
+# The one-command GPU check (README "GPU speed"): tests/test_gpu.py, then training images/s, MFU,
+# bit-identity and loader headroom, written to $(GPU_CHECK_OUT). Without CUDA: tiny sizes on the CPU.
+GPU_CHECK_OUT ?= benchmarks/results/gpu.md
+gpu-check: setup
+	timeout -k 10 600 $(PY) benchmarks/gpu.py --out $(GPU_CHECK_OUT)
 
 # On a machine with CUDA GPUs: the NCCL / bf16 equivalences, printing the measured differences.
 test-gpu: setup

@@ -23,8 +23,10 @@ function of (seed, epoch, step):
 
 Consequences: every training sample is used exactly once per epoch across all ranks; a
 run can start at any step of any epoch by seeking (no replay); with a fixed `streams`,
-any process count that divides it trains on the same global batches. Non-local shards
-(`pipe:` commands, http URLs) are streamed once into a local cache and then indexed.
+any process count that divides it trains on the same global batches. Remote shards
+(`s3://`, `http(s)://`, `pipe:`) are indexed from the index files next to them in the
+store, then fetched by each rank in the order its lanes read them, a few shards ahead,
+into a bounded cache that drops a shard after its last use this epoch (shard_cache.py).
 """
 
 from __future__ import annotations
@@ -825,6 +827,54 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) ->
             _stop_workers(loader)
         if cache is not None:
             cache.stop()
+
+
+def on_device(stream_batches: Iterator[Batch], device: torch.device, memory_format: torch.memory_format,
+              finish: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[Batch]:
+    """The batches on the device, in `memory_format`, finished (ImageTransform.finish normalises
+    uint8 batches there). On CUDA the next batch is copied from pinned memory and finished on a side
+    stream while the current step runs (timm's PrefetchLoader does the same); elsewhere each batch
+    is moved when it is taken. One batch ahead: what a step reads does not change."""
+    if device.type != "cuda":
+        for batch in stream_batches:
+            batch.to(device, memory_format)
+            batch.images = finish(batch.images)
+            yield batch
+        return
+    side = _side_stream(device)
+    pending = None
+    for batch in stream_batches:
+        with torch.cuda.stream(side):
+            batch.to(device, memory_format)
+            batch.images = finish(batch.images)
+            copied = torch.cuda.Event()
+            copied.record(side)
+        if pending is not None:
+            yield _arrived(*pending)
+        pending = batch, copied
+    if pending is not None:
+        yield _arrived(*pending)
+
+
+_side_streams: dict = {}
+
+
+def _side_stream(device: torch.device):
+    """One copy stream per device for the process's lifetime: the caching allocator pools blocks
+    per stream, so a new stream per epoch would strand the last one's cached blocks."""
+    key = torch.device(device.type, device.index if device.index is not None else torch.cuda.current_device())
+    if key not in _side_streams:
+        _side_streams[key] = torch.cuda.Stream(key)
+    return _side_streams[key]
+
+
+def _arrived(batch: Batch, copied) -> Batch:
+    """The batch, once its copy is done, made safe to use (and free) on the compute stream."""
+    main = torch.cuda.current_stream()
+    main.wait_event(copied)
+    batch.images.record_stream(main)
+    batch.targets.record_stream(main)
+    return batch
 
 
 # DataLoader iterators whose workers may still run. The workers ignore SIGTERM (_prepare_worker),

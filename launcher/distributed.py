@@ -136,6 +136,16 @@ def make_accelerator(recipe, options: dict):
             f"accelerate launch was given --mixed_precision {launched} (or an accelerate config that sets it), but "
             f"the recipe trains in {wanted}. The recipe decides: launch with --mixed_precision no, or add "
             f"plugins.amp={{dtype: {launched}}} to the recipe.")
+    # Likewise torch.compile: the loop compiles in place for train.compile (plain state_dict keys);
+    # Accelerate's --dynamo_backend would wrap the model a second time, with _orig_mod. keys.
+    launched = os.environ.get("ACCELERATE_DYNAMO_BACKEND", "no").lower()
+    wanted = recipe.train.compile.backend.lower() if recipe.train.compile is not None else "no"
+    if launched not in ("no", wanted):
+        raise LauncherError(
+            f"accelerate launch was given --dynamo_backend {launched} (or an accelerate config that sets it), but the "
+            f"recipe {'compiles with ' + wanted if wanted != 'no' else 'does not compile'}. The recipe decides: "
+            f"launch with --dynamo_backend no, or set train.compile={{backend: {launched}}}.")
+    options["dynamo_backend"] = "no"
     config = options.pop("deepspeed_config", None)
     if config is None:
         if LAUNCHED_WITH_DEEPSPEED:

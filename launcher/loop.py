@@ -14,10 +14,12 @@ each in recipe order. Notify hooks return nothing; transform hooks return their 
     H setup(ctx)                                         # may wrap the model
     ctx.criterion = H criterion(ctx, cross_entropy)      # label smoothing, focal loss, in recipe order
     model, optimizer = accelerator.prepare(model, optimizer)
+    train.compile: model.compile() in place (state_dict keys stay plain)
     H after_prepare(ctx)                                 # resume sets ctx.epoch/step here
     for epoch in epochs:
         H on_epoch_start(ctx)                            # may set ctx.image_size (progressive resizing)
-        for batch in this rank's batches of the epoch (from ctx.step_in_epoch on):
+        for batch in this rank's batches of the epoch (from ctx.step_in_epoch on), on the device
+                (CUDA: uint8, copied and normalised one batch ahead on a side stream):
             batch = H transform_batch(ctx, batch)        # mixup, cutmix...
             k = H micro_batches(ctx, 1)                  # gradient accumulation (its out-of-memory probe)
             for micro in batch.split(k):
@@ -62,9 +64,10 @@ import torch.nn.functional as F
 
 from launcher.distributed import broadcast_buffers, initial_accelerator_options, make_accelerator, make_strategy
 from launcher.console import Console
-from launcher.data import Batch, EpochPlan, EvalStream, ShardIndex, TrainStream, batches, fetch_options, index_shards
+from launcher.data import (Batch, EpochPlan, EvalStream, ShardIndex, TrainStream, batches, fetch_options, index_shards,
+                           on_device)
 from launcher.errors import LauncherError
-from launcher.models import create_model
+from launcher.models import compile_in_place, compiled_for_inference, create_model, memory_format
 from launcher.optim import create_optimizer, create_schedule, default_param_groups
 from launcher.registry import PluginSet, build_plugins
 from launcher.runlog import MetricsLog, RunDirLock, final_weights, manifest, metrics_file, start_run_dir, write_status
@@ -130,6 +133,8 @@ class RunContext:
     # whether the hook is being asked because the step ran out of memory.
     micro_batch_count: int = 1
     out_of_memory: bool = False
+    memory_format: torch.memory_format = torch.contiguous_format  # of the model and its input batches
+    eval_model: Optional[nn.Module] = None  # what evaluation calls for the model (compiled with train.compile)
 
     def progress_state(self) -> dict:
         """Where the run is, as plain JSON values (a checkpoint's meta.json holds them)."""
@@ -327,16 +332,23 @@ def _train(ctx: RunContext) -> None:
         ctx.val_index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes,
                                      fetch_options(data))
     ctx.make_plan()
-    eval_transform = ImageTransform(data, recipe.model.in_chans, train=False)
+    # CUDA: batches cross as uint8 and are normalised on the GPU (ImageTransform.finish).
+    on_cuda = accelerator.device.type == "cuda"
+    eval_transform = ImageTransform(data, recipe.model.in_chans, train=False, normalize_on_device=on_cuda)
 
     set_seed(recipe.seed)  # the same initial weights on every rank
-    ctx.model = create_model(recipe.model).to(accelerator.device)
+    ctx.memory_format = memory_format(recipe.model, accelerator.device, str(accelerator.mixed_precision))
+    ctx.model = create_model(recipe.model).to(accelerator.device, memory_format=ctx.memory_format)
     groups = plugins.chain("param_groups", ctx, default_param_groups(ctx.model, recipe.optimizer))
-    ctx.optimizer = create_optimizer(recipe.optimizer, groups)
+    # Fused optimizer kernels on CUDA, except where DeepSpeed steps a CPU copy (offload).
+    fused = accelerator.device.type == "cuda" and recipe.distributed.offload == "none"
+    ctx.optimizer = create_optimizer(recipe.optimizer, groups, fused=fused)
     ctx.scheduler = create_schedule(recipe.schedule, ctx.optimizer, recipe.train.epochs, ctx.steps_per_epoch)
     plugins.call("setup", ctx)
     ctx.criterion = plugins.chain("criterion", ctx, cross_entropy)
     ctx.model, ctx.optimizer = accelerator.prepare(ctx.model, ctx.optimizer)
+    if recipe.train.compile is not None:  # after the plugins' setup: EMA copies the plain model
+        compile_in_place(ctx.model, recipe.train.compile)
     set_seed(recipe.seed + ctx.rank)  # dropout and other draws differ per rank
     _lock_run_dir(ctx)  # before anything reads or writes the run directory (resume)
     plugins.call("after_prepare", ctx)
@@ -348,7 +360,6 @@ def _train(ctx: RunContext) -> None:
     ctx.started = True
     ctx.metrics_log = log = MetricsLog(metrics_file(ctx.run_dir) if ctx.is_main else None,
                                        keep_rows=ctx.metrics_rows)
-    memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
     console = ctx.console = Console.for_run(ctx)
     if ctx.scheduler is not None:
         ctx.scheduler.step_update(ctx.step)
@@ -358,11 +369,13 @@ def _train(ctx: RunContext) -> None:
     while ctx.epoch < recipe.train.epochs and not _done(ctx):
         ctx.image_size = data.image_size
         plugins.call("on_epoch_start", ctx)  # may change ctx.image_size (progressive resizing)
-        train_transform = ImageTransform(data, recipe.model.in_chans, train=True, image_size=ctx.image_size)
+        train_transform = ImageTransform(data, recipe.model.in_chans, train=True, image_size=ctx.image_size,
+                                         normalize_on_device=on_cuda)
         stream = TrainStream(ctx.train_index, ctx.plan, train_transform, ctx.epoch, ctx.rank, ctx.step_in_epoch)
-        for batch in batches(stream, data.num_workers, pin_memory=accelerator.device.type == "cuda"):
+        for batch in on_device(batches(stream, data.num_workers, pin_memory=on_cuda), accelerator.device,
+                               ctx.memory_format, train_transform.finish):
             ctx.model.train()
-            ctx.batch = plugins.chain("transform_batch", ctx, batch.to(accelerator.device, memory_format))
+            ctx.batch = plugins.chain("transform_batch", ctx, batch)
             ctx.micro_batch_count = plugins.chain("micro_batches", ctx, 1)
             ctx.loss = ctx.forward_backward(ctx.batch)
             accelerator.unscale_gradients()  # fp16: hooks see true gradients (no-op otherwise)
@@ -436,9 +449,10 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
     """Loss, top-1 and top-5 of every model plugins ask for, each validation sample counted
     exactly once across ranks (rank shares are disjoint, unpadded; sums are all-reduced)."""
     recipe, accelerator = ctx.recipe, ctx.accelerator
-    models = ctx.plugins.chain("eval_models", ctx, {"val": accelerator.unwrap_model(ctx.model)})
+    if ctx.eval_model is None:  # the weights are the trained model's; with train.compile, a compiled call
+        ctx.eval_model = compiled_for_inference(accelerator.unwrap_model(ctx.model), recipe.train.compile)
+    models = ctx.plugins.chain("eval_models", ctx, {"val": ctx.eval_model})
     batch_size = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
-    memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
     # Per output name: [loss sum, top-1 hits, top-5 hits, samples].
     sums: dict[str, torch.Tensor] = {}
     was_training = {prefix: m.training for prefix, m in models.items()}
@@ -473,8 +487,9 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
                 sums[name] += eval_sums(out.float(), batch.targets)
 
     batch = None
-    for batch in batches(stream, recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda"):
-        forward(batch.to(accelerator.device, memory_format), count=True)
+    for batch in on_device(batches(stream, recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda"),
+                           accelerator.device, ctx.memory_format, transform.finish):
+        forward(batch, count=True)
     for _ in range(repeats):
         forward(batch, count=False)
     for prefix, m in models.items():

@@ -161,3 +161,30 @@ def create_model(section) -> nn.Module:
     if section.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def memory_format(section, device: torch.device, mixed_precision: str) -> torch.memory_format:
+    """model.channels_last when the recipe sets it; by default NHWC on CUDA with amp (bf16/fp16
+    convolutions run on tensor cores in NHWC, as timm's train.py --channels-last), NCHW otherwise
+    (fp32 and CPU kernels are tuned for it)."""
+    wanted = section.channels_last
+    if wanted is None:
+        wanted = device.type == "cuda" and mixed_precision in ("bf16", "fp16")
+    return torch.channels_last if wanted else torch.contiguous_format
+
+
+def compile_in_place(model: nn.Module, options) -> nn.Module:
+    """torch.compile a module in place (nn.Module.compile): calls go through the compiled graph,
+    while the module, its state_dict and its checkpoints stay the plain ones (torch.compile(model)
+    would return a wrapper whose keys all start with `_orig_mod.`). A DDP-wrapped model is compiled
+    around DDP, as timm's train.py does, so DDP's bucketed all-reduce still overlaps the backward."""
+    model.compile(**options.kwargs())
+    return model
+
+
+def compiled_for_inference(model: nn.Module, options) -> nn.Module:
+    """The model to call in evaluation: itself when it was compiled in place, else a compiled
+    wrapper (used for forward calls only; weights are read from the module itself)."""
+    if options is None or getattr(model, "_compiled_call_impl", None) is not None:
+        return model
+    return torch.compile(model, **options.kwargs())

@@ -32,14 +32,15 @@ def default_param_groups(model: nn.Module, section) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-def create_optimizer(section, groups: list[dict]) -> torch.optim.Optimizer:
-    """timm's optimizer factory over parameter groups (plugins may have set per-group lr)."""
+def create_optimizer(section, groups: list[dict], fused: bool = False) -> torch.optim.Optimizer:
+    """timm's optimizer factory over parameter groups (plugins may have set per-group lr).
+    fused: use torch's fused (one-kernel) implementation where the optimizer has one."""
     from timm.optim import create_optimizer_v2, list_optimizers
 
     if section.name not in list_optimizers():
         raise LauncherError(f"Unknown optimizer '{section.name}' (optimizer.name)."
                             f"{did_you_mean(section.name, list_optimizers())}")
-    kwargs = dict(section.kwargs)
+    kwargs = {**fused_kwargs(section.name), **section.kwargs} if fused else dict(section.kwargs)
     if section.name in ("sgd", "momentum", "nesterov", "rmsprop", "lars", "nlars"):
         kwargs.setdefault("momentum", section.momentum)
     try:
@@ -47,6 +48,19 @@ def create_optimizer(section, groups: list[dict]) -> torch.optim.Optimizer:
                                    **kwargs)
     except TypeError as err:
         raise LauncherError(f"optimizer options do not fit '{section.name}': {err}") from None
+
+
+def fused_kwargs(name: str) -> dict:
+    """{"fused": True} where timm's `name` is a torch optimizer with a fused CUDA kernel (SGD, Adam,
+    AdamW, Adagrad...): the whole update in one kernel instead of one per tensor group (foreach,
+    torch's CUDA default, which timm's own optimizers use). Both are deterministic."""
+    import inspect
+
+    from timm.optim import get_optimizer_class
+
+    cls = get_optimizer_class(name, bind_defaults=False)
+    torch_fused = cls.__module__.startswith("torch.optim") and "fused" in inspect.signature(cls).parameters
+    return {"fused": True} if torch_fused else {}
 
 
 def create_schedule(section, optimizer, epochs: int, steps_per_epoch: int):

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import LauncherError, did_you_mean
 from launcher.registry import validate_plugins
@@ -45,7 +45,8 @@ class ModelSection(Section):
     num_classes: int = Field(gt=1)
     in_chans: int = Field(3, ge=1, description="input channels; grayscale data is repeated to fit")
     drop_rate: float = Field(0.0, ge=0.0, lt=1.0, description="dropout before the classifier (WRN: inside blocks)")
-    channels_last: bool = Field(False, description="NHWC memory format (faster with AMP on GPUs)")
+    channels_last: Optional[bool] = Field(
+        None, description="NHWC memory format; default: on for CUDA runs with amp (tensor cores), off otherwise")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
 
 
@@ -101,6 +102,21 @@ class DataSection(Section):
         return self
 
 
+class CompileSection(Section):
+    """torch.compile's arguments (https://pytorch.org/docs/stable/generated/torch.compile.html)."""
+
+    backend: str = Field("inductor", description="inductor (generates kernels; C++ on CPU), aot_eager (no code "
+                                                 "generation: checks a model compiles), cudagraphs, ...")
+    mode: Optional[Literal["default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs"]] = Field(
+        None, description="inductor's mode; None is torch's default")
+    dynamic: Optional[bool] = Field(None, description="None: recompile once with dynamic shapes when a shape "
+                                                      "changes (a smaller last batch); true/false force it")
+    fullgraph: bool = Field(False, description="fail on a graph break instead of running that part eagerly")
+
+    def kwargs(self) -> dict:
+        return {"backend": self.backend, "mode": self.mode, "dynamic": self.dynamic, "fullgraph": self.fullgraph}
+
+
 class TrainSection(Section):
     epochs: int = Field(gt=0)
     max_steps: Optional[int] = Field(None, gt=0, description="stop after this many optimizer steps")
@@ -109,6 +125,17 @@ class TrainSection(Section):
                                          "false for full fp32 (no effect on CPU)")
     deterministic: bool = Field(False, description="bit-reproducible GPU runs: deterministic kernels, no cuDNN "
                                                    "autotuning (slower); CPU runs are reproducible anyway")
+    compile: Optional[CompileSection] = Field(
+        None, description="torch.compile the model: true, or {backend, mode, dynamic, fullgraph}; checkpoints and "
+                          "weights stay plain (no _orig_mod. prefix)")
+
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _compile_switch(cls, value):
+        """`train.compile=true` is torch.compile's defaults, `false` is off."""
+        if value is True:
+            return {}
+        return None if value is False else value
 
 
 class OptimizerSection(Section):
@@ -337,6 +364,9 @@ def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "re
     except ValidationError as err:
         raise LauncherError(_explain(err, source)) from None
     recipe._name = name
+    if recipe.train.compile is not None and recipe.distributed.strategy == "deepspeed":
+        raise LauncherError(f"Recipe {source}: train.compile runs with distributed.strategy=ddp only; DeepSpeed's "
+                            "engine is not compiled by this launcher yet. Drop train.compile, or train with ddp.")
     validate_plugins(recipe)  # plugin options are typed too, and combinations are checked
     return recipe
 
@@ -374,9 +404,15 @@ def _explain(err: ValidationError, source: str) -> str:
 
 def _valid_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
     for part in loc:
-        field = model.model_fields.get(part)
-        annotation = getattr(field, "annotation", None)
-        if not (isinstance(annotation, type) and issubclass(annotation, BaseModel)):
+        model = _section_type(getattr(model.model_fields.get(part), "annotation", None))
+        if model is None:
             return []
-        model = annotation
     return list(model.model_fields)
+
+
+def _section_type(annotation) -> Optional[type[BaseModel]]:
+    """The section class of a field typed `Section` or `Optional[Section]` (train.compile), else None."""
+    import typing
+
+    candidates = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
+    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)

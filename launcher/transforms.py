@@ -12,9 +12,15 @@ from launcher.errors import LauncherError
 
 
 class ImageTransform:
-    """uint8 (C, H, W) -> normalised float (in_chans, size, size)."""
+    """uint8 (C, H, W) -> normalised float (in_chans, size, size).
 
-    def __init__(self, data, in_chans: int, train: bool, image_size: int = 0):
+    With normalize_on_device, samples stay uint8 (C, size, size) and `finish` scales and normalises
+    the whole batch where it lands (a CUDA run: 4x fewer bytes per batch through shared memory,
+    pinned memory and PCIe, and no per-sample float work in the loader workers). The arithmetic is
+    torchvision's, on the same values, so the batch equals the per-sample one bit for bit.
+    Random erasing draws its noise on normalised float samples, so it keeps normalisation here."""
+
+    def __init__(self, data, in_chans: int, train: bool, image_size: int = 0, normalize_on_device: bool = False):
         if len(data.mean) != in_chans or len(data.std) != in_chans:
             raise LauncherError(
                 f"data.mean and data.std need {in_chans} values (model.in_chans), got {len(data.mean)} and "
@@ -36,11 +42,21 @@ class ImageTransform:
                 ops.append(v2.RandAugment())
             elif aug.auto_augment == "trivialaugment":
                 ops.append(v2.TrivialAugmentWide())
-        ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(list(data.mean), list(data.std))]
-        self.ops = v2.Compose(ops)
         self.erase = None
         if train and aug.random_erasing:
             self.erase = RandomErasing(probability=aug.random_erasing, mode="pixel", device="cpu")
+        self.mean, self.std = list(data.mean), list(data.std)
+        self.on_device = normalize_on_device and self.erase is None
+        if not self.on_device:
+            ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
+        self.ops = v2.Compose(ops) if ops else (lambda image: image)
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        """The batch (N, C, H, W) as the model takes it: normalised here when the samples were not."""
+        if not self.on_device:
+            return images
+        images = v2.functional.to_dtype(images, torch.float32, scale=True)
+        return v2.functional.normalize(images, self.mean, self.std)
 
     def __call__(self, image: torch.Tensor) -> torch.Tensor:
         channels = image.shape[0]

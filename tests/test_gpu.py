@@ -137,3 +137,36 @@ def test_deepspeed_bf16_on_gpus_follows_ddp_bf16(digits, tmp_path, stage):
     compare(f"DDP bf16 autocast vs ZeRO-{stage} bf16 on {gpus} GPU(s), 69 steps", runs["ddp"], runs["zero"])
     assert_same_curve_bf16(runs["ddp"], runs["zero"])
     assert all(t.dtype == torch.float32 for t in weights(runs["zero"]).values() if t.is_floating_point())
+
+
+def test_the_cuda_fast_paths_are_taken_and_a_compiled_run_follows_the_eager_one(digits, tmp_path):
+    """On one GPU with bf16: batches arrive normalised on the GPU (uint8 across), channels_last,
+    through fused SGD; an inductor-compiled run follows the eager loss curve (bf16 tolerance) and
+    its weights load into a plain timm model."""
+    import timm
+
+    from launcher.loop import train
+    from launcher.recipe import validate_recipe
+    from launcher.registry import Plugin, register
+
+    seen = {}
+
+    @register("gpu_fast_path_probe")
+    class Probe(Plugin):
+        def transform_batch(self, ctx, batch):
+            optimizer = getattr(ctx.optimizer, "optimizer", ctx.optimizer)  # Accelerate's wrapper
+            seen.update(device=batch.images.device.type, dtype=batch.images.dtype, fused=optimizer.defaults.get("fused"),
+                        channels_last=batch.images.is_contiguous(memory_format=torch.channels_last))
+            return batch
+
+    runs = {}
+    for name, compile_option in (("eager", None), ("compiled", True)):
+        raw = small_recipe(digits, tmp_path / name, train={"epochs": 3, "compile": compile_option},
+                           plugins={"amp": {"dtype": "bf16"}, "gpu_fast_path_probe": {}})
+        ctx = train(validate_recipe(raw))
+        assert ctx.accelerator.device.type == "cuda"
+        assert seen == {"device": "cuda", "dtype": torch.float32, "fused": True, "channels_last": True}, seen
+        runs[name] = tmp_path / name
+    compare("eager vs inductor-compiled, 1 GPU, bf16, 69 steps", runs["eager"], runs["compiled"])
+    assert_same_curve_bf16(runs["eager"], runs["compiled"])
+    timm.create_model("wrn10_1", num_classes=10).load_state_dict(weights(runs["compiled"]))

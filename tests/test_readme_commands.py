@@ -46,6 +46,7 @@ README_COMMANDS = {
     "python -m launcher.shards npz --src arrays.npz --out data/mine": ("test", "tests/test_data.py::test_npz_source"),
     "python -m launcher.shards index 'data/other/train-{000000..000999}.tar'": ("test", "tests/test_data.py::test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first_use"),
     "python benchmarks/data_scale.py": ("test", "tests/test_readme_commands.py::test_the_data_scale_benchmark_runs"),
+    "make gpu-check": ("test", "tests/test_readme_commands.py::test_make_gpu_check_runs"),
     "python benchmarks/data_stream.py": ("test", "tests/test_readme_commands.py::test_the_data_stream_benchmark_runs"),
     "accelerate launch --multi_gpu --num_processes N -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "accelerate launch --multi_gpu --num_machines M --machine_rank R --main_process_ip HOST0 --main_process_port 29500 --num_processes $((M*N)) -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
@@ -191,6 +192,24 @@ def test_make_demo_runs(tmp_path):
                       f"run.dir={tmp_path / 'demo'}"], timeout=900)
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     assert json.loads((tmp_path / "demo" / "manifest.json").read_text())["world_size"] == 2
+
+
+@pytest.mark.slow
+def test_make_gpu_check_runs(tmp_path):
+    """`make gpu-check` where there is no GPU: the same script at tiny sizes on the CPU, so it is
+    known to work before a GPU sees it. What it reports must hold: three loops measured eager and
+    compiled for both configs, the launcher bit-identical to the plain loop in deterministic mode."""
+    venv = Path(sys.executable).parent.parent
+    out = tmp_path / "gpu.md"
+    result = run_cli(["make", "-s", "gpu-check", f"VENV={venv}", f"GPU_CHECK_OUT={out}"], timeout=900)
+    assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
+    report = out.read_text()
+    assert "No CUDA device here" in report and "skipped" in report  # (a) ran pytest -m gpu
+    speed = [line for line in report.splitlines() if re.match(r"\| (resnet10t|wrn10_1) \d+px, batch", line)]
+    assert len(speed) == 4 and all(float(line.split("|")[3].replace(",", "")) > 0 for line in speed)
+    assert sum("compiled (aot_eager)" in line for line in speed) == 2
+    identical = [line for line in report.splitlines() if re.match(r"\| (resnet10t|wrn10_1) \d+px \| 5 \|", line)]
+    assert [line.split("|")[3].strip() for line in identical] == ["True", "True"]
 
 
 @pytest.mark.slow

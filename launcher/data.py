@@ -733,6 +733,18 @@ class _ShardReader(IterableDataset):
         """The sample ids of each item (batch) this stream yields, in order."""
         raise NotImplementedError
 
+    # Persistent loader workers (PersistentWorkers) hold a copy of the stream they were forked with.
+    # A later stream that `continues` it differs only in its `job()` numbers, which reach the workers
+    # through shared memory; any other difference needs new workers.
+    def continues(self, other: "_ShardReader") -> bool:
+        raise NotImplementedError
+
+    def job(self) -> list[int]:
+        return [0, 0, 0]
+
+    def take_job(self, job: list[int]) -> None:
+        pass
+
     def _my_share(self, items: list) -> Iterator:
         """This data-loader worker's items (every nw-th), and a per-worker file cache. Remote
         shards' files are closed after each item: the shard cache may evict them, and an open
@@ -763,6 +775,18 @@ class TrainStream(_ShardReader):
     def __len__(self) -> int:
         return max(0, self.plan.steps_per_epoch() - self.start_step)
 
+    def continues(self, other) -> bool:
+        return (type(other) is TrainStream and other.index is self.index and other.plan is self.plan
+                and other.rank == self.rank and _same_transform(other.transform, self.transform))
+
+    def job(self) -> list[int]:
+        return [self.epoch, self.start_step, getattr(self.transform, "size", 0)]
+
+    def take_job(self, job: list[int]) -> None:
+        self.epoch, self.start_step, size = job
+        if size != getattr(self.transform, "size", 0):
+            self.transform = self.transform.with_size(size)
+
     def items(self) -> list[np.ndarray]:
         return [self.plan.rank_ids(self.epoch, step, self.rank) % len(self.index)
                 for step in range(self.start_step, self.plan.steps_per_epoch())]
@@ -781,12 +805,17 @@ class EvalStream(_ShardReader):
 
     def __init__(self, index: ShardIndex, transform: Callable, batch_size: int, rank: int, world_size: int):
         super().__init__(index, transform, seed=0, epoch=0)
+        self.shape = (batch_size, rank, world_size)
         n = len(index)
         ids = np.arange((rank * n) // world_size, ((rank + 1) * n) // world_size)
         self.batches = [ids[i:i + batch_size] for i in range(0, len(ids), batch_size)]
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    def continues(self, other) -> bool:
+        return (type(other) is EvalStream and other.index is self.index and other.shape == self.shape
+                and _same_transform(other.transform, self.transform))
 
     def items(self) -> list[np.ndarray]:
         return self.batches
@@ -798,16 +827,20 @@ class EvalStream(_ShardReader):
                    "global_count": len(ids), "step_in_epoch": 0}
 
 
-def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) -> Iterator[Batch]:
+def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False,
+            workers: Optional["PersistentWorkers"] = None) -> Iterator[Batch]:
     """Iterate a stream through a DataLoader. Workers hand back whole batches in turn, so the
     order is the step order. With no workers, loading runs here, and the per-sample seeding
-    must not disturb the training process's own RNG (dropout, plugins)."""
+    must not disturb the training process's own RNG (dropout, plugins). `workers`: reuse those
+    persistent workers (local shards only) instead of forking new ones for this pass."""
     loader, cache, index = None, stream.index.cache, stream.index
     if cache is not None:  # remote shards: what this pass reads, before the workers start
         cache.prepare(needs_of(stream.items(), index.shard_of, index.offsets, index.sizes, index.shard_starts(),
                                cache.shard_bytes, ranged=cache.ranged), in_flight_items=max(1, 2 * num_workers))
     if num_workers == 0:
         iterator = _rng_preserving(iter(stream))
+    elif workers is not None and cache is None:
+        iterator = workers.iterate(stream)
     else:
         iterator = loader = iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
                                             pin_memory=pin_memory, prefetch_factor=2, worker_init_fn=_prepare_worker))
@@ -827,6 +860,59 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False) ->
             _stop_workers(loader)
         if cache is not None:
             cache.stop()
+
+
+def _same_transform(a, b) -> bool:
+    same = getattr(a, "same_settings", None)
+    return a is b or (same is not None and same(b))
+
+
+class PersistentWorkers:
+    """Loader workers forked once and kept for the following passes (torch's persistent_workers),
+    so an epoch does not start with a fork and an empty pipeline. Each pass's stream reaches the
+    workers as its job() numbers (epoch, first step, image size), written to shared memory before
+    the pass; the workers' copy of the stream takes them when torch restarts their iteration.
+    Batches do not depend on which process loads them (per-sample seeding), so they are the
+    per-pass workers' batches exactly. A stream that does not continue the first one (another plan,
+    index or transform) gets new workers. Not for remote shards: their cache stops between passes,
+    and a worker still loading a stale prefetched batch would wait for a shard that never comes."""
+
+    def __init__(self, num_workers: int, pin_memory: bool):
+        self.num_workers, self.pin_memory = num_workers, pin_memory
+        self.job = torch.zeros(3, dtype=torch.int64).share_memory_()
+        self.template: Optional[_ShardReader] = None
+        self.loader = self.iterator = None
+        self.forks = 0  # how many times workers were started (tests read it)
+
+    def iterate(self, stream: _ShardReader):
+        if self.template is None or not stream.continues(self.template):
+            self.close()
+            self.template, self.forks = stream, self.forks + 1
+            self.loader = DataLoader(_Relay(stream, self.job), batch_size=None, num_workers=self.num_workers,
+                                     pin_memory=self.pin_memory, prefetch_factor=2, persistent_workers=True,
+                                     worker_init_fn=_prepare_worker)
+        self.job.copy_(torch.tensor(stream.job(), dtype=torch.int64))
+        # The first iter() forks the workers; later ones restart them (torch drops the batches a
+        # cut-short pass had prefetched) and they read the new job.
+        self.iterator = iter(self.loader)
+        _running_loaders.add(self.iterator)
+        return self.iterator
+
+    def close(self) -> None:
+        if self.iterator is not None:
+            _stop_workers(self.iterator)
+        self.template = self.loader = self.iterator = None
+
+
+class _Relay(IterableDataset):
+    """What persistent workers iterate: their stream, set to the pass's job."""
+
+    def __init__(self, stream: _ShardReader, job: torch.Tensor):
+        self.stream, self.job = stream, job
+
+    def __iter__(self):
+        self.stream.take_job([int(v) for v in self.job])
+        return iter(self.stream)
 
 
 def on_device(stream_batches: Iterator[Batch], device: torch.device, memory_format: torch.memory_format,

@@ -64,8 +64,8 @@ import torch.nn.functional as F
 
 from launcher.distributed import broadcast_buffers, initial_accelerator_options, make_accelerator, make_strategy
 from launcher.console import Console
-from launcher.data import (Batch, EpochPlan, EvalStream, ShardIndex, TrainStream, batches, fetch_options, index_shards,
-                           on_device)
+from launcher.data import (Batch, EpochPlan, EvalStream, PersistentWorkers, ShardIndex, TrainStream, batches,
+                           fetch_options, index_shards, on_device)
 from launcher.errors import LauncherError
 from launcher.models import compile_in_place, compiled_for_inference, create_model, memory_format
 from launcher.optim import create_optimizer, create_schedule, default_param_groups
@@ -135,6 +135,9 @@ class RunContext:
     out_of_memory: bool = False
     memory_format: torch.memory_format = torch.contiguous_format  # of the model and its input batches
     eval_model: Optional[nn.Module] = None  # what evaluation calls for the model (compiled with train.compile)
+    # Loader workers kept across epochs (data.persistent_workers), for training and for evaluation.
+    train_workers: Optional[PersistentWorkers] = None
+    eval_workers: Optional[PersistentWorkers] = None
 
     def progress_state(self) -> dict:
         """Where the run is, as plain JSON values (a checkpoint's meta.json holds them)."""
@@ -260,6 +263,9 @@ def train(recipe) -> RunContext:
                 _record_failure(ctx, exc, message=watchdog.verdict)  # another rank failed first
         raise
     finally:
+        for workers in (ctx.train_workers, ctx.eval_workers):
+            if workers is not None:
+                workers.close()
         if ctx.run_lock is not None:
             ctx.run_lock.release()
         if watchdog is not None:
@@ -335,6 +341,9 @@ def _train(ctx: RunContext) -> None:
     # CUDA: batches cross as uint8 and are normalised on the GPU (ImageTransform.finish).
     on_cuda = accelerator.device.type == "cuda"
     eval_transform = ImageTransform(data, recipe.model.in_chans, train=False, normalize_on_device=on_cuda)
+    if data.num_workers and (data.persistent_workers if data.persistent_workers is not None else on_cuda):
+        ctx.train_workers, ctx.eval_workers = PersistentWorkers(data.num_workers, on_cuda), \
+            PersistentWorkers(data.num_workers, on_cuda)
 
     set_seed(recipe.seed)  # the same initial weights on every rank
     ctx.memory_format = memory_format(recipe.model, accelerator.device, str(accelerator.mixed_precision))
@@ -372,8 +381,8 @@ def _train(ctx: RunContext) -> None:
         train_transform = ImageTransform(data, recipe.model.in_chans, train=True, image_size=ctx.image_size,
                                          normalize_on_device=on_cuda)
         stream = TrainStream(ctx.train_index, ctx.plan, train_transform, ctx.epoch, ctx.rank, ctx.step_in_epoch)
-        for batch in on_device(batches(stream, data.num_workers, pin_memory=on_cuda), accelerator.device,
-                               ctx.memory_format, train_transform.finish):
+        for batch in on_device(batches(stream, data.num_workers, pin_memory=on_cuda, workers=ctx.train_workers),
+                               accelerator.device, ctx.memory_format, train_transform.finish):
             ctx.model.train()
             ctx.batch = plugins.chain("transform_batch", ctx, batch)
             ctx.micro_batch_count = plugins.chain("micro_batches", ctx, 1)
@@ -487,8 +496,8 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
                 sums[name] += eval_sums(out.float(), batch.targets)
 
     batch = None
-    for batch in on_device(batches(stream, recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda"),
-                           accelerator.device, ctx.memory_format, transform.finish):
+    for batch in on_device(batches(stream, recipe.data.num_workers, pin_memory=accelerator.device.type == "cuda",
+                                   workers=ctx.eval_workers), accelerator.device, ctx.memory_format, transform.finish):
         forward(batch, count=True)
     for _ in range(repeats):
         forward(batch, count=False)

@@ -67,6 +67,8 @@ class DataSection(Section):
     batch_size: int = Field(gt=0, description="samples per process per optimizer step")
     eval_batch_size: Optional[int] = Field(None, gt=0, description="default: 2 x batch_size")
     num_workers: int = Field(2, ge=0, description="data-loader worker processes per rank")
+    persistent_workers: Optional[bool] = Field(
+        None, description="keep the loader workers from epoch to epoch (local shards); default: on for CUDA runs")
     image_size: int = Field(32, gt=0, description="images are resized to this square size")
     mean: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5])

@@ -27,6 +27,7 @@ class ImageTransform:
                 f"{len(data.std)}."
             )
         self.size, self.in_chans = image_size or data.image_size, in_chans
+        self._settings = (data, in_chans, train, normalize_on_device)
         aug = data.augment
         ops = []
         if train:
@@ -50,6 +51,16 @@ class ImageTransform:
         if not self.on_device:
             ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         self.ops = v2.Compose(ops) if ops else (lambda image: image)
+
+    def with_size(self, image_size: int) -> "ImageTransform":
+        """The same transform at another image size (progressive resizing)."""
+        data, in_chans, train, on_device = self._settings
+        return ImageTransform(data, in_chans, train, image_size=image_size, normalize_on_device=on_device)
+
+    def same_settings(self, other) -> bool:
+        """True when `other` is this transform, possibly at another size (loader workers keep theirs)."""
+        mine, theirs = self._settings, getattr(other, "_settings", None)
+        return theirs is not None and mine[0] is theirs[0] and mine[1:] == theirs[1:]
 
     def finish(self, images: torch.Tensor) -> torch.Tensor:
         """The batch (N, C, H, W) as the model takes it: normalised here when the samples were not."""

@@ -75,6 +75,7 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch i
 EXIT_CTRL_C = 128 + signal.SIGINT  # 130, as a shell reports a program stopped by Ctrl-C
 # Recipe keys that may differ between a checkpoint and the run resuming it.
 SAFE_TO_CHANGE = ("train.epochs", "train.max_steps", "train.eval_every", "run.", "data.num_workers",
+                  "data.persistent_workers",
                   "distributed.failure_timeout", "train.tf32", "train.deterministic", "train.compile",  # kernels, not the run
                   "data.cache_dir", "data.cache_limit", "data.prefetch_shards", "data.s3_endpoint", "data.fetch_",
                   "data.eval_batch_size", "data.batch_size", "data.train", "data.val",

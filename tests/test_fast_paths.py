@@ -75,3 +75,34 @@ def test_fused_kernels_where_torch_has_them_and_the_same_update(digits):
 def test_channels_last_is_the_default_for_cuda_with_amp(channels_last, device, precision, expected):
     section = ModelSection(name="resnet18", num_classes=10, channels_last=channels_last)
     assert memory_format(section, torch.device(device), precision) == expected
+
+
+def test_persistent_workers_load_the_per_epoch_workers_batches_and_resume_exactly(digits, tmp_path):
+    """Workers forked once for the run (data.persistent_workers, the CUDA default) train exactly what
+    workers forked per epoch train: across epochs, an image-size change (progressive resizing) and
+    evaluations; and a run stopped mid-epoch resumes with them to the same weights."""
+    from safetensors.torch import load_file
+
+    from launcher.loop import train
+    from tests.conftest import metric_rows
+
+    def run(name, persistent, max_steps=None, **plugins):
+        raw = small_recipe(digits, tmp_path / name, train={"epochs": 3, "max_steps": max_steps},
+                           data={"num_workers": 2, "persistent_workers": persistent},
+                           plugins={"progressive_resize": {"sizes": [12, 16], "epochs": [0, 2]}, **plugins})
+        return train(validate_recipe(raw))
+
+    per_epoch = run("per_epoch", False)
+    kept = run("kept", True)
+    assert per_epoch.train_workers is None
+    assert kept.train_workers.forks == 1 and kept.eval_workers.forks == 1  # 3 epochs, 3 evaluations, one fork each
+    final = {name: load_file(str(tmp_path / name / "final" / "model.safetensors")) for name in ("per_epoch", "kept")}
+    assert all(torch.equal(final["per_epoch"][k], v) for k, v in final["kept"].items())
+    assert metric_rows(tmp_path / "per_epoch") == metric_rows(tmp_path / "kept")
+
+    checkpoint = {"checkpoint": {"every_steps": 20, "every_epochs": None}}
+    run("resumed", True, max_steps=100, **checkpoint)  # stops in epoch 2 (45 steps per epoch)
+    resumed = run("resumed", True, **checkpoint)
+    assert resumed.step == kept.step
+    again = load_file(str(tmp_path / "resumed" / "final" / "model.safetensors"))
+    assert all(torch.equal(final["kept"][k], v) for k, v in again.items())

@@ -11,9 +11,9 @@ The other commands (each with its own --help):
     python -m launcher.shards SOURCE --out DIR                write WebDataset shards (digits, cifar10/100, imagefolder, npz)
     python -m launcher.shards index PATTERN                   write each shard's index next to it
     python -m launcher.lr_find RECIPE [overrides]             learning-rate range test
-    python -m launcher.evaluate RUN_DIR [--weights ema]        loss/top-1/top-5 of the run's weights on any shards
+    python -m launcher.evaluate RUN_DIR [--weights ema] [--tta]  loss/top-1/top-5 of the run's weights on any shards
     python -m launcher.predict RUN_DIR IMAGES|SHARDS --out F   classes and probabilities per image, as CSV
-    python -m launcher.export RUN_DIR [--format torchscript]  a timm-loadable folder, or TorchScript
+    python -m launcher.export RUN_DIR [--format onnx|torchscript]  a timm-loadable folder, ONNX or TorchScript
     python -m launcher.report RUN_DIR                         evaluation report: curves, confusion matrix, PR/ROC
     python -m launcher.slurm submit|status|cancel ...         Slurm jobs that requeue and resume
 """

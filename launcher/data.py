@@ -510,8 +510,9 @@ def _read_npy(data: bytes) -> np.ndarray:
     return np.load(io.BytesIO(data), allow_pickle=False)
 
 
-def decode_image(data: bytes, ext: str) -> torch.Tensor:
-    """Image bytes -> uint8 tensor (C, H, W). `.npy` holds a raw uint8 HxW or HxWxC array."""
+def decode_image(data: bytes, ext: str, as_pil: bool = False):
+    """Image bytes -> uint8 tensor (C, H, W). `.npy` holds a raw uint8 HxW or HxWxC array.
+    as_pil: encoded images come back as the decoded PIL image (L or RGB), for PIL transforms."""
     if ext == "npy":
         array = _read_npy(data)
     else:
@@ -520,6 +521,9 @@ def decode_image(data: bytes, ext: str) -> torch.Tensor:
         with Image.open(io.BytesIO(data)) as img:
             if img.mode not in ("L", "RGB"):
                 img = img.convert("RGB")
+            if as_pil:
+                img.load()
+                return img
             array = np.asarray(img)
     if array.ndim == 2:
         array = array[:, :, None]
@@ -720,7 +724,7 @@ class _ShardReader(IterableDataset):
                 raw, ext = self.index.read_image(i, files)
                 if len(raw) != self.index.sizes[i]:
                     raise EOFError(f"read {len(raw)} of its {self.index.sizes[i]} bytes")
-                image = decode_image(raw, ext)
+                image = decode_image(raw, ext, as_pil=getattr(self.transform, "takes_pil", False))
             except LauncherError:
                 raise  # a remote shard that could not be fetched: its own message
             except Exception as err:  # noqa: BLE001  (any decoder error: name the file and sample)

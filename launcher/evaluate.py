@@ -3,11 +3,14 @@
     python -m launcher.evaluate RUN_DIR                       # final/model.safetensors on the run's data.val
     python -m launcher.evaluate RUN_DIR --weights ema         # final/ema.safetensors (plugins.ema)
     python -m launcher.evaluate RUN_DIR data.val='other/val-{000000..000009}.tar'
+    python -m launcher.evaluate RUN_DIR --tta                 # + val_tta/* (flip TTA, plugins.tta)
 
 Prints loss, top-1, top-5 and the sample count as JSON (keys like the run's metrics.jsonl) and
 writes them to RUN_DIR/evaluate-<weights>.json. The computation is the loop's own (same
 transform, batches, precision and sums), so on the run's data.val and final weights it gives
-the numbers of the run's last evaluation row. One process.
+the numbers of the run's last evaluation row. The recipe's plugins' eval_logits hooks run as in
+the loop (a run trained with plugins.tta gets its val_tta/* again); --tta adds plugins.tta to a
+recipe without it. One process.
 """
 
 from __future__ import annotations
@@ -50,16 +53,19 @@ def load_run_model(run_dir: Path, weights: str, overrides: list[str] = ()):
                                                           "plugins.ema)" if named else "") + ".")
     recipe = load_recipe(recipe_file(run_dir), list(overrides))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(recipe.model).to(device)
+    # The run's own weights are loaded next: no need for the pretrained ones it started from.
+    model = create_model(recipe.model.model_copy(update={"pretrained": False, "pretrained_file": None})).to(device)
     load_model(model, str(path))
     return recipe, model.eval(), device, path
 
 
 @torch.no_grad()
 def evaluate_weights(recipe, model: torch.nn.Module, device: torch.device, prefix: str = "val") -> dict:
-    """{prefix}/loss, /top1, /top5, /samples over recipe.data.val, every sample once."""
+    """{prefix}/loss, /top1, /top5, /samples over recipe.data.val, every sample once, and those of
+    the outputs the recipe's eval_logits hooks add ({prefix}_tta/...)."""
     from launcher.data import EvalStream, batches, fetch_options, index_shards
-    from launcher.loop import eval_sums
+    from launcher.loop import RunContext, eval_sums
+    from launcher.registry import build_plugins
     from launcher.transforms import ImageTransform
 
     data = recipe.data
@@ -70,16 +76,24 @@ def evaluate_weights(recipe, model: torch.nn.Module, device: torch.device, prefi
     stream = EvalStream(index, transform, data.eval_batch_size or 2 * data.batch_size, 0, 1)
     memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
     autocast = recipe_autocast(recipe, device)
+    plugins = build_plugins(recipe)
+    ctx = RunContext(recipe=recipe, plugins=plugins)
     model.eval()
-    sums = torch.zeros(4, dtype=torch.float64, device=device)
+    sums: dict[str, torch.Tensor] = {}
     for batch in batches(stream, data.num_workers):
         batch = batch.to(device, memory_format)
         with autocast:
             logits = model(batch.images)
-        sums += eval_sums(logits.float(), batch.targets)
-    loss_sum, top1, top5, count = sums.tolist()
-    return {f"{prefix}/loss": loss_sum / count, f"{prefix}/top1": top1 / count, f"{prefix}/top5": top5 / count,
-            f"{prefix}/samples": int(count)}
+            outputs = plugins.chain("eval_logits", ctx, {prefix: logits}, batch.images, model, prefix)
+        for name, out in outputs.items():
+            sums.setdefault(name, torch.zeros(4, dtype=torch.float64, device=device))
+            sums[name] += eval_sums(out.float(), batch.targets)
+    metrics = {}
+    for name in sorted(sums):
+        loss_sum, top1, top5, count = sums[name].tolist()
+        metrics.update({f"{name}/loss": loss_sum / count, f"{name}/top1": top1 / count,
+                        f"{name}/top5": top5 / count, f"{name}/samples": int(count)})
+    return metrics
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -88,6 +102,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.val=PATTERN")
     parser.add_argument("--weights", default="model",
                         help="model (final/model.safetensors), ema (final/ema.safetensors) or a .safetensors path")
+    parser.add_argument("--tta", action="store_true",
+                        help="test-time augmentation (flipped view): adds plugins.tta to a recipe without it")
     args = parser.parse_intermixed_args(argv)
     return run_command(lambda: _evaluate_command(args))
 
@@ -95,7 +111,14 @@ def main(argv: Optional[list[str]] = None) -> int:
 def _evaluate_command(args) -> int:
     from launcher.runlog import atomic_write_text
 
-    recipe, model, device, weights = load_run_model(args.run_dir, args.weights, args.overrides)
+    overrides = list(args.overrides)
+    if args.tta:
+        from launcher.recipe import load_recipe
+        from launcher.runlog import recipe_file
+
+        if recipe_file(args.run_dir).is_file() and "tta" not in load_recipe(recipe_file(args.run_dir)).plugins:
+            overrides.append("plugins.tta={}")
+    recipe, model, device, weights = load_run_model(args.run_dir, args.weights, overrides)
     metrics = evaluate_weights(recipe, model, device, prefix="val_ema" if args.weights == "ema" else "val")
     text = json.dumps({"weights": str(weights), "data.val": recipe.data.val, **metrics}, indent=1)
     print(text)

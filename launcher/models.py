@@ -141,26 +141,113 @@ for _depth in (10, 16, 22, 28, 40):
 
 
 def create_model(section) -> nn.Module:
-    """Build the recipe's model with timm (the WRNs above are in timm's registry)."""
-    if not timm.is_model(section.name):
+    """Build the recipe's model with timm (the WRNs above are in timm's registry); with
+    model.pretrained, timm's pretrained weights from this machine (see load_pretrained_weights)."""
+    hub = section.name.startswith(("hf-hub:", "hf_hub:"))
+    if not hub and not timm.is_model(section.name):
         raise LauncherError(
             f"Unknown model '{section.name}' (model.name).{did_you_mean(section.name, timm.list_models())} "
             "Any name from timm.list_models() works, plus the CIFAR WideResNets wrn{16,22,28,40}_{1,2,4,8,10}."
         )
+    kwargs = dict(num_classes=section.num_classes, in_chans=section.in_chans, drop_rate=section.drop_rate,
+                  **section.kwargs)
     try:
-        model = timm.create_model(
-            section.name,
-            pretrained=False,
-            num_classes=section.num_classes,
-            in_chans=section.in_chans,
-            drop_rate=section.drop_rate,
-            **section.kwargs,
-        )
+        if section.pretrained or hub:
+            model = load_pretrained_weights(section, kwargs)
+        else:
+            model = timm.create_model(section.name, pretrained=False, **kwargs)
     except (TypeError, ValueError) as err:
         raise LauncherError(f"model.kwargs {section.kwargs} do not fit '{section.name}': {err}") from None
     if section.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")
+
+
+def pretrained_weights_file(path: str) -> str:
+    """model.pretrained_file: a weights file, a Hugging Face snapshot folder, or a cache folder
+    models--ORG--NAME (its refs/main snapshot, else its only one)."""
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if p.is_dir() and (p / "snapshots").is_dir():
+        ref = p / "refs" / "main"
+        snapshots = sorted(d for d in (p / "snapshots").iterdir() if d.is_dir())
+        if ref.is_file() and (p / "snapshots" / ref.read_text().strip()).is_dir():
+            p = p / "snapshots" / ref.read_text().strip()
+        elif len(snapshots) == 1:
+            p = snapshots[0]
+    if p.is_dir():
+        p = next((p / name for name in WEIGHT_FILES if (p / name).is_file()), p)
+    if not p.is_file():
+        raise LauncherError(f"model.pretrained_file: '{path}' is not a weights file (.safetensors, .bin, .pth), a "
+                            f"Hugging Face snapshot folder holding one of {', '.join(WEIGHT_FILES)}, or a "
+                            "models--ORG--NAME cache folder.")
+    return str(p)
+
+
+def load_pretrained_weights(section, kwargs: dict) -> nn.Module:
+    """timm.create_model(pretrained=True), offline: from model.pretrained_file, else from this
+    machine's Hugging Face cache (HF_HUB_CACHE / HF_HOME), never downloaded (a cluster job has no
+    internet, and a run should not depend on it). timm replaces the classifier when num_classes
+    differs from the weights' and adapts the stem to in_chans; .bin/.pth files are read with
+    torch.load(weights_only=True) by timm."""
+    import huggingface_hub.constants as hub_constants
+
+    overlay = {"file": pretrained_weights_file(section.pretrained_file)} if section.pretrained_file else None
+    offline, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True  # what HF_HUB_OFFLINE=1 does
+    try:
+        return timm.create_model(section.name, pretrained=section.pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+    except (OSError, RuntimeError) as err:  # huggingface_hub's LocalEntryNotFoundError is an OSError
+        repo = _hub_repo(section.name)
+        raise LauncherError(
+            f"model.pretrained: no weights for '{section.name}' on this machine (looked in the Hugging Face cache "
+            f"{hub_constants.HF_HUB_CACHE}{' for ' + repo if repo else ''}; {type(err).__name__}: "
+            f"{str(err).splitlines()[0][:300]}). Fetch them where there is internet, e.g. `python -c \"import timm; "
+            f"timm.create_model('{section.name}', pretrained=True)\"`{' or `hf download ' + repo + '`' if repo else ''}, "
+            "and copy the models--... folder into this cache (or point HF_HUB_CACHE at it), or set "
+            "model.pretrained_file to the weights file or folder.") from None
+    finally:
+        hub_constants.HF_HUB_OFFLINE = offline
+
+
+def _hub_repo(name: str) -> str:
+    """The Hugging Face repository timm loads `name`'s weights from ('' if none is known)."""
+    if name.startswith(("hf-hub:", "hf_hub:")):
+        return name.split(":", 1)[1].split("@")[0]
+    try:
+        cfg = timm.models.get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001  (no pretrained tag for this name)
+        return ""
+    return getattr(cfg, "hf_hub_id", "") or ""
+
+
+def pretrained_data_settings(section) -> dict:
+    """mean, std, image size, interpolation and crop_pct of the model's pretrained weights
+    (timm's pretrained_cfg), for the data keys a recipe leaves unset."""
+    import huggingface_hub.constants as hub_constants
+
+    offline, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
+    try:
+        cfg = timm.create_model(section.name, pretrained=False, num_classes=section.num_classes).pretrained_cfg
+    except (OSError, RuntimeError) as err:
+        raise LauncherError(f"model.name '{section.name}': its config is not in the local Hugging Face cache "
+                            f"{hub_constants.HF_HUB_CACHE} ({type(err).__name__}). Fetch it where there is internet "
+                            f"(`hf download {_hub_repo(section.name)}`) and copy the models--... folder here.") from None
+    finally:
+        hub_constants.HF_HUB_OFFLINE = offline
+    settings = {}
+    if len(cfg.get("mean", ())) == section.in_chans:  # a 1-channel model keeps the recipe's own
+        settings.update(mean=list(cfg["mean"]), std=list(cfg["std"]))
+    if cfg.get("input_size"):
+        settings["image_size"] = int(cfg["input_size"][-1])
+    if cfg.get("interpolation") in ("bilinear", "bicubic", "nearest"):
+        settings["interpolation"] = cfg["interpolation"]
+    if cfg.get("crop_pct"):
+        settings["crop_pct"] = float(cfg["crop_pct"])
+    return settings
 
 
 def memory_format(section, device: torch.device, mixed_precision: str) -> torch.memory_format:

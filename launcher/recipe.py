@@ -48,16 +48,54 @@ class ModelSection(Section):
     channels_last: Optional[bool] = Field(
         None, description="NHWC memory format; default: on for CUDA runs with amp (tensor cores), off otherwise")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+    pretrained: bool = Field(False, description="timm's pretrained weights for model.name (e.g. resnet50.a1_in1k, "
+                                                "hf-hub:timm/...) from this machine's Hugging Face cache (never "
+                                                "downloaded); the classifier is replaced for num_classes")
+    pretrained_file: Optional[str] = Field(
+        None, description="with pretrained: the weights instead of the cache: a .safetensors/.bin/.pth file, a "
+                          "snapshot folder or a models--ORG--NAME folder")
+
+
+TORCHVISION_AUGMENT = ("cifar10", "imagenet", "svhn", "randaugment", "trivialaugment")
 
 
 class AugmentSection(Section):
+    random_resized_crop: bool = Field(
+        False, description="RandomResizedCrop to data.image_size (photos: ImageNet-style) instead of resizing the "
+                           "whole image")
+    scale: tuple[float, float] = Field((0.08, 1.0), description="random_resized_crop: range of the crop's area "
+                                                                "(fraction of the image)")
+    ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random_resized_crop: range of its aspect ratio")
     crop_padding: int = Field(0, ge=0, description="random crop after zero padding by this many pixels (0: off)")
     hflip: float = Field(0.0, ge=0.0, le=1.0, description="horizontal flip probability")
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="random rotation, max degrees")
-    auto_augment: Optional[Literal["cifar10", "imagenet", "svhn", "randaugment", "trivialaugment"]] = Field(
-        None, description="AutoAugment policy (torchvision), or RandAugment / TrivialAugment"
-    )
+    color_jitter: float = Field(0.0, ge=0.0, description="brightness, contrast and saturation jitter strength "
+                                                          "(torchvision ColorJitter; timm's --color-jitter)")
+    auto_augment: Optional[str] = Field(
+        None, description="torchvision: cifar10, imagenet, svhn (AutoAugment policies), randaugment, trivialaugment; "
+                          "or a timm string: rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original, v0, 3a")
     random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability (timm)")
+
+    @field_validator("scale", "ratio")
+    @classmethod
+    def _increasing(cls, value):
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("give two positive numbers, the smaller first, e.g. [0.08, 1.0]")
+        return value
+
+    @field_validator("auto_augment")
+    @classmethod
+    def _known_policy(cls, value):
+        if value is None or value in TORCHVISION_AUGMENT:
+            return value
+        from launcher.transforms import timm_augmentation
+
+        try:
+            timm_augmentation(value, 224, (0.5, 0.5, 0.5), "bilinear")
+        except Exception as err:  # noqa: BLE001  (timm's parsers raise assorted errors on a bad string)
+            raise ValueError(f"not a torchvision policy ({', '.join(TORCHVISION_AUGMENT)}) nor a timm augmentation "
+                             f"string such as rand-m9-mstd0.5-inc1, augmix-m5-w4-d2 or original ({err})") from None
+        return value
 
 
 class DataSection(Section):
@@ -69,7 +107,12 @@ class DataSection(Section):
     num_workers: int = Field(2, ge=0, description="data-loader worker processes per rank")
     persistent_workers: Optional[bool] = Field(
         None, description="keep the loader workers from epoch to epoch (local shards); default: on for CUDA runs")
-    image_size: int = Field(32, gt=0, description="images are resized to this square size")
+    image_size: int = Field(32, gt=0, description="the square size the model sees (training crops, evaluation)")
+    interpolation: Literal["bilinear", "bicubic", "nearest"] = Field("bilinear", description="of every resize")
+    crop_pct: Optional[float] = Field(
+        None, gt=0.0, le=1.0, description="evaluation: resize the shorter side to image_size / crop_pct, then "
+                                          "center-crop image_size (timm's eval transform); default: resize the whole "
+                                          "image to image_size x image_size")
     mean: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5])
     std: list[float] = Field(default_factory=lambda: [0.5, 0.5, 0.5])
     shuffle: bool = True
@@ -366,11 +409,24 @@ def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "re
     except ValidationError as err:
         raise LauncherError(_explain(err, source)) from None
     recipe._name = name
+    if recipe.model.pretrained or recipe.model.name.startswith(("hf-hub:", "hf_hub:")):
+        _data_settings_from_pretrained_cfg(recipe)
     if recipe.train.compile is not None and recipe.distributed.strategy == "deepspeed":
         raise LauncherError(f"Recipe {source}: train.compile runs with distributed.strategy=ddp only; DeepSpeed's "
                             "engine is not compiled by this launcher yet. Drop train.compile, or train with ddp.")
     validate_plugins(recipe)  # plugin options are typed too, and combinations are checked
     return recipe
+
+
+def _data_settings_from_pretrained_cfg(recipe: Recipe) -> None:
+    """Pretrained weights were trained on inputs normalised and sized their way: the data keys the
+    recipe leaves unset (mean, std, image_size, interpolation, crop_pct) come from timm's
+    pretrained_cfg, and the resolved recipe (recipe.yaml, --check) shows them."""
+    from launcher.models import pretrained_data_settings
+
+    for key, value in pretrained_data_settings(recipe.model).items():
+        if key not in recipe.data.model_fields_set:
+            setattr(recipe.data, key, value)
 
 
 def _non_finite(tree: Any, prefix: str = "") -> list[str]:

@@ -277,6 +277,8 @@ def validate_plugins(recipe) -> None:
         reason = cls.check_recipe(recipe, parsed[name])
         if reason:
             raise LauncherError(f"Plugin '{name}' cannot run with this recipe: {reason}")
+    # The resolved recipe (recipe.yaml, --check) shows every option, defaults filled in.
+    recipe.plugins = {name: parsed[name].model_dump(mode="json") for name in names}
 
 
 def refusal(cls: type[Plugin], strategy: str, precision: str) -> Optional[str]:

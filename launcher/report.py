@@ -5,12 +5,16 @@
 reads RUN_DIR/recipe.yaml and the final weights, predicts the validation set once, and
 writes to RUN_DIR/report/ (or --out):
 
-    curves.png            training loss, validation loss and top-1 against the step (metrics.jsonl)
-    confusion_matrix.png  row-normalised confusion matrix (rows: true class), counts in report.json
-    pr_curves.png         one precision-recall curve per class (one-vs-rest), average precision in the legend
-    roc_curves.png        one ROC curve per class (one-vs-rest), AUC in the legend
+    curves.png            loss, validation top-1 and learning rate against the step, with an epoch
+                          axis on top (metrics.jsonl)
+    confusion_matrix.png  row-normalised confusion matrix (rows: true class); with more than 30
+                          classes the 25 most-confused (true, predicted) pairs instead
+    pr_curves.png         precision-recall per class (one-vs-rest), AP in the legend, and the
+                          micro and macro averages (per-class curves drawn faint past 20 classes)
+    roc_curves.png        ROC likewise, AUC in the legend, micro and macro averages
     report.json           accuracy, per-class precision / recall / F1 / support / ROC AUC / AP,
-                          macro and weighted averages, the confusion matrix
+                          macro and weighted averages, micro/macro ROC AUC and AP, the confusion
+                          matrix and its most-confused pairs
 
 The metrics are scikit-learn's; matplotlib draws. The `report` plugin calls the same
 function at the end of a run.
@@ -82,15 +86,49 @@ def compute(probs: np.ndarray, labels: np.ndarray, names: list[str]) -> dict:
             "average_precision": float(average_precision_score(positives, probs[:, c])) if both else None,
         }
     weights = support / max(support.sum(), 1)
+    cm = confusion_matrix(labels, preds, labels=classes)
     return {
         "samples": int(len(labels)), "accuracy": float((preds == labels).mean()),
         "macro": {"precision": float(precision.mean()), "recall": float(recall.mean()), "f1": float(f1.mean())},
         "weighted": {"precision": float(precision @ weights), "recall": float(recall @ weights),
                      "f1": float(f1 @ weights)},
         "per_class": per_class,
-        "confusion_matrix": confusion_matrix(labels, preds, labels=classes).tolist(),
+        "averages": ranking_averages(probs, labels),
+        "confusion_matrix": cm.tolist(),
+        "most_confused": most_confused(cm, names),
         "class_names": names,
     }
+
+
+def ranking_averages(probs: np.ndarray, labels: np.ndarray) -> dict:
+    """scikit-learn's one-vs-rest ROC AUC and average precision, micro (every (sample, class)
+    decision pooled) and macro (the mean over the classes that have positives and negatives)."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+
+    onehot = np.eye(probs.shape[1], dtype=bool)[labels]
+    scorable = [c for c in range(probs.shape[1]) if 0 < onehot[:, c].sum() < len(labels)]
+    if not scorable:
+        return {}
+    return {"roc_auc_micro": float(roc_auc_score(onehot.ravel(), probs.ravel())),
+            "roc_auc_macro": float(np.mean([roc_auc_score(onehot[:, c], probs[:, c]) for c in scorable])),
+            "average_precision_micro": float(average_precision_score(onehot.ravel(), probs.ravel())),
+            "average_precision_macro": float(np.mean([average_precision_score(onehot[:, c], probs[:, c])
+                                                      for c in scorable]))}
+
+
+def most_confused(cm: np.ndarray, names: list[str], top: int = 25) -> list[dict]:
+    """The off-diagonal cells with the most samples: which true class is mistaken for which."""
+    off = cm.astype(np.int64).copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None, kind="stable")[:top]
+    pairs = []
+    for flat in order:
+        i, j = divmod(int(flat), cm.shape[1])
+        if off[i, j] == 0:
+            break
+        pairs.append({"true": names[i], "predicted": names[j], "count": int(off[i, j]),
+                      "fraction_of_true": float(off[i, j] / max(cm[i].sum(), 1))})
+    return pairs
 
 
 def _plt():
@@ -110,13 +148,12 @@ def plot_curves(metrics_file: Path, out: Path) -> Optional[Path]:
     if not train:
         return None
     plt = _plt()
-    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4.2))
     ax_loss.plot(*zip(*train), label="train/loss", color="C0", linewidth=1)
     for key, color in (("val/loss", "C1"), ("val_ema/loss", "C2")):
         points = [(r["step"], r[key]) for r in rows if key in r]
         if points:
             ax_loss.plot(*zip(*points), "o-", label=key, color=color, markersize=3)
-    ax_loss.set_xlabel("optimizer step")
     ax_loss.set_ylabel("loss")
     ax_loss.set_title("loss")
     ax_loss.legend()
@@ -124,11 +161,20 @@ def plot_curves(metrics_file: Path, out: Path) -> Optional[Path]:
     for key in keys:
         points = [(r["step"], r[key]) for r in rows if key in r]
         ax_acc.plot(*zip(*points), "o-", label=key, markersize=3)
-    ax_acc.set_xlabel("optimizer step")
     ax_acc.set_ylabel("top-1 accuracy")
     ax_acc.set_title("validation accuracy")
     if keys:
         ax_acc.legend()
+    lrs = [(r["step"], r["train/lr"]) for r in rows if "train/lr" in r]
+    if lrs:
+        ax_lr.plot(*zip(*lrs), color="C3", linewidth=1.2, label="train/lr")
+    ax_lr.set_ylabel("learning rate (first parameter group)")
+    ax_lr.set_title("learning rate")
+    to_epoch, to_step = epoch_axis(rows)
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.set_xlabel("optimizer step")
+        if to_epoch is not None:
+            ax.secondary_xaxis("top", functions=(to_epoch, to_step)).set_xlabel("epoch")
     fig.tight_layout()
     path = out / "curves.png"
     fig.savefig(path, dpi=110)
@@ -136,9 +182,37 @@ def plot_curves(metrics_file: Path, out: Path) -> Optional[Path]:
     return path
 
 
+def epoch_axis(rows: list[dict]):
+    """(step -> epoch, epoch -> step) from the logged rows: epoch e ends at the last step logged in
+    it; in between, linear. None when the rows cannot tell (one logged epoch, no steps)."""
+    last_step = {}
+    for r in rows:
+        if "train/loss" in r:
+            last_step[int(r["epoch"])] = max(last_step.get(int(r["epoch"]), 0), int(r["step"]))
+    epochs = sorted(last_step)
+    if len(epochs) < 2:
+        return None, None
+    # Epoch e+1 starts where e's last logged step is; e=first starts at step 0.
+    steps = [0.0] + [float(last_step[e]) for e in epochs[:-1]]
+    marks = [float(epochs[0])] + [float(e + 1) for e in epochs[:-1]]
+    per_epoch = (steps[-1] - steps[0]) / max(marks[-1] - marks[0], 1e-9)
+    steps.append(steps[-1] + per_epoch * 10 ** 6)  # extrapolate past the last boundary at the same rate
+    marks.append(marks[-1] + 10 ** 6)
+
+    def to_epoch(x):
+        return np.interp(x, steps, marks)
+
+    def to_step(e):
+        return np.interp(e, marks, steps)
+
+    return to_epoch, to_step
+
+
 def plot_confusion(report: dict, out: Path) -> Path:
     plt = _plt()
     cm = np.asarray(report["confusion_matrix"], dtype=np.float64)
+    if len(cm) > 30:  # a 100 x 100 grid cannot be read: the pairs that matter instead
+        return plot_most_confused(report, out)
     norm = cm / np.maximum(cm.sum(1, keepdims=True), 1)
     n = len(cm)
     size = min(4 + 0.35 * n, 24)
@@ -164,15 +238,42 @@ def plot_confusion(report: dict, out: Path) -> Path:
     return path
 
 
+def plot_most_confused(report: dict, out: Path) -> Path:
+    plt = _plt()
+    pairs = report["most_confused"]
+    fig, ax = plt.subplots(figsize=(9, 0.32 * max(len(pairs), 4) + 1.5))
+    labels = [f"{p['true']} -> {p['predicted']}" for p in pairs][::-1]
+    counts = [p["count"] for p in pairs][::-1]
+    bars = ax.barh(range(len(pairs)), counts, color="C0")
+    for bar, p in zip(bars, pairs[::-1]):
+        ax.text(bar.get_width(), bar.get_y() + bar.get_height() / 2, f" {100 * p['fraction_of_true']:.0f}% of "
+                f"{p['true']}", va="center", fontsize=7)
+    ax.set_yticks(range(len(pairs)), labels, fontsize=7)
+    ax.set_xlabel("validation samples (true class -> predicted class)")
+    ax.set_ylabel("most-confused pairs")
+    ax.set_title(f"{len(pairs)} most-confused pairs of {len(report['class_names'])} classes "
+                 f"(accuracy {report['accuracy']:.4f})")
+    fig.tight_layout()
+    path = out / "confusion_matrix.png"
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
 def plot_pr_roc(probs: np.ndarray, labels: np.ndarray, report: dict, out: Path) -> list[Path]:
     from sklearn.metrics import precision_recall_curve, roc_curve
 
     plt = _plt()
     names, n = report["class_names"], probs.shape[1]
     paths = []
+    onehot = np.eye(n, dtype=bool)[labels]
+    averages = report.get("averages", {})
+    grid = np.linspace(0, 1, 201)
+    faint = n > 20  # many classes: the averages carry the picture, the classes are context
     for kind in ("pr", "roc"):
         fig, ax = plt.subplots(figsize=(7, 6))
         colors = plt.get_cmap("tab20" if n > 10 else "tab10")
+        curves = []
         for c in range(n):
             entry = report["per_class"][names[c]]
             if entry["roc_auc"] is None:
@@ -180,12 +281,28 @@ def plot_pr_roc(probs: np.ndarray, labels: np.ndarray, report: dict, out: Path) 
             positives = labels == c
             if kind == "pr":
                 precision, recall, _ = precision_recall_curve(positives, probs[:, c])
-                ax.plot(recall, precision, color=colors(c % colors.N), linewidth=1,
-                        label=f"{names[c]} (AP {entry['average_precision']:.3f})")
+                x, y, label = recall, precision, f"{names[c]} (AP {entry['average_precision']:.3f})"
+                curves.append(np.interp(grid, recall[::-1], precision[::-1]))
             else:
                 fpr, tpr, _ = roc_curve(positives, probs[:, c])
-                ax.plot(fpr, tpr, color=colors(c % colors.N), linewidth=1,
-                        label=f"{names[c]} (AUC {entry['roc_auc']:.3f})")
+                x, y, label = fpr, tpr, f"{names[c]} (AUC {entry['roc_auc']:.3f})"
+                curves.append(np.interp(grid, fpr, tpr))
+            ax.plot(x, y, color="0.75" if faint else colors(c % colors.N), linewidth=0.6 if faint else 1,
+                    label="_nolegend_" if faint else label)
+        if curves:
+            pooled, scores = onehot.ravel(), probs.ravel()
+            if kind == "pr":
+                precision, recall, _ = precision_recall_curve(pooled, scores)
+                ax.plot(recall, precision, color="black", linewidth=2.2,
+                        label=f"micro average (AP {averages['average_precision_micro']:.3f})")
+                ax.plot(grid, np.mean(curves, axis=0), color="C1", linewidth=2.2, linestyle="--",
+                        label=f"macro average (mean AP {averages['average_precision_macro']:.3f})")
+            else:
+                fpr, tpr, _ = roc_curve(pooled, scores)
+                ax.plot(fpr, tpr, color="black", linewidth=2.2,
+                        label=f"micro average (AUC {averages['roc_auc_micro']:.3f})")
+                ax.plot(grid, np.mean(curves, axis=0), color="C1", linewidth=2.2, linestyle="--",
+                        label=f"macro average (mean AUC {averages['roc_auc_macro']:.3f})")
         if kind == "pr":
             ax.set_xlabel("recall")
             ax.set_ylabel("precision")
@@ -197,8 +314,7 @@ def plot_pr_roc(probs: np.ndarray, labels: np.ndarray, report: dict, out: Path) 
             ax.set_title("ROC per class (one-vs-rest)")
         ax.set_xlim(0, 1)
         ax.set_ylim(0, 1.02)
-        if n <= 20:
-            ax.legend(fontsize=7, loc="lower left" if kind == "pr" else "lower right")
+        ax.legend(fontsize=7, loc="lower left" if kind == "pr" else "lower right")
         fig.tight_layout()
         path = out / f"{kind}_curves.png"
         fig.savefig(path, dpi=110)

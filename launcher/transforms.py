@@ -4,11 +4,77 @@ seeds per sample, so draws do not depend on the rank or worker that loads a samp
 
 from __future__ import annotations
 
+import math
+
+import numpy as np
 import torch
 from timm.data.random_erasing import RandomErasing
 from torchvision.transforms import v2
 
 from launcher.errors import LauncherError
+
+
+INTERPOLATION = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.InterpolationMode.BICUBIC,
+                 "nearest": v2.InterpolationMode.NEAREST}
+
+
+def timm_augmentation(config: str, image_size: int, mean, interpolation: str):
+    """timm's augmentation from its config string, with the hyper-parameters timm's own
+    transforms_imagenet_train gives it (translation relative to the image size, fill = the mean)."""
+    from timm.data import auto_augment
+    from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+
+    for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
+        auto_augment.NAME_TO_OP[name] = _posterize
+    hparams = {"translate_const": int(image_size * 0.45),
+               "img_mean": tuple(min(255, round(255 * m)) for m in (list(mean) * 3)[:3]),
+               "interpolation": str_to_pil_interp(interpolation)}
+    if config.startswith("rand"):
+        return rand_augment_transform(config, hparams)
+    if config.startswith("augmix"):
+        hparams["translate_pct"] = 0.3
+        return augment_and_mix_transform(config, hparams)
+    return auto_augment_transform(config, hparams)
+
+
+def _posterize(img, bits_to_keep, **_):
+    """timm's posterize, for 0 bits too. RandAugment's PosterizeIncreasing keeps 0 bits at magnitude
+    10 (timm's mstd noise reaches it); older Pillow made that a black image, Pillow 13 raises
+    "bits must be between or equal to 1 and 8" and would stop the run. Written here because timm
+    (1.0.31) still passes 0; the image is what Pillow used to return."""
+    from PIL import Image, ImageOps
+
+    if bits_to_keep >= 8:
+        return img
+    if bits_to_keep <= 0:
+        return Image.new(img.mode, img.size)
+    return ImageOps.posterize(img, bits_to_keep)
+
+
+def str_to_pil_interp(name: str):
+    from timm.data.transforms import str_to_pil_interp as timm_interp
+
+    return timm_interp(name)
+
+
+class OnPIL:
+    """timm's augmentations work on PIL images: uint8 tensor -> PIL -> op -> uint8 tensor."""
+
+    def __init__(self, op):
+        self.op = op
+
+    def __call__(self, image):
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            return self.op(image)
+        # A contiguous HWC copy first: PIL's own copy of a transposed array is slower.
+        pixels = image[0].numpy() if image.shape[0] == 1 else image.permute(1, 2, 0).contiguous().numpy()
+        out = np.array(self.op(Image.fromarray(pixels)))  # writable: torch shares it
+        return torch.from_numpy(out[:, :, None] if out.ndim == 2 else out).permute(2, 0, 1)
+
+    def __repr__(self) -> str:
+        return f"OnPIL({self.op!r})"
 
 
 class ImageTransform:
@@ -29,7 +95,18 @@ class ImageTransform:
         self.size, self.in_chans = image_size or data.image_size, in_chans
         self._settings = (data, in_chans, train, normalize_on_device)
         aug = data.augment
-        ops = []
+        self.interpolation = INTERPOLATION[data.interpolation]
+        # The geometry first: what the model's input is cut from. Other images are squashed to size.
+        ops, self.squash = [], True
+        if train and aug.random_resized_crop:
+            ops.append(v2.RandomResizedCrop(self.size, scale=aug.scale, ratio=aug.ratio,
+                                            interpolation=self.interpolation, antialias=True))
+            self.squash = False
+        elif not train and data.crop_pct is not None:
+            # timm's eval transform: the shorter side to floor(size / crop_pct), then the center.
+            ops += [v2.Resize(math.floor(self.size / data.crop_pct), interpolation=self.interpolation, antialias=True),
+                    v2.CenterCrop(self.size)]
+            self.squash = False
         if train:
             if aug.crop_padding:
                 ops.append(v2.RandomCrop(self.size, padding=aug.crop_padding, fill=0))
@@ -37,12 +114,22 @@ class ImageTransform:
                 ops.append(v2.RandomHorizontalFlip(aug.hflip))
             if aug.rotation:
                 ops.append(v2.RandomRotation(aug.rotation))
+            if aug.color_jitter:
+                ops.append(v2.ColorJitter(brightness=aug.color_jitter, contrast=aug.color_jitter,
+                                          saturation=aug.color_jitter))
             if aug.auto_augment in ("cifar10", "imagenet", "svhn"):
                 ops.append(v2.AutoAugment(v2.AutoAugmentPolicy(aug.auto_augment)))
             elif aug.auto_augment == "randaugment":
                 ops.append(v2.RandAugment())
             elif aug.auto_augment == "trivialaugment":
                 ops.append(v2.TrivialAugmentWide())
+            elif aug.auto_augment:
+                ops.append(OnPIL(timm_augmentation(aug.auto_augment, self.size, data.mean, data.interpolation)))
+        # timm's augmentations work on PIL images: then encoded images stay PIL from the decoder
+        # through every op (torchvision's accept PIL too) and become a tensor once, here, as in timm.
+        self.takes_pil = any(isinstance(op, OnPIL) for op in ops)
+        if self.takes_pil:
+            ops.append(v2.PILToTensor())
         self.erase = None
         if train and aug.random_erasing:
             self.erase = RandomErasing(probability=aug.random_erasing, mode="pixel", device="cpu")
@@ -69,7 +156,20 @@ class ImageTransform:
         images = v2.functional.to_dtype(images, torch.float32, scale=True)
         return v2.functional.normalize(images, self.mean, self.std)
 
-    def __call__(self, image: torch.Tensor) -> torch.Tensor:
+    def __call__(self, image) -> torch.Tensor:
+        """A uint8 (C, H, W) tensor, or a PIL image (decode_image(as_pil=True), for takes_pil)."""
+        from PIL import Image
+
+        if isinstance(image, Image.Image):
+            if self.in_chans == 3 and image.mode != "RGB":
+                image = image.convert("RGB")
+            elif self.in_chans == 1 and image.mode != "L":
+                image = image.convert("L")
+            if self.squash and image.size != (self.size, self.size):
+                image = v2.functional.resize(image, [self.size, self.size], interpolation=self.interpolation,
+                                             antialias=True)
+            image = self.ops(image)
+            return self.erase(image) if self.erase is not None else image
         channels = image.shape[0]
         if channels != self.in_chans:
             if channels == 1:
@@ -78,7 +178,8 @@ class ImageTransform:
                 image = v2.functional.rgb_to_grayscale(image[:3])
             else:
                 raise LauncherError(f"images have {channels} channels but model.in_chans is {self.in_chans}.")
-        if image.shape[-2:] != (self.size, self.size):
-            image = v2.functional.resize(image, [self.size, self.size], antialias=True)
+        if self.squash and image.shape[-2:] != (self.size, self.size):
+            image = v2.functional.resize(image, [self.size, self.size], interpolation=self.interpolation,
+                                         antialias=True)
         image = self.ops(image)
         return self.erase(image) if self.erase is not None else image

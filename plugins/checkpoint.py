@@ -75,8 +75,9 @@ EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch i
 EXIT_CTRL_C = 128 + signal.SIGINT  # 130, as a shell reports a program stopped by Ctrl-C
 # Recipe keys that may differ between a checkpoint and the run resuming it.
 SAFE_TO_CHANGE = ("train.epochs", "train.max_steps", "train.eval_every", "run.", "data.num_workers",
-                  "data.persistent_workers",
-                  "distributed.failure_timeout", "train.tf32", "train.deterministic", "train.compile",  # kernels, not the run
+                  "data.persistent_workers", "distributed.failure_timeout",
+                  # kernels and memory layout, not the run:
+                  "train.tf32", "train.deterministic", "train.compile", "model.channels_last",
                   "data.cache_dir", "data.cache_limit", "data.prefetch_shards", "data.s3_endpoint", "data.fetch_",
                   "data.eval_batch_size", "data.batch_size", "data.train", "data.val",
                   "plugins.checkpoint.", "plugins.wandb.")
@@ -92,11 +93,27 @@ def _flatten(tree: dict, prefix: str = "") -> dict:
     return out
 
 
+def _plugin_defaults_filled(recipe: dict) -> dict:
+    """A saved recipe's plugin options with their defaults filled in, as recipes are resolved now
+    (a launcher before that saved `mixup: {}`); options that no longer parse stay as saved."""
+    from launcher.registry import parse_options
+
+    if not recipe.get("plugins"):
+        return recipe
+    plugins = {}
+    for name, options in (recipe.get("plugins") or {}).items():
+        try:
+            plugins[name] = parse_options(name, options).model_dump(mode="json")
+        except Exception:  # noqa: BLE001  (an unknown plugin or an option since removed: compared as saved)
+            plugins[name] = options
+    return {**recipe, "plugins": plugins}
+
+
 def recipe_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose values differ, except those declared safe to change. A key the saved recipe
     lacks (its launcher predates the key) counts as having its default: an upgrade mid-run
     resumes unless the recipe moves a new key off its default."""
-    a, b = _flatten(saved), _flatten(current)
+    a, b = _flatten(_plugin_defaults_filled(saved)), _flatten(current)
     for key in b.keys() - a.keys():
         default = schema_default(key)
         if default is not MISSING:

@@ -104,6 +104,14 @@ def test_a_checkpoint_from_before_a_new_recipe_key_resumes_while_the_key_keeps_i
     with_ema = json.loads(json.dumps(current))
     with_ema["plugins"]["ema"] = {"decay": 0.99}
     assert recipe_differences(saved, with_ema) == ["plugins.ema.decay: '(absent)' -> 0.99"]
+    # Recipes now resolve plugin options with their defaults; a checkpoint saved as `mixup: {}` resumes.
+    filled = recipe(digits, tmp_path / "run", 10, plugins={"mixup": {}}).to_dict()
+    assert filled["plugins"]["mixup"]["mixup_alpha"] == 0.8 and filled["plugins"]["mixup"]["mode"] == "batch"
+    old_style = json.loads(json.dumps(filled))
+    old_style["plugins"]["mixup"] = {}
+    assert recipe_differences(old_style, filled) == []
+    filled["plugins"]["mixup"]["mixup_alpha"] = 0.2
+    assert recipe_differences(old_style, filled) == ["plugins.mixup.mixup_alpha: 0.8 -> 0.2"]
 
 
 def test_resume_none_starts_afresh_and_keeps_the_old_checkpoints(digits, tmp_path):

@@ -107,6 +107,27 @@ def test_export_gives_a_timm_folder_and_torchscript_that_compute_the_same(finish
         assert torch.allclose(scripted(images), expected, atol=1e-6)
 
 
+def test_onnx_export_computes_the_same_logits_in_onnxruntime(finished, tmp_path, capsys):
+    """--format onnx: checked by the command itself (onnxruntime vs PyTorch, atol 1e-4), and here
+    again on another batch size (the batch dimension is dynamic)."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    from launcher.evaluate import load_run_model
+    from launcher.export import main as export
+
+    assert export([str(finished), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    assert "onnxruntime vs PyTorch: largest difference" in capsys.readouterr().out
+    _, model, _, _ = load_run_model(finished, "model")
+    images = torch.randn(5, 3, 16, 16)
+    with torch.no_grad():
+        expected = model(images).numpy()
+    session = onnxruntime.InferenceSession(str(tmp_path / "onnx" / "model.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(["logits"], {"images": images.numpy()})[0]
+    assert got.shape == (5, 10) and np.abs(got - expected).max() <= 1e-4
+
+
 def test_export_of_a_timm_model_loads_through_timms_own_pretrained_path(digits, tmp_path):
     import timm
     import torch
@@ -131,3 +152,22 @@ def test_export_of_a_timm_model_loads_through_timms_own_pretrained_path(digits, 
     images = torch.randn(2, 3, 16, 16)
     with torch.no_grad():
         assert torch.equal(loaded(images), model(images))
+
+
+def test_tta_numbers_equal_the_loops_and_tta_can_be_added_afterwards(finished, digits, tmp_path, capsys):
+    """A run trained with plugins.tta gets its val_tta/* back exactly; --tta adds flip TTA to a run
+    trained without it, leaving val/* as logged."""
+    run = tmp_path / "tta"
+    train(validate_recipe(small_recipe(digits, run, train={"epochs": 1, "max_steps": 10}, plugins={"tta": {}})))
+    row = last_eval_row(run)
+    capsys.readouterr()  # the training's own lines
+    assert main([str(run)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert all(printed[k] == row[k] for k in row if k.startswith("val_tta/") or k.startswith("val/"))
+
+    assert main([str(finished), "--tta"]) == 0
+    added = json.loads(capsys.readouterr().out)
+    logged = last_eval_row(finished)
+    assert all(added[f"val/{k}"] == logged[f"val/{k}"] for k in ("loss", "top1", "top5"))
+    assert added["val_tta/samples"] == 360 and added["val_tta/loss"] != added["val/loss"]
+    assert "val_tta/loss" not in logged

@@ -35,6 +35,8 @@ README_COMMANDS = {
     "python -m launcher.report runs/digits": ("here", "quick start"),
     "python -m launcher.evaluate runs/digits [--weights ema]": ("here", "quick start"),
     "python -m launcher.export runs/digits [--format torchscript]": ("test", "tests/test_evaluate.py::test_export_gives_a_timm_folder_and_torchscript_that_compute_the_same"),
+    "python -m launcher.export runs/digits --format onnx": ("test", "tests/test_evaluate.py::test_onnx_export_computes_the_same_logits_in_onnxruntime"),
+    "python -m launcher.evaluate runs/digits --tta": ("test", "tests/test_evaluate.py::test_tta_numbers_equal_the_loops_and_tta_can_be_added_afterwards"),
     "python -m launcher.predict runs/digits photos/ --out preds.csv": ("test", "tests/test_evaluate.py::test_predict_classifies_shards_and_image_files_alike"),
     "python -m launcher.slurm submit recipes/wrn.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00": ("here", "dry run"),
     "python -m launcher.slurm submit recipes/wrn.yaml --nodes 2 --gpus-per-node 8 --time 24:00:00 --partition gpu [key=value ...]": ("here", "dry run"),
@@ -47,6 +49,7 @@ README_COMMANDS = {
     "python -m launcher.shards index 'data/other/train-{000000..000999}.tar'": ("test", "tests/test_data.py::test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first_use"),
     "python benchmarks/data_scale.py": ("test", "tests/test_readme_commands.py::test_the_data_scale_benchmark_runs"),
     "make gpu-check": ("test", "tests/test_readme_commands.py::test_make_gpu_check_runs"),
+    "python benchmarks/loader_imagenet.py": ("test", "tests/test_readme_commands.py::test_the_imagenet_loader_benchmark_runs"),
     "python benchmarks/data_stream.py": ("test", "tests/test_readme_commands.py::test_the_data_stream_benchmark_runs"),
     "accelerate launch --multi_gpu --num_processes N -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "accelerate launch --multi_gpu --num_machines M --machine_rank R --main_process_ip HOST0 --main_process_port 29500 --num_processes $((M*N)) -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
@@ -163,6 +166,8 @@ def test_the_launch_commands_run(workdir, tmp_path):
 
     result = run_cli(command("python -m launcher --check recipes/wrn.yaml model.name=wrn16_4") + small[2:5], cwd=workdir)
     assert result.returncode == 0 and "wrn16_4" in result.stdout, result.stderr[-3000:]
+    # every plugin option shown, defaults filled in (wrn.yaml sets only sam's rho, tta's flip...)
+    assert "adaptive: false" in result.stdout and "eta: 0.01" in result.stdout  # sam's defaults
 
 
 def test_the_slurm_commands_render_a_script(workdir, tmp_path, monkeypatch, capsys):
@@ -218,6 +223,14 @@ def test_the_benchmark_command_runs(tmp_path):
                                                                      "--out", str(tmp_path / "bench.md")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ratio" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_imagenet_loader_benchmark_runs(tmp_path):
+    result = run_cli(command("python benchmarks/loader_imagenet.py") + ["--samples", "80", "--repeats", "1",
+                                                                        "--out", str(tmp_path / "l.md")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in (tmp_path / "l.md").read_text().splitlines() if line.startswith(("| Random", "| +"))]
+    assert len(rows) == 2 and all(float(row.split("|")[4]) > 0 for row in rows)
 
 
 def test_the_data_scale_benchmark_runs(tmp_path):

@@ -71,9 +71,74 @@ def test_a_run_writes_the_report(reported_run):
         ax = by_title[title]
         assert ax.get_xlabel() and ax.get_ylabel(), title
     pr, roc = by_title["precision-recall per class (one-vs-rest)"], by_title["ROC per class (one-vs-rest)"]
-    assert len(pr.get_lines()) == 10 and len(roc.get_lines()) == 11  # + the chance diagonal
-    assert [t.get_text().split(" ")[0] for t in pr.get_legend().get_texts()] == [str(i) for i in range(10)]
+    assert len(pr.get_lines()) == 12 and len(roc.get_lines()) == 13  # + micro, macro (+ the chance diagonal)
+    legend = [t.get_text() for t in pr.get_legend().get_texts()]
+    assert [t.split(" ")[0] for t in legend[:10]] == [str(i) for i in range(10)]
+    assert legend[10].startswith("micro average (AP ") and legend[11].startswith("macro average (mean AP ")
     assert {ln.get_label() for ln in by_title["loss"].get_lines()} == {"train/loss", "val/loss"}
+    # The learning-rate panel draws the logged train/lr; every panel has an epoch axis on top.
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    lr_line = by_title["learning rate"].get_lines()[0]
+    assert list(lr_line.get_ydata()) == [r["train/lr"] for r in rows if "train/lr" in r]
+    curves_fig = by_title["loss"].figure
+    assert sum(any(c.get_xlabel() == "epoch" for c in ax.child_axes) for ax in curves_fig.axes) == 3
+
+
+def test_the_epoch_axis_maps_steps_to_epochs():
+    from launcher.report import epoch_axis
+
+    # 2 epochs of 45 steps, logged every 5 steps (the last step of each epoch logged too)
+    rows = [{"step": s, "epoch": (s - 1) // 45, "train/loss": 1.0} for s in list(range(5, 91, 5))]
+    to_epoch, to_step = epoch_axis(rows)
+    assert to_epoch(0) == 0 and to_epoch(45) == pytest.approx(1.0) and to_epoch(90) == pytest.approx(2.0)
+    assert to_step(1.5) == pytest.approx(67.5)
+    assert epoch_axis(rows[:5]) == (None, None)  # one epoch logged: nothing to map
+
+
+def test_averages_equal_scikit_learns_and_many_classes_show_the_most_confused_pairs(tmp_path):
+    """Micro/macro ROC AUC and AP against scikit-learn's own averaging; with 100 classes the confusion
+    figure is the ranked list of confused pairs, read from the matrix."""
+    from sklearn.metrics import average_precision_score, roc_auc_score
+    from sklearn.preprocessing import label_binarize
+
+    from launcher.report import plot_confusion, plot_pr_roc
+
+    rng = np.random.default_rng(0)
+    labels = np.arange(1000) % 100
+    logits = rng.normal(size=(1000, 100))
+    logits[np.arange(1000), labels] += 2.5
+    logits[labels == 7, 3] += 3.0  # class 7 is often taken for class 3
+    probs = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+    names = [f"c{i}" for i in range(100)]
+    report = compute(probs, labels, names)
+    onehot = label_binarize(labels, classes=range(100))
+    averages = report["averages"]
+    assert averages["roc_auc_macro"] == pytest.approx(roc_auc_score(onehot, probs, average="macro"))
+    assert averages["roc_auc_micro"] == pytest.approx(roc_auc_score(onehot, probs, average="micro"))
+    assert averages["average_precision_macro"] == pytest.approx(average_precision_score(onehot, probs, average="macro"))
+    assert averages["average_precision_micro"] == pytest.approx(average_precision_score(onehot, probs, average="micro"))
+    top = report["most_confused"][0]
+    cm = np.asarray(report["confusion_matrix"])
+    assert (top["true"], top["predicted"]) == ("c7", "c3") and top["count"] == cm[7, 3]
+    assert top["fraction_of_true"] == pytest.approx(cm[7, 3] / 10)
+    counts = [p["count"] for p in report["most_confused"]]
+    assert len(counts) == 25 and counts == sorted(counts, reverse=True)
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    assert counts == sorted(off.ravel(), reverse=True)[:25]
+
+    figures = []
+    original = matplotlib.figure.Figure.savefig
+    matplotlib.figure.Figure.savefig = lambda fig, *a, **k: (figures.append(fig), original(fig, *a, **k))[1]
+    try:
+        plot_confusion(report, tmp_path)
+        plot_pr_roc(probs, labels, report, tmp_path)
+    finally:
+        matplotlib.figure.Figure.savefig = original
+    confusion, pr, roc = (fig.axes[0] for fig in figures)
+    assert confusion.get_title().startswith("25 most-confused pairs of 100 classes")
+    assert confusion.get_yticklabels()[-1].get_text() == "c7 -> c3"  # the top pair on top
+    assert [t.get_text().split(" (")[0] for t in roc.get_legend().get_texts()] == ["micro average", "macro average"]
 
 
 def test_the_command_reproduces_the_report(reported_run, tmp_path):

@@ -524,7 +524,7 @@ def test_a_process_that_keeps_a_training_error_still_exits_with_its_loader_worke
               "from launcher.errors import LauncherError\n"
               "from launcher.loop import train\n"
               "from launcher.recipe import validate_recipe\n"
-              "def broken(data, ext):\n"
+              "def broken(data, ext, **_):\n"
               "    raise ValueError('not an image')\n"
               "launcher.data.decode_image = broken  # in the workers too (forked)\n"
               "try:\n"

@@ -210,11 +210,11 @@ def timm_loop(recipe, device: torch.device):
     if device.type == "cuda":
         loader = PrefetchLoader(loader, mean=data.mean, std=data.std, device=device)
     start, step, warmup = None, 0, recipe.plugins["gpu_bench_timer"]["warmup"]
+    mean = torch.tensor(data.mean).view(1, -1, 1, 1) * 255  # off CUDA: PrefetchLoader's normalisation by hand
+    std = torch.tensor(data.std).view(1, -1, 1, 1) * 255
     model.train()
     for images, targets in loader:
-        if device.type != "cuda":  # PrefetchLoader is for CUDA; the same normalisation by hand
-            mean = torch.tensor(data.mean).view(1, -1, 1, 1) * 255
-            std = torch.tensor(data.std).view(1, -1, 1, 1) * 255
+        if device.type != "cuda":
             images = images.float().sub_(mean).div_(std)
         images = images.contiguous(memory_format=torch.channels_last)
         with torch.autocast(device.type, dtype=torch.bfloat16):

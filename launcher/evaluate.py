@@ -64,7 +64,7 @@ def evaluate_weights(recipe, model: torch.nn.Module, device: torch.device, prefi
     """{prefix}/loss, /top1, /top5, /samples over recipe.data.val, every sample once, and those of
     the outputs the recipe's eval_logits hooks add ({prefix}_tta/...)."""
     from launcher.data import EvalStream, batches, fetch_options, index_shards
-    from launcher.loop import RunContext, eval_sums
+    from launcher.loop import RunContext, eval_metrics, eval_sums
     from launcher.registry import build_plugins
     from launcher.transforms import ImageTransform
 
@@ -88,12 +88,7 @@ def evaluate_weights(recipe, model: torch.nn.Module, device: torch.device, prefi
         for name, out in outputs.items():
             sums.setdefault(name, torch.zeros(4, dtype=torch.float64, device=device))
             sums[name] += eval_sums(out.float(), batch.targets)
-    metrics = {}
-    for name in sorted(sums):
-        loss_sum, top1, top5, count = sums[name].tolist()
-        metrics.update({f"{name}/loss": loss_sum / count, f"{name}/top1": top1 / count,
-                        f"{name}/top5": top5 / count, f"{name}/samples": int(count)})
-    return metrics
+    return eval_metrics(sums)
 
 
 def main(argv: Optional[list[str]] = None) -> int:

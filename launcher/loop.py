@@ -503,11 +503,7 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
         forward(batch, count=False)
     for prefix, m in models.items():
         m.train(was_training[prefix])
-    metrics = {}
-    for name in sorted(sums):
-        loss_sum, top1, top5, count = accelerator.reduce(sums[name], "sum").tolist()
-        metrics.update({f"{name}/loss": loss_sum / count, f"{name}/top1": top1 / count,
-                        f"{name}/top5": top5 / count, f"{name}/samples": int(count)})
+    metrics = eval_metrics({name: accelerator.reduce(total, "sum") for name, total in sums.items()})
     ctx.metrics = metrics
     ctx.last_eval_step = ctx.step
     ctx.plugins.call("on_evaluate", ctx, metrics)
@@ -519,6 +515,16 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
 
 def _param_dtype(model: nn.Module) -> torch.dtype:
     return next(model.parameters()).dtype
+
+
+def eval_metrics(sums: dict[str, torch.Tensor]) -> dict:
+    """{name}/loss, /top1, /top5, /samples from each output's eval_sums totals (also launcher.evaluate)."""
+    metrics = {}
+    for name in sorted(sums):
+        loss_sum, top1, top5, count = sums[name].tolist()
+        metrics.update({f"{name}/loss": loss_sum / count, f"{name}/top1": top1 / count,
+                        f"{name}/top5": top5 / count, f"{name}/samples": int(count)})
+    return metrics
 
 
 def eval_sums(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:

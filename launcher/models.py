@@ -229,15 +229,26 @@ def pretrained_data_settings(section) -> dict:
     (timm's pretrained_cfg), for the data keys a recipe leaves unset."""
     import huggingface_hub.constants as hub_constants
 
-    offline, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
-    try:
-        cfg = timm.create_model(section.name, pretrained=False, num_classes=section.num_classes).pretrained_cfg
-    except (OSError, RuntimeError) as err:
-        raise LauncherError(f"model.name '{section.name}': its config is not in the local Hugging Face cache "
-                            f"{hub_constants.HF_HUB_CACHE} ({type(err).__name__}). Fetch it where there is internet "
-                            f"(`hf download {_hub_repo(section.name)}`) and copy the models--... folder here.") from None
-    finally:
-        hub_constants.HF_HUB_OFFLINE = offline
+    if not section.name.startswith(("hf-hub:", "hf_hub:")):  # timm's registry: no model is built
+        try:
+            found = timm.models.get_pretrained_cfg(section.name)
+        except RuntimeError as err:  # an unknown tag
+            raise LauncherError(f"model.name '{section.name}': {err} timm.list_pretrained('"
+                                f"{section.name.split('.')[0]}*') lists the tags.") from None
+        cfg = found.to_dict() if found is not None else {}
+    else:  # the config.json of the hub repository, from the local cache
+        from timm.models._hub import load_model_config_from_hf
+
+        offline, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True
+        try:
+            cfg, _, _ = load_model_config_from_hf(_hub_repo(section.name))
+        except (OSError, RuntimeError) as err:
+            raise LauncherError(
+                f"model.name '{section.name}': its config.json is not in the local Hugging Face cache "
+                f"{hub_constants.HF_HUB_CACHE} ({type(err).__name__}). Fetch it where there is internet "
+                f"(`hf download {_hub_repo(section.name)}`) and copy the models--... folder here.") from None
+        finally:
+            hub_constants.HF_HUB_OFFLINE = offline
     settings = {}
     if len(cfg.get("mean", ())) == section.in_chans:  # a 1-channel model keeps the recipe's own
         settings.update(mean=list(cfg["mean"]), std=list(cfg["std"]))

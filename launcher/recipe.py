@@ -159,7 +159,8 @@ class CompileSection(Section):
     fullgraph: bool = Field(False, description="fail on a graph break instead of running that part eagerly")
 
     def kwargs(self) -> dict:
-        return {"backend": self.backend, "mode": self.mode, "dynamic": self.dynamic, "fullgraph": self.fullgraph}
+        """torch.compile(**kwargs): the fields are its keyword arguments."""
+        return self.model_dump()
 
 
 class TrainSection(Section):

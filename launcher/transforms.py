@@ -23,6 +23,7 @@ def timm_augmentation(config: str, image_size: int, mean, interpolation: str):
     transforms_imagenet_train gives it (translation relative to the image size, fill = the mean)."""
     from timm.data import auto_augment
     from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
+    from timm.data.transforms import str_to_pil_interp
 
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         auto_augment.NAME_TO_OP[name] = _posterize
@@ -49,12 +50,6 @@ def _posterize(img, bits_to_keep, **_):
     if bits_to_keep <= 0:
         return Image.new(img.mode, img.size)
     return ImageOps.posterize(img, bits_to_keep)
-
-
-def str_to_pil_interp(name: str):
-    from timm.data.transforms import str_to_pil_interp as timm_interp
-
-    return timm_interp(name)
 
 
 class OnPIL:

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import pytest
 import timm
+import torch
+import torch._dynamo
 import yaml
 from safetensors.torch import load_file
 
@@ -20,6 +22,15 @@ from launcher.recipe import validate_recipe
 from tests.conftest import accelerate_cmd, metric_rows, run_cli, small_recipe
 
 PLUGINS = {"grad_accum": {"micro_batches": 2}, "sam": {"rho": 0.05}, "ema": {"decay": 0.9}, "tta": {}}
+
+GRAPHS: list = []  # (training?, graph) handed to the counting backend: what really went through dynamo
+
+
+@torch._dynamo.register_backend
+def counting_aot_eager(graph, example_inputs, **kwargs):
+    """aot_eager, recording each graph dynamo compiles (and whether grad mode was on: training)."""
+    GRAPHS.append((torch.is_grad_enabled(), graph))
+    return torch._dynamo.lookup_backend("aot_eager")(graph, example_inputs, **kwargs)
 
 
 def run(digits, run_dir, compile_option, max_steps=6, plugins=PLUGINS, batch_size=24, **sections):
@@ -42,8 +53,11 @@ def assert_close(a: dict, b: dict, atol: float) -> None:
 
 def test_a_compiled_run_with_the_step_changing_plugins_matches_the_eager_run(digits, tmp_path):
     eager = run(digits, tmp_path / "eager", None)
-    compiled = run(digits, tmp_path / "compiled", {"backend": "aot_eager"})
-    assert getattr(compiled.model, "_compiled_call_impl", None) is not None  # it did run compiled
+    GRAPHS.clear()
+    compiled = run(digits, tmp_path / "compiled", {"backend": "counting_aot_eager"})
+    assert getattr(compiled.model, "_compiled_call_impl", None) is not None
+    # It did run compiled: training graphs (grad on) and evaluation graphs (no_grad) went through dynamo.
+    assert any(training for training, _ in GRAPHS) and any(not training for training, _ in GRAPHS)
     a, b = weights(tmp_path / "eager"), weights(tmp_path / "compiled")
     assert not any(k.startswith("_orig_mod") for k in b)
     assert_close(a, b, atol=1e-4)
@@ -70,8 +84,12 @@ def test_a_compiled_run_resumes_uncompiled_and_its_checkpoint_is_plain(digits, t
 
 
 def test_inductor_compiles_forward_and_backward_on_the_cpu(digits, tmp_path):
+    from torch._dynamo.utils import counters
+
     run(digits, tmp_path / "eager", None, max_steps=3, plugins={})
+    before = counters["stats"]["unique_graphs"]
     run(digits, tmp_path / "inductor", True, max_steps=3, plugins={})  # true: torch.compile's defaults
+    assert counters["stats"]["unique_graphs"] > before  # dynamo compiled graphs for the run
     assert_close(weights(tmp_path / "eager"), weights(tmp_path / "inductor"), atol=1e-4)
     saved = yaml.safe_load((tmp_path / "inductor" / "recipe.yaml").read_text())
     assert saved["train"]["compile"] == {"backend": "inductor", "mode": None, "dynamic": None, "fullgraph": False}
@@ -95,7 +113,9 @@ def test_a_compiled_student_distills_like_an_eager_one(digits, tmp_path):
     run(digits, tmp_path / "teacher", None, max_steps=3, plugins={})
     distill = {"distill": {"checkpoint": str(tmp_path / "teacher"), "alpha": 0.5}}
     run(digits, tmp_path / "eager", None, max_steps=3, plugins=distill)
-    run(digits, tmp_path / "compiled", {"backend": "aot_eager"}, max_steps=3, plugins=distill)
+    GRAPHS.clear()
+    run(digits, tmp_path / "compiled", {"backend": "counting_aot_eager"}, max_steps=3, plugins=distill)
+    assert GRAPHS
     assert_close(weights(tmp_path / "eager"), weights(tmp_path / "compiled"), atol=1e-4)
 
 

@@ -5,6 +5,9 @@
     python -m launcher.export RUN_DIR --format onnx          # RUN_DIR/export/model.onnx (pip install '.[onnx]')
     python -m launcher.export RUN_DIR --weights ema --out DIR
 
+An export never writes into the run's final/ or checkpoints/ (the weights it trained), and never
+replaces an existing file unless --force is given (then only the files of its format).
+
 timm: model.safetensors + config.json in the layout of timm's Hugging Face hub folders
 (architecture, num_classes, num_features, model_args, label_names, pretrained_cfg with the
 run's input size, mean and std), loadable without the launcher:
@@ -36,7 +39,7 @@ from typing import Optional
 
 import torch
 
-from launcher.errors import run_command
+from launcher.errors import LauncherError, run_command
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -44,23 +47,51 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--format", choices=("timm", "torchscript", "onnx"), default="timm")
     parser.add_argument("--weights", default="model", help="model, ema, or a .safetensors path")
-    parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/export/timm or RUN_DIR/export")
+    parser.add_argument("--out", type=Path, default=None, help="a folder; default: RUN_DIR/export/timm or RUN_DIR/export")
+    parser.add_argument("--force", action="store_true", help="replace files of an earlier export in --out")
     args = parser.parse_args(argv)
     return run_command(lambda: _export_command(args))
+
+
+OUTPUT_FILES = {"timm": ("model.safetensors", "config.json"), "onnx": ("model.onnx",),
+                "torchscript": ("model.torchscript.pt",)}
+
+
+def output_folder(run_dir: Path, fmt: str, out: Optional[Path], weights: Path, force: bool) -> Path:
+    """Where the export goes, refused when it would touch what the run trained or another file."""
+    from launcher.runlog import checkpoints_dir, final_weights
+
+    out = out or (run_dir / "export" / "timm" if fmt == "timm" else run_dir / "export")
+    for kept in (final_weights(run_dir).parent, checkpoints_dir(run_dir)):
+        if out.resolve() == kept.resolve() or kept.resolve() in out.resolve().parents:
+            raise LauncherError(f"--out '{out}' is inside the run's {kept.name}/, which holds the weights the run "
+                                "trained; an export never writes there. Give another folder (the default is "
+                                f"{run_dir / 'export'}).")
+    if out.exists() and not out.is_dir():
+        raise LauncherError(f"--out '{out}' is an existing file; give a folder (it is created if missing).")
+    targets = [out / name for name in OUTPUT_FILES[fmt]]
+    if any(t.exists() and t.resolve() == weights.resolve() for t in targets):
+        raise LauncherError(f"--out '{out}' holds the weights being exported ('{weights}'); give another folder.")
+    existing = [str(t) for t in targets if t.exists() or t.is_symlink()]
+    if existing and not force:
+        raise LauncherError(f"{', '.join(existing)} already exist{'s' if len(existing) == 1 else ''}; an export "
+                            "does not replace files unless told: add --force to replace them, or give another --out.")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def _export_command(args) -> int:
     from launcher.evaluate import load_run_model
     from launcher.report import class_names
-    from launcher.runlog import atomic_write_text
+    from launcher.runlog import atomic_path, atomic_write_text
 
     recipe, model, _, weights = load_run_model(args.run_dir, args.weights)
+    out = output_folder(args.run_dir, args.format, args.out, weights, args.force)
     model = model.cpu().float()
     size = recipe.data.image_size
     if args.format == "timm":
-        out = args.out or args.run_dir / "export" / "timm"
-        out.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(weights, out / "model.safetensors")
+        with atomic_path(out / "model.safetensors") as tmp:
+            shutil.copyfile(weights, tmp)
         model_args = {"in_chans": recipe.model.in_chans, **recipe.model.kwargs}
         config = {
             "architecture": recipe.model.name,
@@ -78,24 +109,26 @@ def _export_command(args) -> int:
         atomic_write_text(out / "config.json", json.dumps(config, indent=2) + "\n")
         print(f"timm folder -> {out}")
     elif args.format == "onnx":
-        out = args.out or args.run_dir / "export"
-        out.mkdir(parents=True, exist_ok=True)
-        difference = export_onnx(model, recipe.model.in_chans, size, out / "model.onnx")
+        with atomic_path(out / "model.onnx") as tmp:
+            written = tmp.with_suffix(".onnx")  # the exporter wants the suffix
+            try:
+                difference = export_onnx(model, recipe.model.in_chans, size, written)
+                written.replace(tmp)
+            finally:
+                written.unlink(missing_ok=True)
         print(f"onnx -> {out / 'model.onnx'} (onnxruntime vs PyTorch: largest difference {difference:.2e})")
     else:
-        out = args.out or args.run_dir / "export"
-        out.mkdir(parents=True, exist_ok=True)
         example = torch.zeros(1, recipe.model.in_chans, size, size)
         with torch.no_grad():
             traced = torch.jit.trace(model, example)
-        traced.save(str(out / "model.torchscript.pt"))
+        with atomic_path(out / "model.torchscript.pt") as tmp:
+            traced.save(str(tmp))
         print(f"torchscript -> {out / 'model.torchscript.pt'}")
     return 0
 
 
 def export_onnx(model, in_chans: int, size: int, path: Path, atol: float = 1e-4) -> float:
     """Write the model as ONNX and check it with onnxruntime; returns the largest difference."""
-    from launcher.errors import LauncherError
 
     try:
         import onnxruntime

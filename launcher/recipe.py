@@ -19,18 +19,17 @@ from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import LauncherError, did_you_mean
 from launcher.registry import validate_plugins
 from launcher.runlog import shard_info
+from launcher.schema import StrictModel
 
 
-class Section(BaseModel):
+class Section(StrictModel):
     """A recipe section: unknown keys are errors, values are type-checked (no silent coercion
-    of e.g. "abc" to a number)."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+    of "abc", "0.5" or true to a number: see launcher/schema.py)."""
 
 
 class RunSection(Section):
@@ -67,14 +66,16 @@ class AugmentSection(Section):
                                                                 "(fraction of the image)")
     ratio: tuple[float, float] = Field((3 / 4, 4 / 3), description="random_resized_crop: range of its aspect ratio")
     crop_padding: int = Field(0, ge=0, description="random crop after zero padding by this many pixels (0: off)")
-    hflip: float = Field(0.0, ge=0.0, le=1.0, description="horizontal flip probability")
+    hflip: float = Field(0.0, ge=0.0, le=1.0, description="horizontal flip probability (0.5 flips half the images)",
+                         json_schema_extra={"example": "0.5 flips half the images"})
     rotation: float = Field(0.0, ge=0.0, le=180.0, description="random rotation, max degrees")
     color_jitter: float = Field(0.0, ge=0.0, description="brightness, contrast and saturation jitter strength "
                                                           "(torchvision ColorJitter; timm's --color-jitter)")
     auto_augment: Optional[str] = Field(
         None, description="torchvision: cifar10, imagenet, svhn (AutoAugment policies), randaugment, trivialaugment; "
                           "or a timm string: rand-m9-mstd0.5-inc1 (RandAugment), augmix-m5-w4-d2, original, v0, 3a")
-    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability (timm)")
+    random_erasing: float = Field(0.0, ge=0.0, le=1.0, description="random erasing probability (timm)",
+                                  json_schema_extra={"example": "0.25 erases a rectangle in a quarter of the images"})
 
     @field_validator("scale", "ratio")
     @classmethod
@@ -157,6 +158,18 @@ class CompileSection(Section):
     dynamic: Optional[bool] = Field(None, description="None: recompile once with dynamic shapes when a shape "
                                                       "changes (a smaller last batch); true/false force it")
     fullgraph: bool = Field(False, description="fail on a graph break instead of running that part eagerly")
+
+    @field_validator("backend")
+    @classmethod
+    def _known_backend(cls, value):
+        """A misspelled backend would pass --check and fail only once the run compiles."""
+        from torch._dynamo import list_backends
+
+        known = list_backends(exclude_tags=())
+        if value not in known:
+            raise ValueError(f"torch.compile has no backend '{value}'.{did_you_mean(value, known)} Registered "
+                             f"backends: {', '.join(b for b in known if 'TESTING' not in b)}")
+        return value
 
     def kwargs(self) -> dict:
         """torch.compile(**kwargs): the fields are its keyword arguments."""
@@ -457,7 +470,7 @@ def _explain(err: ValidationError, source: str) -> str:
         else:
             got = e.get("input")
             shown = repr(got) if not isinstance(got, dict) else "a mapping"
-            problems.append(f"'{key}' = {shown}: {e['msg']}")
+            problems.append(f"'{key}' = {shown}: {e['msg'].removeprefix('Value error, ')}")
     return f"Recipe {source} is invalid: " + "; ".join(problems) + "."
 
 

@@ -33,9 +33,10 @@ import pkgutil
 import warnings
 from typing import Any, Callable, ClassVar, Optional
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import ValidationError
 
 from launcher.errors import LauncherError, did_you_mean
+from launcher.schema import StrictModel
 
 ENTRY_POINT_GROUP = "launcher.plugins"
 
@@ -66,10 +67,9 @@ HOOKS: dict[str, str] = {
 }
 
 
-class PluginOptions(BaseModel):
-    """Base class of a plugin's options: typed fields with defaults; unknown keys are errors."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+class PluginOptions(StrictModel):
+    """Base class of a plugin's options: typed fields with defaults; unknown keys are errors; a
+    number option takes numbers only (launcher/schema.py)."""
 
 
 class Plugin:

@@ -29,7 +29,8 @@ class MixupCutmix(Plugin):
     class Options(PluginOptions):
         mixup_alpha: float = Field(0.8, ge=0.0, description="Beta(alpha, alpha) for mixup's lam (0: off)")
         cutmix_alpha: float = Field(1.0, ge=0.0, description="Beta(alpha, alpha) for cutmix's lam (0: off)")
-        prob: float = Field(1.0, ge=0.0, le=1.0, description="probability of mixing a batch")
+        prob: float = Field(1.0, ge=0.0, le=1.0, description="probability of mixing a batch",
+                            json_schema_extra={"example": "0.5 mixes half the batches"})
         switch_prob: float = Field(0.5, ge=0.0, le=1.0, description="with both on: chance of cutmix over mixup")
         mode: Literal["batch", "pair", "elem"] = Field("batch", description="one lam per batch, pair or sample")
         off_epoch: Optional[int] = Field(None, ge=0, description="stop mixing from this epoch on")

@@ -62,7 +62,7 @@ def test_misspelled_top_level_section(digits, tmp_path):
 def test_wrong_type_names_the_key_and_the_value(digits, tmp_path):
     raw = small_recipe(digits, tmp_path)
     raw["train"]["epochs"] = "ten"
-    with pytest.raises(LauncherError, match=r"'train.epochs' = 'ten': Input should be a valid integer"):
+    with pytest.raises(LauncherError, match=r"'train.epochs' = 'ten': should be a number, not text"):
         validate_recipe(raw)
 
 
@@ -120,3 +120,75 @@ def test_num_classes_comes_from_the_shard_writers_info_when_left_out(digits, tmp
     raw["data"]["train"] = str(tmp_path / "elsewhere-{0..1}.tar")
     with pytest.raises(LauncherError, match="num_classes"):
         validate_recipe(raw)
+
+
+def _number_fields(model, prefix: str = ""):
+    """Dotted names of every field of a schema that takes a number (int/float, optional, tuples and
+    lists of them), sub-sections walked."""
+    from launcher.recipe import _section_type
+    from launcher.schema import _accepts, _element_annotation
+
+    for name, field in model.model_fields.items():
+        section = _section_type(field.annotation)
+        if section is not None:
+            yield from _number_fields(section, f"{prefix}{name}.")
+            continue
+        element = _element_annotation(field.annotation)
+        annotation = element or field.annotation
+        if "number" in _accepts(annotation) and "other" not in _accepts(annotation):
+            yield f"{prefix}{name}", "str" in _accepts(annotation), element is not None
+
+
+def test_every_number_in_the_schema_refuses_true_and_numeric_text(digits, tmp_path):
+    """Pydantic's lax mode read `hflip: true` as a flip probability of 1.0 (every training image
+    mirrored). Every number of every section and of every plugin's options refuses a boolean, and
+    a quoted number where text is not also allowed."""
+    from launcher.recipe import Recipe
+    from launcher.registry import discover
+
+    cases = list(_number_fields(Recipe))
+    for name, cls in discover().items():
+        cases += [(f"plugins.{name}.{key}", *kinds) for key, *kinds in _number_fields(cls.Options)]
+    assert {"data.augment.hflip", "data.augment.random_erasing", "optimizer.lr", "seed", "train.epochs",
+            "plugins.mixup.prob", "plugins.label_smoothing.smoothing", "data.augment.scale"} <= {c[0] for c in cases}
+    assert len(cases) > 60
+    for key, takes_text, is_list in cases:
+        for value, refused in ((True, True), ("1", not takes_text)):
+            raw = small_recipe(digits, tmp_path)
+            written = "true" if value is True else "'1'"
+            apply = [f"{key}=[{written}, 1.0]" if is_list else f"{key}={written}"]
+            if key.startswith("plugins."):
+                plugin, option = key.split(".")[1:]
+                raw["plugins"] = {plugin: {option: [value, 1.0] if is_list else value}}
+                apply = []
+            shown = "True" if value is True else "'1'"
+            shown = f"[{shown}, 1.0]" if is_list else shown
+            try:
+                validate_recipe(apply_overrides(raw, apply))
+                problem = None
+            except LauncherError as err:
+                problem = str(err)
+            if refused:
+                leaf = key.split(".")[-1] if key.startswith("plugins.") else key
+                assert problem and f"'{leaf}' = {shown}" in problem and any(
+                    words in problem for words in ("not a switch", "not true/false", "not text")), (key, value, problem)
+            else:
+                assert problem is None or f"'{key}' = {shown}" not in problem, (key, problem)
+
+
+def test_a_boolean_probability_says_what_to_write():
+    with pytest.raises(LauncherError, match=r"'data.augment.hflip' = True: a probability, not a switch: write a "
+                                            r"number between 0 and 1 \(0.5 flips half the images\)"):
+        load_recipe(REPO / "recipes" / "digits.yaml", ["data.augment.hflip=true"])
+    with pytest.raises(LauncherError, match=r"'optimizer.lr' = '0.1': a number, not text: write it without quotes"):
+        load_recipe(REPO / "recipes" / "digits.yaml", ["optimizer.lr='0.1'"])
+    assert load_recipe(REPO / "recipes" / "digits.yaml", ["data.augment.hflip=0.5"]).data.augment.hflip == 0.5
+
+
+def test_an_unknown_compile_backend_is_refused_at_load(digits, tmp_path):
+    """It passed --check and the run died with torch's InvalidBackend at the first step."""
+    with pytest.raises(LauncherError, match="'train.compile.backend' = 'nonsense': torch.compile has no backend"):
+        validate_recipe(small_recipe(digits, tmp_path, train={"epochs": 1, "compile": {"backend": "nonsense"}}))
+    with pytest.raises(LauncherError, match="Did you mean 'inductor'"):
+        validate_recipe(small_recipe(digits, tmp_path, train={"epochs": 1, "compile": {"backend": "indutor"}}))
+    assert validate_recipe(small_recipe(digits, tmp_path, train={"epochs": 1, "compile": {"backend": "aot_eager"}}))

@@ -38,11 +38,10 @@ def recipe_autocast(recipe, device: torch.device):
 def load_run_model(run_dir: Path, weights: str, overrides: list[str] = ()):
     """(recipe, model in eval mode on the device, weights path) of a run directory; weights is
     model, ema or a .safetensors path."""
-    from safetensors.torch import load_model
-
     from launcher.models import create_model
     from launcher.recipe import load_recipe
     from launcher.runlog import final_weights, recipe_file
+    from launcher.weights import load_into
 
     if not recipe_file(run_dir).is_file():
         raise LauncherError(f"'{run_dir}' is not a run directory (no recipe.yaml).")
@@ -54,8 +53,11 @@ def load_run_model(run_dir: Path, weights: str, overrides: list[str] = ()):
     recipe = load_recipe(recipe_file(run_dir), list(overrides))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The run's own weights are loaded next: no need for the pretrained ones it started from.
-    model = create_model(recipe.model.model_copy(update={"pretrained": False, "pretrained_file": None})).to(device)
-    load_model(model, str(path))
+    model = create_model(recipe.model.model_copy(update={"pretrained": False, "pretrained_file": None}))
+    load_into(model, path, "--weights" if not named else str(run_dir),
+              f"The weights must come from a run of {recipe_file(run_dir)}'s model ({recipe.model.name}, "
+              f"{recipe.model.num_classes} classes); the recipe or the weights were changed.")
+    model = model.to(device)
     return recipe, model.eval(), device, path
 
 

@@ -115,14 +115,17 @@ def _make_wrn(depth: int, width: int):
     def entrypoint(pretrained: bool = False, **kwargs) -> WideResNet:
         # No published weights; pretrained=True loads a local file given the timm way,
         # pretrained_cfg_overlay=dict(file=...) (what python -m launcher.export writes).
-        weights = (kwargs.get("pretrained_cfg_overlay") or {}).get("file")
-        if pretrained and not weights:
+        overlay = kwargs.get("pretrained_cfg_overlay") or {}
+        weights = overlay.get("file")
+        if pretrained and not weights and overlay.get("state_dict") is None:
             raise LauncherError(f"wrn{depth}_{width} has no published weights: give a local file with "
                                 "pretrained_cfg_overlay=dict(file=...), or load a checkpoint.")
         for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):
             kwargs.pop(key, None)
         model = WideResNet(depth=depth, width=width, **kwargs)
-        if pretrained:
+        if pretrained and overlay.get("state_dict") is not None:
+            model.load_state_dict(overlay["state_dict"])
+        elif pretrained:
             from safetensors.torch import load_model
 
             load_model(model, str(weights))
@@ -196,10 +199,34 @@ def load_pretrained_weights(section, kwargs: dict) -> nn.Module:
     torch.load(weights_only=True) by timm."""
     import huggingface_hub.constants as hub_constants
 
-    overlay = {"file": pretrained_weights_file(section.pretrained_file)} if section.pretrained_file else None
+    if section.pretrained_file:
+        # Read here, not by timm, so that a damaged file, a pickle or a file of another model is an
+        # error naming the file (timm's state_dict source takes it as it is).
+        from launcher.weights import read_state_dict
+
+        file = pretrained_weights_file(section.pretrained_file)
+        state = read_state_dict(file, "model.pretrained_file")
+        fix = "Give weights of this architecture, or set model.name to the one they were trained as."
+        try:
+            model = timm.create_model(section.name, pretrained=True,
+                                      pretrained_cfg_overlay={"file": file, "state_dict": dict(state)}, **kwargs)
+        except (RuntimeError, KeyError) as err:
+            raise LauncherError(f"model.pretrained_file: '{file}' does not fit '{section.name}' ({type(err).__name__}: "
+                                f"{' '.join(str(err).split())[:300]}). {fix}") from None
+        # timm loads non-strictly when it replaces the classifier: weights of another architecture
+        # would be half-loaded with only a log line. Every tensor but the classifier must match.
+        head = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
+        head = (head,) if isinstance(head, str) else tuple(head)
+        own = model.state_dict()
+        problems = [f"missing '{k}'" for k in own if k not in state and not k.startswith(head or ("\0",))]
+        problems += [f"unexpected '{k}'" for k in state if k not in own and not k.startswith(head or ("\0",))]
+        if problems:
+            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+            raise LauncherError(f"model.pretrained_file: '{file}' does not fit '{section.name}': {shown}. {fix}")
+        return model
     offline, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True  # what HF_HUB_OFFLINE=1 does
     try:
-        return timm.create_model(section.name, pretrained=section.pretrained, pretrained_cfg_overlay=overlay, **kwargs)
+        return timm.create_model(section.name, pretrained=section.pretrained, **kwargs)
     except (OSError, RuntimeError) as err:  # huggingface_hub's LocalEntryNotFoundError is an OSError
         repo = _hub_repo(section.name)
         raise LauncherError(

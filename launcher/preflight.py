@@ -20,6 +20,11 @@ def preflight(recipe) -> list[str]:
             f"Unknown model '{recipe.model.name}' (model.name).{did_you_mean(recipe.model.name, timm.list_models())}")
     from pathlib import Path
 
+    if recipe.model.pretrained_file:
+        from launcher.models import pretrained_weights_file
+
+        pretrained_weights_file(recipe.model.pretrained_file)  # missing: an error now, not in the queue
+
     from launcher.data import fetch_options
     from launcher.remote import Remote, kind
 

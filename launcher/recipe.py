@@ -51,8 +51,18 @@ class ModelSection(Section):
                                                 "hf-hub:timm/...) from this machine's Hugging Face cache (never "
                                                 "downloaded); the classifier is replaced for num_classes")
     pretrained_file: Optional[str] = Field(
-        None, description="with pretrained: the weights instead of the cache: a .safetensors/.bin/.pth file, a "
-                          "snapshot folder or a models--ORG--NAME folder")
+        None, description="pretrained weights from this file instead of the cache (sets pretrained: true): a "
+                          ".safetensors/.bin/.pth file, a snapshot folder or a models--ORG--NAME folder")
+
+    @model_validator(mode="after")
+    def _a_pretrained_file_is_loaded(self):
+        """A file given is a file to load: it was silently ignored without pretrained: true."""
+        if self.pretrained_file and not self.pretrained:
+            if "pretrained" in self.model_fields_set:
+                raise ValueError("model.pretrained is false but model.pretrained_file is set: remove "
+                                 "model.pretrained_file to train from scratch, or set model.pretrained=true")
+            self.pretrained = True
+        return self
 
 
 TORCHVISION_AUGMENT = ("cifar10", "imagenet", "svhn", "randaugment", "trivialaugment")
@@ -468,9 +478,11 @@ def _explain(err: ValidationError, source: str) -> str:
         elif e["type"] == "missing":
             problems.append(f"missing required key '{key}'")
         else:
-            got = e.get("input")
-            shown = repr(got) if not isinstance(got, dict) else "a mapping"
-            problems.append(f"'{key}' = {shown}: {e['msg'].removeprefix('Value error, ')}")
+            got, message = e.get("input"), e["msg"].removeprefix("Value error, ")
+            if isinstance(got, dict) and e["type"] == "value_error":  # a section's own check names its keys
+                problems.append(message)
+            else:
+                problems.append(f"'{key}' = {repr(got) if not isinstance(got, dict) else 'a mapping'}: {message}")
     return f"Recipe {source} is invalid: " + "; ".join(problems) + "."
 
 

@@ -345,10 +345,9 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _report_command(args) -> int:
-    from safetensors.torch import load_file
-
     from launcher.models import create_model
     from launcher.recipe import load_recipe
+    from launcher.weights import load_into
 
     recipe_path = recipe_file(args.run_dir)
     weights = args.weights or final_weights(args.run_dir)
@@ -358,8 +357,9 @@ def _report_command(args) -> int:
                             "(train it first, or pass --weights).")
     recipe = load_recipe(recipe_path)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    model = create_model(recipe.model)
-    model.load_state_dict(load_file(str(weights)))
+    model = create_model(recipe.model.model_copy(update={"pretrained": False, "pretrained_file": None}))
+    load_into(model, weights, "--weights" if args.weights else str(args.run_dir),
+              f"The weights must come from a run of {recipe_path}'s model ({recipe.model.name}).")
     probs, labels = predict(recipe, model.to(device), device)
     report, images = write_report(args.run_dir, recipe, probs, labels, args.out, weights)
     print(f"accuracy {report['accuracy']:.4f} on {report['samples']} samples; macro F1 {report['macro']['f1']:.4f}")

@@ -28,6 +28,7 @@ from pydantic import Field
 from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import final_weights, recipe_file
+from launcher.weights import load_into
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, task_loss: torch.Tensor, alpha: float,
@@ -76,17 +77,13 @@ class Distillation(Plugin):
 
     def setup(self, ctx) -> None:
         import timm
-        from safetensors.torch import load_file
 
         name, weights, kwargs = resolve_teacher(self.options.checkpoint, self.options.model)
         if not timm.is_model(name):
             raise LauncherError(f"plugins.distill.model: unknown model '{name}'.")
         teacher = timm.create_model(name, num_classes=ctx.recipe.model.num_classes, **kwargs)
-        try:
-            teacher.load_state_dict(load_file(weights))
-        except RuntimeError as err:
-            raise LauncherError(f"plugins.distill: the weights in '{weights}' do not fit '{name}' with "
-                                f"{ctx.recipe.model.num_classes} classes: {str(err)[:300]}") from None
+        load_into(teacher, weights, "plugins.distill.checkpoint",
+                  f"They must be weights of '{name}' with {ctx.recipe.model.num_classes} classes.")
         self.teacher = teacher.to(ctx.accelerator.device).eval().requires_grad_(False)
         self.dtype = next(self.teacher.parameters()).dtype
 

@@ -22,6 +22,7 @@ from pydantic import Field
 from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import final_weights
+from launcher.weights import read_state_dict
 
 
 def resolve_weights(path: str) -> Path:
@@ -33,38 +34,9 @@ def resolve_weights(path: str) -> Path:
                         "directory (with final/model.safetensors) or a checkpoint folder.")
 
 
-def read_state_dict(weights: Path) -> dict:
-    """Tensors by name from a .safetensors file, or from a PyTorch file (.bin/.pth/.pt, e.g.
-    pytorch_model.bin) read with torch.load(weights_only=True): never unpickles code."""
-    import pickle
-
-    import torch
-
-    if weights.suffix in (".bin", ".pth", ".pt"):
-        try:
-            state = torch.load(weights, map_location="cpu", weights_only=True)
-        except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError) as err:
-            raise LauncherError(f"plugins.pretrained: '{weights}' cannot be read safely as PyTorch weights "
-                                f"({str(err).splitlines()[0][:200]}).") from None
-        for key in ("state_dict", "model", "module"):  # common wrappers of a state dict
-            if isinstance(state, dict) and isinstance(state.get(key), dict):
-                state = state[key]
-        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-            raise LauncherError(f"plugins.pretrained: '{weights}' holds no state dict of tensors.")
-        return state
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    try:
-        return load_file(str(weights))
-    except (SafetensorError, OSError) as err:
-        raise LauncherError(f"plugins.pretrained: '{weights}' is not a readable .safetensors file ({err}); PyTorch "
-                            "weights (.bin/.pth) are read when the file has that suffix.") from None
-
-
 def load_pretrained(model, weights: Path, head: str) -> list[str]:
     """Load `weights` into `model`; returns the classifier tensors left at their initialisation."""
-    state = read_state_dict(weights)
+    state = read_state_dict(weights, "plugins.pretrained.weights")
     own = model.state_dict()
     classifier = model.get_classifier() if hasattr(model, "get_classifier") else None
     head_names = set()

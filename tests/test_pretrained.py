@@ -82,7 +82,7 @@ def test_pytorch_weight_files_load_with_weights_only_and_a_pickled_payload_is_re
         assert all(torch.equal(t, saved[n]) for n, t in model.state_dict().items())
     marker = tmp_path / "pwned"
     torch.save({"fc.weight": _Evil(marker)}, tmp_path / "evil.bin")
-    with pytest.raises(LauncherError, match="cannot be read safely as PyTorch weights"):
+    with pytest.raises(LauncherError, match=r"refused by torch.load\(weights_only=True\)"):
         load_pretrained(timm.create_model("wrn10_1", num_classes=10), tmp_path / "evil.bin", "auto")
     assert not marker.exists()
     (tmp_path / "fake.safetensors").write_bytes((tmp_path / "pytorch_model.bin").read_bytes())

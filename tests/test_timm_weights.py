@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from launcher.errors import LauncherError
 from launcher.models import create_model
 from launcher.recipe import ModelSection, validate_recipe
-from tests.conftest import run_cli, small_recipe
+from tests.conftest import REPO, run_cli, small_recipe
 
 NAME = "resnet10t.c3_in1k"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -79,8 +79,42 @@ def test_a_pickle_with_code_is_not_loaded(tmp_path):
             return (print, ("this ran",))
 
     torch.save({"conv1.weight": Evil()}, tmp_path / "pytorch_model.bin")
-    with pytest.raises(Exception, match="[Ww]eights only load failed|Unsupported global"):
+    with pytest.raises(LauncherError, match=r"model.pretrained_file: .*pytorch_model.bin' was refused by "
+                                            r"torch.load\(weights_only=True\).*never unpickles code"):
         create_model(ModelSection(name=NAME, num_classes=3, pretrained=True, pretrained_file=str(tmp_path)))
+
+
+def test_a_pretrained_file_is_loaded_without_pretrained_true_and_bad_files_are_named(digits, hub, tmp_path, capsys):
+    """model.pretrained_file without model.pretrained=true was silently ignored (the run trained from
+    scratch whatever the path). A file means "load it"; the resolved recipe says so; every bad file
+    is one paragraph naming it and what is wrong (no SafetensorError, no Hugging Face cache advice)."""
+    from launcher.__main__ import main as launcher_main
+
+    good = hub["repo"] / "snapshots" / COMMIT / "model.safetensors"
+    raw = small_recipe(digits, tmp_path / "run", model={"name": NAME, "num_classes": 10, "pretrained_file": str(good)})
+    recipe = validate_recipe(raw)
+    assert recipe.model.pretrained is True and recipe.to_dict()["model"]["pretrained"] is True
+    assert body_matches(create_model(recipe.model), hub["state"])
+    raw["model"]["pretrained"] = False
+    with pytest.raises(LauncherError, match="model.pretrained is false but model.pretrained_file is set"):
+        validate_recipe(raw)
+    # The issue's reproduction, through the command line's --check (what a run checks first).
+    assert launcher_main(["--check", str(REPO / "recipes" / "digits.yaml"), "model.pretrained_file=/nonexistent.bin",
+                          "train.max_steps=1"]) == 2
+    assert "model.pretrained_file: '/nonexistent.bin' is not a weights file" in capsys.readouterr().err
+    data = good.read_bytes()
+    (tmp_path / "truncated.safetensors").write_bytes(data[: len(data) // 2])
+    (tmp_path / "garbage.bin").write_bytes(b"not a torch file at all")
+    (tmp_path / "html.safetensors").write_bytes(b"<!DOCTYPE html><html>404</html>")
+    other = timm.create_model("resnet18", num_classes=1000)
+    save_file({k: v.contiguous() for k, v in other.state_dict().items()}, str(tmp_path / "resnet18.safetensors"))
+    for name, message in (("truncated.safetensors", "is not a readable .safetensors file .*truncated"),
+                          ("html.safetensors", "is not a readable .safetensors file"),
+                          ("garbage.bin", "cannot be read as PyTorch weights"),
+                          ("resnet18.safetensors", "does not fit 'resnet10t.c3_in1k'.*(missing|unexpected|size mismatch)")):
+        with pytest.raises(LauncherError, match=f"model.pretrained_file: '.*{name}' {message}") as err:
+            create_model(ModelSection(name=NAME, num_classes=3, pretrained_file=str(tmp_path / name)))
+        assert "Hugging Face cache" not in str(err.value)
 
 
 def test_missing_weights_say_where_the_launcher_looked_and_how_to_fetch(tmp_path, monkeypatch):

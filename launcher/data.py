@@ -507,7 +507,11 @@ def _read_npy(data: bytes) -> np.ndarray:
         if match:
             shape = tuple(int(x) for x in match.group(1).split(",") if x.strip())
             return np.frombuffer(data, dtype=np.uint8, offset=10 + header_len).reshape(shape)
-    return np.load(io.BytesIO(data), allow_pickle=False)
+    array = np.load(io.BytesIO(data), allow_pickle=False)
+    if array.dtype != np.uint8 or array.ndim not in (2, 3):
+        raise ValueError(f"a .npy image must be a uint8 HxW or HxWxC array; this one is {array.dtype} with shape "
+                         f"{array.shape} (scale it to 0..255 and convert with .astype(np.uint8))")
+    return array
 
 
 def decode_image(data: bytes, ext: str, as_pil: bool = False):

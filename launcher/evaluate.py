@@ -35,11 +35,13 @@ def recipe_autocast(recipe, device: torch.device):
                           enabled=precision in ("bf16", "fp16"))
 
 
-def load_run_model(run_dir: Path, weights: str, overrides: list[str] = ()):
+def load_run_model(run_dir: Path, weights: str, overrides: list[str] = (), allow_pipe: bool = False,
+                   shards_read: tuple[str, ...] = ()):
     """(recipe, model in eval mode on the device, weights path) of a run directory; weights is
-    model, ema or a .safetensors path."""
+    model, ema or a .safetensors path. shards_read: the recipe's shard keys the caller will read
+    (their pipe: commands need allow_pipe, see load_run_recipe)."""
     from launcher.models import create_model
-    from launcher.recipe import load_recipe
+    from launcher.recipe import load_run_recipe
     from launcher.runlog import final_weights, recipe_file
     from launcher.weights import load_into
 
@@ -50,7 +52,7 @@ def load_run_model(run_dir: Path, weights: str, overrides: list[str] = ()):
     if not path.is_file():
         raise LauncherError(f"no weights at '{path}'" + (" (the run has not finished, or ran without "
                                                           "plugins.ema)" if named else "") + ".")
-    recipe = load_recipe(recipe_file(run_dir), list(overrides))
+    recipe = load_run_recipe(run_dir, list(overrides), allow_pipe, shards_read)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The run's own weights are loaded next: no need for the pretrained ones it started from.
     model = create_model(recipe.model.model_copy(update={"pretrained": False, "pretrained_file": None}))
@@ -101,6 +103,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="model (final/model.safetensors), ema (final/ema.safetensors) or a .safetensors path")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation (flipped view): adds plugins.tta to a recipe without it")
+    parser.add_argument("--allow-pipe", action="store_true",
+                        help="run the pipe: shard commands written in RUN_DIR/recipe.yaml (refused by default)")
     args = parser.parse_intermixed_args(argv)
     return run_command(lambda: _evaluate_command(args))
 
@@ -115,7 +119,7 @@ def _evaluate_command(args) -> int:
 
         if recipe_file(args.run_dir).is_file() and "tta" not in load_recipe(recipe_file(args.run_dir)).plugins:
             overrides.append("plugins.tta={}")
-    recipe, model, device, weights = load_run_model(args.run_dir, args.weights, overrides)
+    recipe, model, device, weights = load_run_model(args.run_dir, args.weights, overrides, args.allow_pipe, ("val",))
     metrics = evaluate_weights(recipe, model, device, prefix="val_ema" if args.weights == "ema" else "val")
     text = json.dumps({"weights": str(weights), "data.val": recipe.data.val, **metrics}, indent=1)
     print(text)

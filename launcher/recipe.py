@@ -150,12 +150,13 @@ class DataSection(Section):
     fetch_timeout: float = Field(60.0, gt=0.0, description="seconds a remote connection or read may stall")
     augment: AugmentSection = Field(default_factory=AugmentSection)
 
-    @model_validator(mode="after")
-    def _sizes(self):
+    @field_validator("cache_limit")
+    @classmethod
+    def _a_size(cls, value):
         from launcher.remote import parse_size
 
-        parse_size(self.cache_limit)  # '20GB' and the like; a ValueError names the value
-        return self
+        parse_size(value)  # '20GB' and the like; a ValueError names the value
+        return value
 
 
 class CompileSection(Section):
@@ -409,6 +410,35 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     if not isinstance(raw, dict):
         raise LauncherError(f"Recipe '{path}' must be a YAML mapping of sections (model:, data:, train:, ...).")
     return validate_recipe(apply_overrides(raw, list(overrides)), name=path.stem, source=str(path))
+
+
+def load_run_recipe(run_dir: str | Path, overrides: list[str] = (), allow_pipe: bool = False,
+                    shards_read: tuple[str, ...] = ()) -> Recipe:
+    """The recipe.yaml of a run directory, for the commands that work on a finished run (evaluate,
+    predict, export, report). A run directory may come from someone else, so the `pipe:` shell
+    commands written in it (data.train / data.val, those of `shards_read` that the command will
+    read) are refused unless the user confirms them (allow_pipe, the commands' --allow-pipe) or
+    gives that key on the command line."""
+    from launcher.runlog import recipe_file
+
+    path = recipe_file(Path(run_dir))
+    if not path.is_file():
+        raise LauncherError(f"'{run_dir}' is not a run directory (no recipe.yaml).")
+    recipe = load_recipe(path, list(overrides))
+    given = {item.partition("=")[0].strip() for item in overrides}
+    for key in shards_read:
+        pattern = getattr(recipe.data, key)
+        if allow_pipe or not pattern or f"data.{key}" in given:
+            continue
+        from launcher.data import expand_pattern
+
+        commands = [u[len("pipe:"):] for u in expand_pattern(pattern) if u.startswith("pipe:")]
+        if commands:
+            raise LauncherError(
+                f"{path} sets data.{key} to shell commands (pipe: shards), e.g. `{commands[0]}`. Commands written in "
+                "a run directory are not run unless you ask, since the directory may come from someone else: add "
+                f"--allow-pipe if you trust them, or give the shards on the command line (data.{key}=PATTERN).")
+    return recipe
 
 
 def _num_classes_from_the_shards(raw: dict[str, Any]) -> dict[str, Any]:

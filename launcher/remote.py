@@ -347,6 +347,8 @@ def remote_url_of_index(url: str) -> Optional[str]:
 
 def parse_size(value) -> Optional[int]:
     """'20GB', '500 MiB', 1e9 -> bytes (decimal and binary units, as litdata/streaming accept)."""
+    if isinstance(value, int) and value < 0:
+        raise ValueError(f"{value} is not a size: write a number of bytes of 0 or more, or e.g. 500MB, 20GB")
     if value is None or isinstance(value, int):
         return value
     import re

@@ -340,13 +340,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--weights", type=Path, default=None, help="default: RUN_DIR/final/model.safetensors")
     parser.add_argument("--out", type=Path, default=None, help="default: RUN_DIR/report")
+    parser.add_argument("--allow-pipe", action="store_true",
+                        help="run the pipe: shard commands written in RUN_DIR/recipe.yaml (refused by default)")
     args = parser.parse_args(argv)
     return run_command(lambda: _report_command(args))
 
 
 def _report_command(args) -> int:
     from launcher.models import create_model
-    from launcher.recipe import load_recipe
+    from launcher.recipe import load_run_recipe
     from launcher.weights import load_into
 
     recipe_path = recipe_file(args.run_dir)
@@ -355,7 +357,7 @@ def _report_command(args) -> int:
         raise LauncherError(f"'{args.run_dir}' is not a finished run directory: it needs recipe.yaml and "
                             f"{weights.relative_to(args.run_dir) if not args.weights else weights} "
                             "(train it first, or pass --weights).")
-    recipe = load_recipe(recipe_path)
+    recipe = load_run_recipe(args.run_dir, allow_pipe=args.allow_pipe, shards_read=("val",))
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     model = create_model(recipe.model.model_copy(update={"pretrained": False, "pretrained_file": None}))
     load_into(model, weights, "--weights" if args.weights else str(args.run_dir),

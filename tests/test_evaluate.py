@@ -171,3 +171,146 @@ def test_tta_numbers_equal_the_loops_and_tta_can_be_added_afterwards(finished, d
     assert all(added[f"val/{k}"] == logged[f"val/{k}"] for k in ("loss", "top1", "top5"))
     assert added["val_tta/samples"] == 360 and added["val_tta/loss"] != added["val/loss"]
     assert "val_tta/loss" not in logged
+
+
+# ---------------------------------------------------------------- hostile input (issue 29)
+
+
+def _copy_run(finished, target):
+    import shutil
+
+    shutil.copytree(finished, target)
+    return target
+
+
+def _sha(path) -> str:
+    from launcher.runlog import file_sha256
+
+    return file_sha256(path)
+
+
+def test_export_never_writes_into_the_runs_weights_nor_replaces_files_unasked(finished, tmp_path, capsys):
+    """`export RUN --weights ema --out RUN/final` replaced final/model.safetensors with the EMA
+    weights; --weights model there was a SameFileError traceback; torchscript wrote into final/."""
+    from launcher.export import main as export
+
+    run = _copy_run(finished, tmp_path / "run")
+    before = {p.relative_to(run): _sha(p) for p in run.rglob("*") if p.is_file()}
+    for args in (["--weights", "ema", "--out", str(run / "final")], ["--weights", "model", "--out", str(run / "final")],
+                 ["--format", "torchscript", "--out", str(run / "final")],
+                 ["--out", str(run / "checkpoints" / "x"), "--force"], ["--out", str(run / "final"), "--force"]):
+        assert export([str(run), *args]) == 2, args
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and "an export never writes there" in err and "Traceback" not in err, args
+    assert {p.relative_to(run): _sha(p) for p in run.rglob("*") if p.is_file()} == before
+    # An existing file is replaced only with --force; --out an existing file is refused.
+    out = tmp_path / "exported"
+    assert export([str(run), "--out", str(out)]) == 0
+    (out / "model.safetensors").write_bytes(b"mine")
+    assert export([str(run), "--weights", "ema", "--out", str(out)]) == 2
+    assert "already exist" in capsys.readouterr().err and (out / "model.safetensors").read_bytes() == b"mine"
+    assert export([str(run), "--weights", "ema", "--out", str(out), "--force"]) == 0
+    assert _sha(out / "model.safetensors") == _sha(run / "final" / "ema.safetensors")
+    (tmp_path / "a-file").write_text("keep")
+    assert export([str(run), "--out", str(tmp_path / "a-file")]) == 2
+    assert "is an existing file" in capsys.readouterr().err and (tmp_path / "a-file").read_text() == "keep"
+    # --weights a file, --out the folder that holds it: never copied onto itself.
+    assert export([str(run), "--weights", str(out / "model.safetensors"), "--out", str(out), "--force"]) == 2
+    assert "holds the weights being exported" in capsys.readouterr().err
+
+
+def test_commands_written_in_a_run_directory_are_not_run_unasked(finished, digits, tmp_path, capsys):
+    """A run directory may come from someone else: evaluate and report re-read its recipe.yaml, and
+    ran `pipe:` commands written there."""
+    import yaml
+
+    from launcher.evaluate import main as evaluate
+    from launcher.report import main as report
+
+    run = _copy_run(finished, tmp_path / "run")
+    marker = tmp_path / "PWNED"
+    val_shard = digits["val"].replace("{000000..000000}", "000000")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["data"]["val"] = f"pipe:touch {marker}; cat {val_shard}"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert evaluate([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert f"`touch {marker}; cat {val_shard}`" in err and "--allow-pipe" in err and "data.val=PATTERN" in err
+    assert report([str(run)]) == 2 and "--allow-pipe" in capsys.readouterr().err
+    assert not marker.exists()
+    # Asked for: by the flag, or by giving the command on the command line.
+    assert evaluate([str(run), "--allow-pipe"]) == 0 and marker.exists()
+    assert json.loads(capsys.readouterr().out)["val/top1"] == last_eval_row(finished)["val/top1"]
+    marker.unlink()
+    assert evaluate([str(run), f"data.val=pipe:touch {marker}; cat {val_shard}"]) == 0 and marker.exists()
+
+
+def test_evaluate_predict_and_export_explain_bad_weights_recipes_and_outputs(finished, digits, tmp_path, capsys):
+    import yaml
+
+    from launcher.evaluate import main as evaluate
+    from launcher.predict import main as predict
+
+    (tmp_path / "not.safetensors").write_bytes(b"\xff" * 8 + b"{}")  # a header length of 2**64 - 1
+    (tmp_path / "html.safetensors").write_text("<html>not weights</html>")
+    for bad in ("not.safetensors", "html.safetensors"):
+        assert evaluate([str(finished), "--weights", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err
+        assert f"--weights: '{tmp_path / bad}' is not a readable .safetensors file" in err, err
+    # The recipe no longer matches the weights (model.kwargs changed after training).
+    run = _copy_run(finished, tmp_path / "changed")
+    recipe = yaml.safe_load((run / "recipe.yaml").read_text())
+    recipe["model"]["name"] = "wrn16_1"
+    (run / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    assert evaluate([str(run)]) == 2
+    err = capsys.readouterr().err
+    assert "does not fit the model: " in err and "wrn16_1" in err and "Traceback" not in err
+    # predict's output and numbers.
+    (tmp_path / "folder").mkdir()
+    assert predict([str(finished), digits["val"], "--out", str(tmp_path / "folder")]) == 2
+    assert "is a folder" in capsys.readouterr().err
+    (tmp_path / "readonly").mkdir()
+    (tmp_path / "readonly").chmod(0o500)
+    try:
+        if not __import__("os").access(tmp_path / "readonly", __import__("os").W_OK):  # root may write anyway
+            assert predict([str(finished), digits["val"], "--out", str(tmp_path / "readonly" / "p.csv")]) == 2
+            assert "not writable" in capsys.readouterr().err
+    finally:
+        (tmp_path / "readonly").chmod(0o700)
+    (tmp_path / "afile").write_text("x")
+    assert predict([str(finished), digits["val"], "--out", str(tmp_path / "afile" / "p.csv")]) == 2
+    assert "cannot be created" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as stop:
+        predict([str(finished), digits["val"], "--batch-size", "0"])
+    assert stop.value.code == 2 and "must be 1 or more" in capsys.readouterr().err
+
+
+def test_predict_on_odd_inputs(finished, digits, tmp_path, capsys):
+    """An empty folder is an error, not a header-only CSV; x.tar.png is an image, not a shard
+    pattern; a float .npy is refused (uint8 is the format); an unreadable image is skipped with a
+    warning naming it (exit 1) while the others are classified."""
+    import csv
+
+    import numpy as np
+    from PIL import Image
+
+    from launcher.predict import main as predict
+
+    (tmp_path / "empty").mkdir()
+    assert predict([str(finished), str(tmp_path / "empty"), "--out", str(tmp_path / "e.csv")]) == 2
+    assert "holds no image files" in capsys.readouterr().err and not (tmp_path / "e.csv").exists()
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((8, 8), 200, np.uint8)).save(images / "x.tar.png")
+    np.save(images / "floats.npy", np.random.rand(8, 8))
+    (images / "broken.png").write_bytes(b"\x89PNG not really")
+    assert predict([str(finished), str(images / "x.tar.png"), "--out", str(tmp_path / "one.csv")]) == 0
+    assert [r["input"] for r in csv.DictReader(open(tmp_path / "one.csv"))] == [str(images / "x.tar.png")]
+    capsys.readouterr()
+    assert predict([str(finished), str(images), "--out", str(tmp_path / "all.csv")]) == 1
+    err = capsys.readouterr().err
+    assert "2 file(s) could not be read as images and were skipped" in err
+    assert "floats.npy (ValueError: a .npy image must be a uint8" in err and "broken.png" in err
+    assert [r["input"] for r in csv.DictReader(open(tmp_path / "all.csv"))] == [str(images / "x.tar.png")]
+    assert predict([str(finished), str(images / "broken.png"), "--out", str(tmp_path / "none.csv")]) == 2
+    assert "no image could be read" in capsys.readouterr().err and not (tmp_path / "none.csv").exists()

@@ -192,3 +192,10 @@ def test_an_unknown_compile_backend_is_refused_at_load(digits, tmp_path):
     with pytest.raises(LauncherError, match="Did you mean 'inductor'"):
         validate_recipe(small_recipe(digits, tmp_path, train={"epochs": 1, "compile": {"backend": "indutor"}}))
     assert validate_recipe(small_recipe(digits, tmp_path, train={"epochs": 1, "compile": {"backend": "aot_eager"}}))
+
+
+def test_a_negative_cache_limit_is_refused_like_a_negative_size(digits, tmp_path):
+    for value in (-5, "-1GB"):
+        with pytest.raises(LauncherError, match=r"'data.cache_limit' = .*is not a size"):
+            validate_recipe(small_recipe(digits, tmp_path, data={**small_recipe(digits, tmp_path)["data"],
+                                                                 "cache_limit": value}))

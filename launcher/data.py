@@ -259,34 +259,154 @@ def write_index_file(index: dict[str, np.ndarray], target: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+class BadIndex(ValueError):
+    """The file is not a usable shard index (damaged, foreign, or inconsistent in itself)."""
+
+
 def _parse_index(source) -> dict[str, np.ndarray]:
-    """An index file's arrays (a path or bytes); ValueError if it is not one of ours."""
+    """An index file's arrays (a path or bytes), every field checked for shape, type and
+    consistency (a store may serve anything under the name): BadIndex says what is wrong."""
+    head = source[:64] if isinstance(source, bytes) else _head_of(source)
+    if not head.startswith(b"PK"):  # np.savez writes a zip; np.load would call anything else a pickle
+        looks = "a web page (HTML)" if head.lstrip()[:1] == b"<" else "empty" if not head else f"starting {head[:16]!r}"
+        raise BadIndex(f"it is not a shard index file: it is {looks}")
     try:
         with np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False) as npz:
             index = {k: npz[k] for k in npz.files}
-        if any(k not in index for k in INDEX_KEYS) or int(index["version"]) != INDEX_VERSION:
-            raise ValueError(f"not a version-{INDEX_VERSION} shard index")
-        return index
-    except (OSError, KeyError, zipfile.BadZipFile, EOFError) as err:
-        raise ValueError(f"unreadable ({type(err).__name__})") from None
+    except (OSError, KeyError, ValueError, zipfile.BadZipFile, EOFError) as err:
+        raise BadIndex(f"it is not a readable shard index ({type(err).__name__}: {str(err)[:100]})") from None
+    return _checked_index(index)
+
+
+def _head_of(path: Path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read(64)
+
+
+def _checked_index(index: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    missing = [k for k in INDEX_KEYS if k not in index]
+    if missing:
+        raise BadIndex(f"it lacks {', '.join(missing)} (not a version-{INDEX_VERSION} shard index)")
+
+    def scalar(name: str, kind: str) -> np.ndarray:
+        value = index[name]
+        if value.shape != () or value.dtype.kind not in kind:
+            raise BadIndex(f"its '{name}' is not a single {'number' if 'i' in kind else 'text'} (shape {value.shape}, "
+                           f"{value.dtype})")
+        return value
+
+    if int(scalar("version", "iu")) != INDEX_VERSION:
+        raise BadIndex(f"it is version {int(index['version'])}, this launcher reads version {INDEX_VERSION}")
+    shard_bytes = int(scalar("shard_bytes", "iu"))
+    sha = str(scalar("sha256", "U"))
+    if sha and not re.fullmatch(r"[0-9a-f]{64}", sha):
+        raise BadIndex("its 'sha256' is not a SHA-256 digest")
+    n = None
+    for name in ("offsets", "sizes", "ext_codes", "labels"):
+        value = index[name]
+        if value.ndim != 1 or value.dtype.kind not in "iu":
+            raise BadIndex(f"its '{name}' is not a list of whole numbers (shape {value.shape}, {value.dtype})")
+        if n is not None and len(value) != n:
+            raise BadIndex(f"its '{name}' has {len(value)} entries, 'offsets' has {n}")
+        n = len(value)
+    if n == 0:
+        raise BadIndex("it lists no samples")
+    offsets, sizes = index["offsets"].astype(np.int64), index["sizes"].astype(np.int64)
+    if offsets[0] < 512 or (sizes < 0).any() or (offsets + sizes > shard_bytes).any() or (np.diff(offsets) <= 0).any():
+        raise BadIndex(f"its offsets and sizes do not describe members of a {shard_bytes}-byte tar file in order")
+    if (index["ext_codes"] >= len(IMAGE_EXTS)).any() or (index["ext_codes"] < 0).any():
+        raise BadIndex("its 'ext_codes' name no known image type")
+    if (np.abs(index["labels"].astype(np.int64)) >= 2**31).any():
+        raise BadIndex("its 'labels' hold numbers too large to be classes")
+    return {"version": np.asarray(INDEX_VERSION), "shard_bytes": np.asarray(shard_bytes), "sha256": np.asarray(sha),
+            "offsets": offsets, "sizes": sizes, "ext_codes": index["ext_codes"].astype(np.uint8),
+            "labels": index["labels"].astype(np.int32)}
+
+
+def _member_name(block: bytes, read: Callable[[int, int], bytes], pos: int) -> tuple[Optional[str], int]:
+    """(the name of the member whose header is `block` at `pos`, where the next header starts);
+    name None for extended headers (pax, GNU long names), which carry the next member's name."""
+    header = tarfile.TarInfo.frombuf(block, "utf-8", "surrogateescape")
+    following = pos + 512 + -(-header.size // 512) * 512
+    if header.type in (tarfile.XHDTYPE, tarfile.XGLTYPE, tarfile.GNUTYPE_LONGNAME, tarfile.GNUTYPE_LONGLINK):
+        return None, following
+    return header.name, following
+
+
+def index_coverage_problem(index: dict[str, np.ndarray], read: Callable[[int, int], bytes]) -> str:
+    """'' if the index covers its whole shard, else what it leaves out. Only the members before
+    its first sample and after its last one are read (`read(start, length)` of the shard): they
+    must belong to that first or last sample, and the end-of-archive marker must follow. An index
+    that lists the first 10 samples of 400 (true size and SHA-256 kept) fails here."""
+    offsets, sizes = index["offsets"], index["sizes"]
+
+    def key(name: str) -> str:
+        match = _KEY_RE.match(name)
+        return match.group(1) if match else name
+
+    try:
+        first = key(tarfile.TarInfo.frombuf(read(int(offsets[0]) - 512, 512), "utf-8", "surrogateescape").name)
+        last = key(tarfile.TarInfo.frombuf(read(int(offsets[-1]) - 512, 512), "utf-8", "surrogateescape").name)
+        pos = 0
+        while pos < int(offsets[0]) - 512:
+            name, pos = _member_name(read(pos, 512), read, pos)
+            if name is not None and key(name) != first:
+                return f"the shard has member '{name}' before the index's first sample '{first}'"
+        pos = int(offsets[-1]) + -(-int(sizes[-1]) // 512) * 512
+        for _ in range(256):  # the last sample's other files (its label...), then the end marker
+            block = read(pos, 512)
+            if block == bytes(len(block)):
+                return ""
+            name, pos = _member_name(block, read, pos)
+            if name is not None and key(name) != last:
+                return (f"the shard has more samples after the index's last one (member '{name}' at byte "
+                        f"{pos}); the index lists {len(offsets)}")
+        return ""
+    except (tarfile.TarError, ValueError, OSError) as err:
+        return f"the shard's tar headers around the indexed samples cannot be read ({err})"
+
+
+def _block_reader(fetch: Callable[[int, int], bytes], size: int, block: int = 1 << 16) -> Callable[[int, int], bytes]:
+    """read(start, length) over fetch(start, end) of a remote object, in 64 KiB blocks kept for
+    reuse: checking an index's coverage takes two or three ranged requests, not one per header."""
+    blocks: dict[int, bytes] = {}
+
+    def read(start: int, length: int) -> bytes:
+        out = b""
+        while length > 0 and start < size:
+            b = start // block
+            if b not in blocks:
+                blocks[b] = fetch(b * block, min((b + 1) * block, size))
+            chunk = blocks[b][start - b * block:start - b * block + length]
+            if not chunk:
+                break
+            out, start, length = out + chunk, start + len(chunk), length - len(chunk)
+        return out
+
+    return read
 
 
 def _read_index_file(target: Path, path: Path) -> tuple[Optional[dict[str, np.ndarray]], str]:
     """(the index in `target`, "") if it describes the shard at `path`; (None, why not) if it
-    does not; (None, "") if there is no such file."""
+    does not; (None, "") if there is no such file. BadIndex if it is no index at all."""
     if not target.exists():
         return None, ""
+    index = _parse_index(target)
     try:
-        index = _parse_index(target)
         if int(index["shard_bytes"]) != path.stat().st_size:
             return None, f"it records {int(index['shard_bytes'])} bytes, the shard has {path.stat().st_size}"
         with open(path, "rb") as f:
+            def read(start: int, length: int) -> bytes:
+                f.seek(start)
+                return f.read(length)
+
             for i in {0, len(index["offsets"]) - 1}:
-                f.seek(int(index["offsets"][i]) - 512)
-                header = tarfile.TarInfo.frombuf(f.read(512), "utf-8", "surrogateescape")
+                header = tarfile.TarInfo.frombuf(read(int(index["offsets"][i]) - 512, 512), "utf-8",
+                                                 "surrogateescape")
                 if header.size != int(index["sizes"][i]):
                     return None, f"its sample {i} is not where the shard has it"
-        return index, ""
+            problem = index_coverage_problem(index, read)
+        return (None, problem) if problem else (index, "")
     except (OSError, ValueError, IndexError, tarfile.TarError) as err:
         return None, f"it cannot be used ({err})"
 
@@ -294,8 +414,15 @@ def _read_index_file(target: Path, path: Path) -> tuple[Optional[dict[str, np.nd
 def _mismatch(key: str, shard: str, index_file: str, why: str, pattern_hint: str) -> LauncherError:
     return LauncherError(
         f"{key}: the index '{index_file}' does not match its shard '{shard}': {why}. The shard was rewritten "
-        f"after it was indexed; write the index again with `python -m launcher.shards index '{pattern_hint}'` "
-        "(or delete the index file to have the launcher index the shard on first use).")
+        f"after it was indexed, or the index is wrong; write the index again with `python -m launcher.shards index "
+        f"'{pattern_hint}'` (or delete the index file to have the launcher index the shard on first use).")
+
+
+def _unusable(key: str, shard: str, index_file: str, why: str, pattern_hint: str) -> LauncherError:
+    return LauncherError(
+        f"{key}: the index '{index_file}' of shard '{shard}' cannot be used: {why}. Write it again with "
+        f"`python -m launcher.shards index '{pattern_hint}'` (or delete it to have the launcher index the shard on "
+        "first use).")
 
 
 @contextlib.contextmanager
@@ -332,10 +459,19 @@ def load_shard_indexes(paths: list[Path], key: str, cache_dir: Optional[str]) ->
     process of this machine scans, the others wait on a lock and then read what it wrote."""
 
     def saved(path: Path) -> Optional[dict[str, np.ndarray]]:
-        index, problem = _read_index_file(index_file_next_to(path), path)
+        next_to = index_file_next_to(path)
+        try:
+            index, problem = _read_index_file(next_to, path)
+        except BadIndex as err:
+            raise _unusable(key, str(path), str(next_to), str(err), str(path)) from None
         if problem:
-            raise _mismatch(key, str(path), str(index_file_next_to(path)), problem, str(path))
-        return index or _read_index_file(_cached_index_file(path, cache_dir), path)[0]
+            raise _mismatch(key, str(path), str(next_to), problem, str(path))
+        if index is not None:
+            return index
+        try:
+            return _read_index_file(_cached_index_file(path, cache_dir), path)[0]
+        except BadIndex:
+            return None  # a damaged cache entry: index the shard again
 
     parts = [saved(p) for p in paths]
     missing = [i for i, part in enumerate(parts) if part is None]
@@ -370,7 +506,7 @@ def remote_shard_indexes(urls: list[str], key: str, cache_dir: Optional[str],
         target = _cached_index_file(url, cache_dir)
         try:
             index = _parse_index(target) if target.exists() else None
-        except ValueError:
+        except BadIndex:
             return None
         if index is not None and sizes[url] not in (remote.UNKNOWN_SIZE, int(index["shard_bytes"])):
             return None  # the object changed: index it again
@@ -383,11 +519,16 @@ def remote_shard_indexes(urls: list[str], key: str, cache_dir: Optional[str],
             return None
         try:
             index = _parse_index(data)
-        except ValueError as err:
-            raise _mismatch(key, url, index_url, str(err), url) from None
-        if int(index["shard_bytes"]) != sizes[url]:
+        except BadIndex as err:
+            raise _unusable(key, url, index_url, str(err), url) from None
+        # A server that sends no Content-Length leaves the size unknown: the fetch checks it (and the SHA-256).
+        if sizes[url] != remote.UNKNOWN_SIZE and int(index["shard_bytes"]) != sizes[url]:
             raise _mismatch(key, url, index_url, f"it records {int(index['shard_bytes'])} bytes, the shard has "
                                                   f"{sizes[url]}", url)
+        problem = index_coverage_problem(index, _block_reader(lambda start, end: store.read_range(url, start, end),
+                                                              int(index["shard_bytes"])))
+        if problem:
+            raise _mismatch(key, url, index_url, problem, url)
         return index
 
     parts = [cached(u) for u in urls]
@@ -504,8 +645,8 @@ def _read_npy(data: bytes) -> np.ndarray:
     if data[:8] == b"\x93NUMPY\x01\x00":
         header_len = int.from_bytes(data[8:10], "little")
         match = _NPY_UINT8.match(data[10:10 + header_len].decode("latin1"))
-        if match:
-            shape = tuple(int(x) for x in match.group(1).split(",") if x.strip())
+        shape = tuple(int(x) for x in match.group(1).split(",") if x.strip()) if match else ()
+        if len(shape) in (2, 3):
             return np.frombuffer(data, dtype=np.uint8, offset=10 + header_len).reshape(shape)
     array = np.load(io.BytesIO(data), allow_pickle=False)
     if array.dtype != np.uint8 or array.ndim not in (2, 3):

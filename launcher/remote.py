@@ -187,6 +187,10 @@ class Remote:
                 return None
             raise
 
+    def read_range(self, url: str, start: int, end: int) -> bytes:
+        """Bytes [start, end) of an object (a few tar headers), with retries."""
+        return self._retrying("read", url, lambda: b"".join(self._chunks(url, start, end)))
+
     def upload(self, path: Path, url: str) -> None:
         bucket, key = _bucket_key(url)
         self._retrying("upload", url, lambda: self.s3().upload_file(str(path), bucket, key))

@@ -175,7 +175,7 @@ def test_png_and_raw_shards_hold_the_same_pixels(digits, digits_png):
 
 @pytest.mark.parametrize("array", [np.arange(64, dtype=np.uint8).reshape(8, 8),
                                    np.arange(105, dtype=np.uint8).reshape(5, 7, 3),
-                                   np.ones((4, 4), np.float32), np.asfortranarray(np.eye(3, dtype=np.uint8))])
+                                   np.asfortranarray(np.eye(3, dtype=np.uint8))])
 def test_fast_npy_reader_agrees_with_numpy(array):
     from launcher.data import _read_npy
 
@@ -183,6 +183,17 @@ def test_fast_npy_reader_agrees_with_numpy(array):
     np.save(buf, array)
     out = _read_npy(buf.getvalue())
     assert out.dtype == array.dtype and np.array_equal(out, array)
+
+
+@pytest.mark.parametrize("array", [np.ones((4, 4), np.float32), np.random.rand(4, 4), np.ones(5, np.uint8)])
+def test_a_npy_image_that_is_not_uint8_pixels_is_refused(array):
+    """uint8 HxW or HxWxC is the documented format: a float array was read and then mis-scaled."""
+    from launcher.data import _read_npy
+
+    buf = io.BytesIO()
+    np.save(buf, array)
+    with pytest.raises(ValueError, match="a .npy image must be a uint8 HxW or HxWxC array"):
+        _read_npy(buf.getvalue())
 
 
 def test_written_shards_are_plain_webdataset(digits):
@@ -559,3 +570,59 @@ def test_a_loader_worker_is_quiet_about_an_abandoned_handover_only():
     assert done.returncode == 0, done.stderr
     assert "ValueError: real problem" in done.stderr
     assert "ConnectionResetError" not in done.stderr and "EOFError" not in done.stderr
+
+
+# ---------------------------------------------------------------- hostile index files (issue 29)
+
+
+def _index_of(shard: str) -> dict:
+    with np.load(shard + ".index.npz") as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def _shard_with_index(tmp_path, source: str, name: str, index: dict) -> Path:
+    import shutil
+
+    shard = tmp_path / f"{name}.tar"
+    shutil.copy(source, shard)
+    with open(str(shard) + ".index.npz", "wb") as f:
+        np.savez(f, **index)
+    return shard
+
+
+def test_an_index_that_leaves_out_samples_or_is_malformed_is_one_clear_error(digits, tmp_path):
+    """An index listing the first 10 samples (the shard's true size and SHA-256 kept) trained on
+    10 samples; a 1-element array where a scalar belongs, sizes shorter than offsets, or no samples
+    at all were a TypeError / IndexError / a loader worker's RuntimeError."""
+    source = expand_pattern(digits["train"])[0]
+    good = _index_of(source)
+    n = len(good["labels"])
+    first10 = {**good, **{k: good[k][:10] for k in ("offsets", "sizes", "ext_codes", "labels")}}
+    last10 = {**good, **{k: good[k][-10:] for k in ("offsets", "sizes", "ext_codes", "labels")}}
+    cases = {
+        "first10": (first10, "does not match its shard .*more samples after the index's last one .*the index "
+                             "lists 10"),
+        "last10": (last10, "does not match its shard .*before the index's first sample"),
+        "version_array": ({**good, "version": np.asarray([1])}, "cannot be used: its 'version' is not a single number"),
+        "bytes_array": ({**good, "shard_bytes": np.asarray([1, 2])}, "its 'shard_bytes' is not a single number"),
+        "short_sizes": ({**good, "sizes": good["sizes"][:-1]}, f"its 'sizes' has {n - 1} entries, 'offsets' has {n}"),
+        "empty": ({**good, **{k: good[k][:0] for k in ("offsets", "sizes", "ext_codes", "labels")}},
+                  "it lists no samples"),
+        "float_offsets": ({**good, "offsets": good["offsets"].astype(float)}, "'offsets' is not a list of whole"),
+        "past_the_end": ({**good, "sizes": good["sizes"] * 1000}, "do not describe members of a"),
+        "bad_ext": ({**good, "ext_codes": good["ext_codes"] + 50}, "no known image type"),
+    }
+    for name, (index, message) in cases.items():
+        shard = _shard_with_index(tmp_path, source, name, index)
+        with pytest.raises(LauncherError, match=message) as err:
+            index_shards(str(shard), "data.train", cache_dir=str(tmp_path / "cache"))
+        text = str(err.value)
+        assert f"'{shard}.index.npz'" in text and f"python -m launcher.shards index '{shard}'" in text, name
+    # Not an index at all (a web page saved under its name): said so, not "rewritten" or "pickled".
+    shard = _shard_with_index(tmp_path, source, "html", good)
+    Path(str(shard) + ".index.npz").write_text("<!DOCTYPE html><html><body>Not Found</body></html>")
+    with pytest.raises(LauncherError, match=r"cannot be used: it is not a shard index file: it is a web page \(HTML\)"):
+        index_shards(str(shard), "data.train", cache_dir=str(tmp_path / "cache"))
+    # The unchanged index still works, and a run's whole shard stays covered.
+    shard = _shard_with_index(tmp_path, source, "fine", good)
+    assert len(index_shards(str(shard), "data.train", cache_dir=str(tmp_path / "cache"))) == n

@@ -192,6 +192,62 @@ def test_bad_remote_input_is_a_clear_error(remote_digits20, object_store, digits
         in str(err.value)
 
 
+def test_remote_indexes_that_leave_out_samples_are_web_pages_or_come_without_a_size_are_named(
+        remote_digits20, object_store, digits20, tmp_path):
+    """Issue 29: an index in the store listing the first 10 of a shard's samples (true size and
+    SHA-256 kept) was accepted and the run trained on 10 samples; an HTML page served for an index
+    was called "pickled data ... the shard was rewritten"; a server sending no Content-Length was
+    said to hold a shard of -1 bytes."""
+    import http.server
+    import io
+    import threading
+
+    client, options = object_store.client(), FetchOptions(s3_endpoint=object_store.endpoint, retries=1,
+                                                          retry_wait=0.05, timeout=5)
+    shard = expand_pattern(digits20["train"])[0]
+    with np.load(shard + ".index.npz") as npz:
+        good = {k: npz[k] for k in npz.files}
+    first10 = {**good, **{k: good[k][:10] for k in ("offsets", "sizes", "ext_codes", "labels")}}
+    buffer = io.BytesIO()
+    np.savez(buffer, **first10)
+    client.upload_file(shard, "shards", "short/train-000000.tar")
+    client.put_object(Bucket="shards", Key="short/train-000000.tar.index.npz", Body=buffer.getvalue())
+    with pytest.raises(LauncherError) as err:
+        index_shards("s3://shards/short/train-000000.tar", "data.train", cache_dir=str(tmp_path / "c"), fetch=options)
+    text = str(err.value)
+    assert "'s3://shards/short/train-000000.tar.index.npz' does not match its shard" in text
+    assert "more samples after the index's last one" in text and "the index lists 10" in text
+    assert "python -m launcher.shards index 's3://shards/short/train-000000.tar'" in text
+    # An HTML page where the index should be.
+    client.upload_file(shard, "shards", "html/train-000000.tar")
+    client.put_object(Bucket="shards", Key="html/train-000000.tar.index.npz", Body=b"<html><body>gone</body></html>")
+    with pytest.raises(LauncherError, match=r"cannot be used: it is not a shard index file: it is a web page \(HTML\)"):
+        index_shards(object_store.http_url("html", "x/train-000000.tar"), "data.train", cache_dir=str(tmp_path / "c"),
+                     fetch=options)
+
+    # A plain HTTP server that sends no Content-Length (and ignores Range): the index's size is used,
+    # and the fetch checks it with the SHA-256; the samples are those of the local shard.
+    class NoLength(http.server.SimpleHTTPRequestHandler):
+        def send_header(self, keyword, value):
+            if keyword.lower() != "content-length":
+                super().send_header(keyword, value)
+
+        def log_message(self, *args):
+            pass
+
+    folder = Path(shard).parent
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), lambda *a: NoLength(*a, directory=str(folder)))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/{Path(shard).name}"
+        remote = index_shards(url, "data.train", cache_dir=str(tmp_path / "c2"), fetch=options)
+        local = index_shards(shard, "data.train")
+        assert len(remote) == len(local) and remote.read_image(7, {}) == local.read_image(7, {})
+        remote.cache.close()
+    finally:
+        server.shutdown()
+
+
 def _counted_pipe(shard: str, counter: Path, cases: str) -> str:
     """A pipe: command that knows how often it ran (its counter file): `cases` is a shell case
     body choosing, by the run number c, what it prints."""

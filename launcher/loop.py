@@ -67,7 +67,8 @@ from launcher.console import Console
 from launcher.data import (Batch, EpochPlan, EvalStream, PersistentWorkers, ShardIndex, TrainStream, batches,
                            fetch_options, index_shards, on_device)
 from launcher.errors import LauncherError
-from launcher.models import compile_in_place, compiled_for_inference, create_model, memory_format
+from launcher.models import (compile_in_place, compiled_for_inference, create_model, explain_compile_failure,
+                             memory_format)
 from launcher.optim import create_optimizer, create_schedule, default_param_groups
 from launcher.registry import PluginSet, build_plugins
 from launcher.runlog import MetricsLog, RunDirLock, final_weights, manifest, metrics_file, start_run_dir, write_status
@@ -254,7 +255,13 @@ def train(recipe) -> RunContext:
     if watchdog is not None:  # status.json names the rank that failed first
         watchdog.on_abort = lambda why: _record_failure(ctx, RuntimeError(why), message=why)
     try:
-        _train(ctx)
+        try:
+            _train(ctx)
+        except Exception as exc:
+            explained = explain_compile_failure(recipe.train.compile, exc)
+            if explained is None:
+                raise
+            raise explained from None
     except BaseException as exc:
         _record_failure(ctx, exc)
         if watchdog is not None:

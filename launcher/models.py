@@ -8,6 +8,8 @@ timm's own registry under `wrn{depth}_{width}`: once `launcher` is imported,
 
 from __future__ import annotations
 
+from typing import Optional
+
 import timm
 import torch
 import torch.nn as nn
@@ -305,6 +307,21 @@ def compile_in_place(model: nn.Module, options) -> nn.Module:
     around DDP, as timm's train.py does, so DDP's bucketed all-reduce still overlaps the backward."""
     model.compile(**options.kwargs())
     return model
+
+
+def explain_compile_failure(options, err: BaseException) -> Optional[LauncherError]:
+    """A graph break under train.compile.fullgraph, as one paragraph naming the option (torch's
+    own message is a page of hints and internal stack)."""
+    import sys
+
+    dynamo_exc = getattr(sys.modules.get("torch._dynamo"), "exc", None)
+    if options is None or not options.fullgraph or dynamo_exc is None or not isinstance(err, dynamo_exc.Unsupported):
+        return None
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    where = next((lines[i + 1] for i, line in enumerate(lines) if line == "from user code:" and i + 1 < len(lines)), "")
+    return LauncherError(f"train.compile.fullgraph is true, and the model breaks the graph: {lines[0] if lines else err}"
+                         f"{' (' + where + ')' if where else ''}. torch.compile cannot make one graph of it: set "
+                         "train.compile.fullgraph=false (the parts that break then run eagerly), or change the model.")
 
 
 def compiled_for_inference(model: nn.Module, options) -> nn.Module:

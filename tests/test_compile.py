@@ -9,15 +9,19 @@ without generating code, so the CPU tests stay fast; one test runs inductor itse
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import timm
 import torch
 import torch._dynamo
 import yaml
 from safetensors.torch import load_file
+from timm.models import register_model
 
 from launcher.errors import LauncherError
 from launcher.loop import train
+from launcher.models import WideResNet
 from launcher.recipe import validate_recipe
 from tests.conftest import accelerate_cmd, metric_rows, run_cli, small_recipe
 
@@ -133,3 +137,30 @@ def test_two_compiled_ddp_processes_with_accumulation_match_one_eager_process(di
     result = run_cli([*accelerate_cmd(2), "launcher", str(tmp_path / "two.yaml")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert_close(weights(tmp_path / "one"), weights(tmp_path / "two"), atol=1e-4)
+
+
+class _GraphBreakingWRN(WideResNet):
+    def forward(self, x):
+        torch._dynamo.graph_break()  # what a print, .item() or a data-dependent branch does
+        return super().forward(x)
+
+
+@register_model
+def graph_breaking_wrn10_1(pretrained=False, **kwargs):
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm's, not the model's
+        kwargs.pop(key, None)
+    return _GraphBreakingWRN(depth=10, width=1, **kwargs)
+
+
+def test_fullgraph_on_a_model_that_breaks_graphs_is_one_paragraph_naming_the_option(digits, tmp_path):
+    model = {"name": "graph_breaking_wrn10_1", "num_classes": 10}
+    with pytest.raises(LauncherError) as err:
+        run(digits, tmp_path / "full", {"backend": "aot_eager", "fullgraph": True}, max_steps=1, plugins={},
+            model=model)
+    text = str(err.value)
+    assert text.startswith("train.compile.fullgraph is true, and the model breaks the graph: Call to "
+                           "`torch._dynamo.graph_break()`") and "set train.compile.fullgraph=false" in text
+    assert "\n" not in text and "test_compile.py" in text  # one paragraph, naming where
+    status = json.loads((tmp_path / "full" / "status.json").read_text())
+    assert status["state"] == "failed" and status["error"] == text
+    run(digits, tmp_path / "broken", {"backend": "aot_eager"}, max_steps=1, plugins={}, model=model)  # runs

@@ -626,3 +626,37 @@ def test_an_index_that_leaves_out_samples_or_is_malformed_is_one_clear_error(dig
     # The unchanged index still works, and a run's whole shard stays covered.
     shard = _shard_with_index(tmp_path, source, "fine", good)
     assert len(index_shards(str(shard), "data.train", cache_dir=str(tmp_path / "cache"))) == n
+
+
+def test_the_index_command_on_hostile_shards(tmp_path, capsys):
+    """Truncated and non-tar files are refused naming them; a member path with `..` is indexed as
+    a sample key and nothing is written outside the shard's folder (members are never extracted)."""
+    from launcher.shards import main as shards_main
+
+    def add(tar, name, data):
+        info = tarfile.TarInfo(name)
+        info.size = len(data)
+        tar.addfile(info, io.BytesIO(data))
+
+    buf = io.BytesIO()
+    np.save(buf, np.full((4, 4), 7, np.uint8))
+    folder = tmp_path / "deep" / "shards"
+    folder.mkdir(parents=True)
+    with tarfile.open(folder / "dotdot.tar", "w") as tar:
+        add(tar, "../../escaped/a.npy", buf.getvalue())
+        add(tar, "../../escaped/a.cls", b"1")
+        add(tar, "b.npy", buf.getvalue())
+        add(tar, "b.cls", b"2")
+    (folder / "text.tar").write_bytes(b"not a tar " * 300)
+    (folder / "cut.tar").write_bytes((folder / "dotdot.tar").read_bytes()[:1500])
+    before = sorted(p for p in tmp_path.rglob("*"))
+    assert shards_main(["index", str(folder / "dotdot.tar")]) == 0
+    assert sorted(p for p in tmp_path.rglob("*")) == sorted(before + [folder / "dotdot.tar.index.npz"])
+    index = index_shards(str(folder / "dotdot.tar"), "t")
+    assert index.labels.tolist() == [1, 2] and decode_image(*index.read_image(0, {}))[0, 0, 0] == 7
+    for name, message in (("text.tar", "is not a readable tar file"), ("cut.tar", "is truncated")):
+        capsys.readouterr()
+        assert shards_main(["index", str(folder / name)]) == 2
+        err = capsys.readouterr().err
+        assert f"shard '{folder / name}' {message}" in err and "Traceback" not in err
+        assert not (folder / f"{name}.index.npz").exists()

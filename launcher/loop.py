@@ -71,7 +71,8 @@ from launcher.models import (compile_in_place, compiled_for_inference, create_mo
                              memory_format)
 from launcher.optim import create_optimizer, create_schedule, default_param_groups
 from launcher.registry import PluginSet, build_plugins
-from launcher.runlog import MetricsLog, RunDirLock, final_weights, manifest, metrics_file, start_run_dir, write_status
+from launcher.runlog import (MetricsLog, RunDirLock, check_writable_run_dir, final_weights, manifest, metrics_file,
+                            start_run_dir, write_status)
 from launcher.transforms import ImageTransform
 from launcher.watchdog import RankWatchdog
 
@@ -338,6 +339,7 @@ def _train(ctx: RunContext) -> None:
     recipe, plugins, accelerator = ctx.recipe, ctx.plugins, ctx.accelerator
 
     # Everything that can fail on bad input is checked before the run directory exists.
+    check_writable_run_dir(ctx.run_dir)
     data = recipe.data
     ctx.train_index = index_shards(data.train, "data.train", data.cache_dir, recipe.model.num_classes,
                                    fetch_options(data))

@@ -48,6 +48,11 @@ class PermanentError(Exception):
     """Retrying cannot help: the object does not exist, or access is denied."""
 
 
+class ObjectMissing(PermanentError):
+    """The store says there is no such object (404). Permanent when a run starts; while a run
+    streams a shard that was there, retried (the object may be being replaced)."""
+
+
 class ChecksumMismatch(IOError):
     """The bytes fetched are not those the shard's index describes (retried: the transfer may have
     damaged them; if it persists, the shard was rewritten after it was indexed)."""
@@ -234,8 +239,8 @@ class Remote:
             os.replace(tmp, target)
             return got
 
-        try:
-            return self._retrying("fetch", url, once, what=what)
+        try:  # the shard was in the store when the run started: a 404 now may be a replacement under way
+            return self._retrying("fetch", url, once, what=what, retry_missing=True)
         finally:
             tmp.unlink(missing_ok=True)
 
@@ -261,7 +266,9 @@ class Remote:
                 resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
                                               timeout=self.options.timeout)
             except urllib.error.HTTPError as err:
-                if err.code in (401, 403, 404):
+                if err.code == 404:
+                    raise ObjectMissing(f"HTTP 404 {err.reason}") from None
+                if err.code in (401, 403):
                     raise PermanentError(f"HTTP {err.code} {err.reason}") from None
                 raise
             with resp:
@@ -295,7 +302,7 @@ class Remote:
 
     # ------------------------------------------------------------ retrying
 
-    def _retrying(self, action: str, url: str, attempt: Callable, what: str = ""):
+    def _retrying(self, action: str, url: str, attempt: Callable, what: str = "", retry_missing: bool = False):
         wait, last, permanent = self.options.retry_wait, None, False
         for n in range(self.options.retries + 1):
             if n:
@@ -307,8 +314,14 @@ class Remote:
             except (_Cancelled, LauncherError):
                 raise
             except PermanentError as err:
-                last, permanent = err, True
-                break
+                if not (retry_missing and isinstance(err, ObjectMissing)):
+                    last, permanent = err, True
+                    break
+                last = err
+                if n < self.options.retries and not self.cancelled.is_set():
+                    print(f"warning: {what + ': ' if what else ''}'{url}' is missing from the store ({err}); "
+                          f"retrying in {wait:g} s ({n + 1} of {self.options.retries} retries)", file=sys.stderr,
+                          flush=True)
             except Exception as err:  # noqa: BLE001  (network errors come in many types; all retried)
                 last = err
                 if n < self.options.retries and not self.cancelled.is_set():
@@ -320,12 +333,15 @@ class Remote:
         if isinstance(last, ChecksumMismatch):
             advice = ("The shard no longer matches its index: it was rewritten after it was indexed. Write the "
                       f"index again (python -m launcher.shards index '{url}'), then relaunch.")
+        elif isinstance(last, ObjectMissing) and not permanent:
+            advice = ("The shard was in the store when the run started and is gone now (deleted or being "
+                      "replaced): put it back, then relaunch; the run resumes from its last checkpoint.")
         else:
             advice = ("Check that the store is reachable and the object exists (data.fetch_retries and "
                       "data.fetch_retry_wait set how long to keep trying); nothing partial was kept, and a "
                       "relaunch resumes from the last checkpoint.")
         raise LauncherError(f"{what + ': ' if what else ''}could not {action} '{url}'{where}{tries}: "
-                            f"{type(last).__name__}: {str(last)[:300]}. {advice}")
+                            f"{type(last).__name__}: {str(last)[:300].rstrip('.')}. {advice}")
 
 
 class _Cancelled(Exception):
@@ -338,9 +354,11 @@ def _s3_code(err) -> str:
 
 def _raise_permanent_s3(err) -> None:
     code = _s3_code(err)
-    if code in ("404", "NoSuchKey", "NotFound", "NoSuchBucket", "403", "AccessDenied", "InvalidAccessKeyId",
-                "SignatureDoesNotMatch"):
-        raise PermanentError(f"S3 {code}: {err.response.get('Error', {}).get('Message', '')}") from None
+    message = f"S3 {code}: {err.response.get('Error', {}).get('Message', '')}"
+    if code in ("404", "NoSuchKey", "NotFound"):
+        raise ObjectMissing(message) from None
+    if code in ("NoSuchBucket", "403", "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch"):
+        raise PermanentError(message) from None
     raise err
 
 

@@ -34,6 +34,8 @@ from typing import Any, Iterator
 
 import yaml
 
+from launcher.errors import LauncherError
+
 
 def recipe_file(run_dir: Path) -> Path:
     return Path(run_dir) / "recipe.yaml"
@@ -237,6 +239,21 @@ class MetricsLog:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def check_writable_run_dir(run_dir: Path) -> None:
+    """A run directory that cannot be written (a read-only mount, a file in its place, a folder
+    without write permission) is refused before anything trains, naming it and the fix."""
+    target = Path(run_dir)
+    if target.exists() and not target.is_dir():
+        raise LauncherError(f"run.dir '{run_dir}' is a file, not a folder: set run.dir to a folder for the run.")
+    existing = target
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == target else f" (its nearest existing folder '{existing}' is not writable)"
+        raise LauncherError(f"run.dir '{run_dir}' cannot be written{where}: a read-only file system or no write "
+                            "permission. Set run.dir to a writable folder (or copy the run there to resume it).")
 
 
 class RunDirLock:

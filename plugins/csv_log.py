@@ -5,7 +5,7 @@ One line per metrics row, one column per metric (the union over all rows, `step`
 evaluation and at the end of the run, atomically, so it always agrees with metrics.jsonl,
 also after a resume replaced rows. Main process only.
 
-Hooks: on_log (an evaluation's row), on_train_end.
+Hooks: setup (refuses a folder where its file goes), on_log (an evaluation's row), on_train_end.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import csv
 import io
 import json
 
+from launcher.errors import LauncherError
 from launcher.registry import Plugin, register
 from launcher.runlog import atomic_write_text, metrics_file
 
@@ -33,6 +34,11 @@ def metrics_csv(jsonl_text: str) -> str:
 @register("csv_log")
 class CsvLog(Plugin):
     """Write metrics.csv next to metrics.jsonl (after each evaluation and at the end)."""
+
+    def setup(self, ctx) -> None:
+        target = metrics_file(ctx.run_dir).with_suffix(".csv")
+        if target.is_dir():
+            raise LauncherError(f"plugins.csv_log writes '{target}', which is a folder: move it away.")
 
     def _write(self, ctx) -> None:
         source = metrics_file(ctx.run_dir)

@@ -103,7 +103,11 @@ def straight(digits, tmp_path_factory) -> Path:
 
 
 def test_sigkill_at_several_moments_then_relaunch_gives_the_same_model(digits, tmp_path, straight):
-    recipe, run = write_recipe(digits, tmp_path, "killed")
+    """Also the dashboards: TensorBoard's curves and metrics.csv end with one point per logged row,
+    none lost or repeated, equal to metrics.jsonl's (and so to the uninterrupted run's)."""
+    recipe, run = write_recipe(digits, tmp_path, "killed", plugins={
+        "checkpoint": {"every_steps": 10}, "recorder": {"trace": False, "stream": True}, "tensorboard": {},
+        "csv_log": {}})
     cmd = [sys.executable, "-m", "launcher", str(recipe)]
     log = tmp_path / "killed.log"
     # 1. before any checkpoint exists: the relaunch starts from scratch
@@ -130,6 +134,24 @@ def test_sigkill_at_several_moments_then_relaunch_gives_the_same_model(digits, t
     assert "resumed from" in log.read_text()
     assert_same_run(straight, run)
     assert_each_sample_once_per_epoch(trained_ids(run, 1))
+    _assert_dashboards_equal_metrics_jsonl(run)
+
+
+def _assert_dashboards_equal_metrics_jsonl(run: Path) -> None:
+    import csv
+
+    from plugins.csv_log import metrics_csv
+    from tests.test_tensorboard import scalars
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curves = scalars(run)
+    for key in ("train/loss", "train/lr", "val/loss", "val/top1"):
+        expected = [(r["step"], r[key]) for r in rows if key in r]
+        assert [s for s, _ in curves[key]] == [s for s, _ in expected], key  # one point per step
+        assert [v for _, v in curves[key]] == pytest.approx([v for _, v in expected], rel=1e-6), key
+    written = (run / "metrics.csv").read_text()
+    assert written == metrics_csv((run / "metrics.jsonl").read_text())
+    assert [int(r["step"]) for r in csv.DictReader(written.splitlines())] == [r["step"] for r in rows]
 
 
 def status(run: Path) -> dict:

@@ -17,6 +17,7 @@ import torch
 from launcher.data import EpochPlan, TrainStream, batches, expand_pattern, index_shards
 from launcher.errors import LauncherError
 from launcher.recipe import validate_recipe
+from launcher.registry import Plugin, PluginOptions, register
 from launcher.remote import FetchOptions
 from launcher.transforms import ImageTransform
 from tests.conftest import small_recipe
@@ -246,6 +247,74 @@ def test_remote_indexes_that_leave_out_samples_are_web_pages_or_come_without_a_s
         remote.cache.close()
     finally:
         server.shutdown()
+
+
+@register("test_delete_objects")
+class _DeleteObjects(Plugin):
+    """Once (a marker file remembers), at the end of step `step`, deletes the store's objects under
+    `prefix` whose names contain `match` (as if someone removed or was replacing the shards)."""
+
+    class Options(PluginOptions):
+        endpoint: str
+        prefix: str
+        match: str = "train-"
+        step: int = 3
+        marker: str
+
+    def on_step_end(self, ctx) -> None:
+        if ctx.step != self.options.step or Path(self.options.marker).exists():
+            return
+        Path(self.options.marker).touch()
+        from tests.object_store import ObjectStore
+
+        client = ObjectStore.__new__(ObjectStore)
+        client.endpoint = self.options.endpoint
+        s3 = client.client()
+        for item in s3.list_objects_v2(Bucket="shards", Prefix=self.options.prefix + "/").get("Contents", []):
+            if self.options.match in item["Key"]:
+                s3.delete_object(Bucket="shards", Key=item["Key"])
+
+
+def test_shards_deleted_from_the_store_mid_run_are_retried_then_named_and_the_relaunch_resumes_exactly(
+        object_store, digits20, tmp_path, capsys):
+    """Issue 29: an object deleted while the run streams it. Each fetch is retried (the object may be
+    being replaced), then the run stops with one paragraph naming the URL, status failed; once the
+    shards are back, the relaunch resumes from its checkpoint and ends as a run that never stopped."""
+    from launcher.loop import train
+    from tests.conftest import metric_rows
+
+    folder = Path(digits20["train"]).parent
+    object_store.upload_folder(folder, "deleted")
+    shard = max(Path(u).stat().st_size for u in expand_pattern(digits20["train"]))
+    data = {"num_workers": 0, "prefetch_shards": 0, "cache_limit": 3 * shard, "shuffle_window": WINDOW, "fetch_retries": 2,
+            "fetch_retry_wait": 0.05, "s3_endpoint": object_store.endpoint}
+    plugins = {"checkpoint": {"every_steps": 2}}
+
+    def recipe(run, train_pattern, val_pattern, extra):
+        return validate_recipe(small_recipe(digits20, run, data={**small_recipe(digits20, run)["data"], **data,
+                                                                 "train": train_pattern, "val": val_pattern},
+                                            train={"epochs": 1, "max_steps": 16}, plugins={**plugins, **extra}))
+
+    train(recipe(tmp_path / "local", digits20["train"], digits20["val"], {}))
+    deleting = {"test_delete_objects": {"endpoint": object_store.endpoint, "prefix": "deleted", "step": 2,
+                                        "marker": str(tmp_path / "deleted-once")}}
+    run = tmp_path / "s3"
+    remote = recipe(run, object_store.s3_url("deleted", digits20["train"]),
+                    object_store.s3_url("deleted", digits20["val"]), deleting)
+    with pytest.raises(LauncherError) as err:
+        train(remote)
+    text = str(err.value)
+    assert re.search(r"could not fetch 's3://shards/deleted/train-0000\d\d.tar' \(endpoint http://127[^)]*\) after 3 "
+                     r"attempts: ObjectMissing: S3 (NoSuchKey|404)", text), text
+    assert "put it back, then relaunch" in text
+    assert capsys.readouterr().err.count("is missing from the store") >= 2  # retried before giving up
+    assert json.loads((run / "status.json").read_text())["state"] == "failed"
+    object_store.upload_folder(folder, "deleted")
+    train(remote)
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    assert metric_rows(run) == metric_rows(tmp_path / "local")
+    assert (run / "final" / "model.safetensors").read_bytes() == \
+        (tmp_path / "local" / "final" / "model.safetensors").read_bytes()
 
 
 def _counted_pipe(shard: str, counter: Path, cases: str) -> str:

@@ -42,3 +42,46 @@ def test_rows_become_scalars_and_a_resume_leaves_one_point_per_step(digits, tmp_
         assert [s for s, _ in curves[key]] == [s for s, _ in expected], key  # one point per step
         assert [v for _, v in curves[key]] == pytest.approx([v for _, v in expected], rel=1e-6), key
     assert [s for s, _ in curves["train/loss"]] == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
+
+
+def test_dashboards_refuse_a_run_directory_they_cannot_write_before_training(digits, tmp_path, capsys):
+    """A read-only run directory (a real read-only mount; skipped where mounting needs root) was a
+    traceback; a file where tensorboard/ goes, or a folder where metrics.csv goes, too. Each is one
+    paragraph before any step, and a good run directory is untouched by the refusal."""
+    import subprocess
+
+    from launcher.__main__ import main as launcher_main
+    from launcher.errors import LauncherError
+
+    def recipe(run):
+        return validate_recipe(small_recipe(digits, run, train={"epochs": 1, "max_steps": 2},
+                                            plugins={"tensorboard": {}, "csv_log": {}}))
+
+    run = tmp_path / "in-the-way"
+    (run / "tensorboard").parent.mkdir()
+    (run / "tensorboard").write_text("someone's notes")
+    with pytest.raises(LauncherError, match="plugins.tensorboard writes into .* which is a file"):
+        train(recipe(run))
+    (run / "tensorboard").unlink()
+    (run / "metrics.csv").mkdir()
+    with pytest.raises(LauncherError, match="plugins.csv_log writes .* which is a folder"):
+        train(recipe(run))
+    assert sorted(p.name for p in run.iterdir()) == ["metrics.csv"]  # nothing trained, nothing written
+    mount_point = tmp_path / "ro"
+    mount_point.mkdir()
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a read-only tmpfs here (needs root): {mounted.stderr.strip()}")
+    try:
+        import yaml
+
+        path = tmp_path / "ro.yaml"
+        path.write_text(yaml.safe_dump(small_recipe(digits, mount_point / "run", train={"epochs": 1, "max_steps": 2},
+                                                    plugins={"tensorboard": {}, "csv_log": {}})))
+        assert launcher_main([str(path)]) == 2
+        err = capsys.readouterr().err
+        assert f"run.dir '{mount_point / 'run'}' cannot be written" in err and "read-only" in err
+        assert "Traceback" not in err
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], check=False)

@@ -141,14 +141,10 @@ def _assert_dashboards_equal_metrics_jsonl(run: Path) -> None:
     import csv
 
     from plugins.csv_log import metrics_csv
-    from tests.test_tensorboard import scalars
+    from tests.test_tensorboard import assert_curves_equal_metrics_jsonl
 
+    assert_curves_equal_metrics_jsonl(run)
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    curves = scalars(run)
-    for key in ("train/loss", "train/lr", "val/loss", "val/top1"):
-        expected = [(r["step"], r[key]) for r in rows if key in r]
-        assert [s for s, _ in curves[key]] == [s for s, _ in expected], key  # one point per step
-        assert [v for _, v in curves[key]] == pytest.approx([v for _, v in expected], rel=1e-6), key
     written = (run / "metrics.csv").read_text()
     assert written == metrics_csv((run / "metrics.jsonl").read_text())
     assert [int(r["step"]) for r in csv.DictReader(written.splitlines())] == [r["step"] for r in rows]

@@ -23,6 +23,16 @@ def scalars(run_dir) -> dict[str, list[tuple[int, float]]]:
     return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
 
 
+def assert_curves_equal_metrics_jsonl(run) -> None:
+    """One TensorBoard point per logged row, none lost or repeated, with the row's value."""
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    curves = scalars(run)
+    for key in ("train/loss", "train/lr", "val/loss", "val/top1"):
+        expected = [(r["step"], r[key]) for r in rows if key in r]
+        assert [s for s, _ in curves[key]] == [s for s, _ in expected], key  # one point per step
+        assert [v for _, v in curves[key]] == pytest.approx([v for _, v in expected], rel=1e-6), key
+
+
 def test_rows_become_scalars_and_a_resume_leaves_one_point_per_step(digits, tmp_path):
     run = tmp_path / "run"
 
@@ -35,12 +45,8 @@ def test_rows_become_scalars_and_a_resume_leaves_one_point_per_step(digits, tmp_
     # resumes at step 20 and logs step 25 again.
     shutil.rmtree(run / "checkpoints" / "step-00000025")
     train(recipe(50))
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert_curves_equal_metrics_jsonl(run)
     curves = scalars(run)
-    for key in ("train/loss", "train/lr", "val/loss", "val/top1"):
-        expected = [(r["step"], r[key]) for r in rows if key in r]
-        assert [s for s, _ in curves[key]] == [s for s, _ in expected], key  # one point per step
-        assert [v for _, v in curves[key]] == pytest.approx([v for _, v in expected], rel=1e-6), key
     assert [s for s, _ in curves["train/loss"]] == [5, 10, 15, 20, 25, 30, 35, 40, 45, 50]
 
 

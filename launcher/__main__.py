@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
             for shell_command in dict.fromkeys(commands):
                 print(f"# pipe: shards run this shell command: {shell_command}")
+            from launcher.data.augment import augment_path
+
+            print("# training augmentation runs on the {}: {}".format(*augment_path(recipe.data)))
             print(f"# recipe OK; run directory: {recipe.run_dir}")
             return 0
         from launcher.loop import train

@@ -388,7 +388,7 @@ def _train(ctx: RunContext) -> None:
         ctx.image_size = data.image_size
         plugins.call("on_epoch_start", ctx)  # may change ctx.image_size (progressive resizing)
         train_transform = ImageTransform(data, recipe.model.in_chans, train=True, image_size=ctx.image_size,
-                                         normalize_on_device=on_cuda)
+                                         normalize_on_device=on_cuda, batched=data.augment_on == "device")
         stream = TrainStream(ctx.train_index, ctx.plan, train_transform, ctx.epoch, ctx.rank, ctx.step_in_epoch)
         for batch in on_device(batches(stream, data.num_workers, pin_memory=on_cuda, workers=ctx.train_workers),
                                accelerator.device, ctx.memory_format, train_transform.finish):

@@ -149,6 +149,22 @@ class DataSection(Section):
     fetch_retry_wait: float = Field(1.0, ge=0.0, description="seconds before the first retry")
     fetch_timeout: float = Field(60.0, gt=0.0, description="seconds a remote connection or read may stall")
     augment: AugmentSection = Field(default_factory=AugmentSection)
+    augment_on: Literal["loader", "device"] = Field(
+        "loader", description="where training augmentation runs: loader (per sample, in the loader workers) or "
+                              "device (crop_padding, hflip, random_erasing and normalisation on the whole batch on "
+                              "the training device; refused with other ops)")
+
+    @model_validator(mode="after")
+    def _device_augmentation_has_batched_ops(self):
+        if self.augment_on == "device":
+            from launcher.data.augment import BATCHED_OPS, BatchAugment
+
+            missing = BatchAugment.unbatched_ops(self.augment)
+            if missing:
+                raise ValueError(f"data.augment_on=device: data.augment.{missing[0]} has no batched form (batched: "
+                                 f"{', '.join(BATCHED_OPS)}). Set data.augment_on=loader, or drop "
+                                 f"data.augment.{missing[0]}")
+        return self
 
     @field_validator("cache_limit")
     @classmethod

@@ -16,7 +16,7 @@ with info.json is complete.
 
 Next to each shard goes its index, `<shard>.index.npz` (sample offsets, sizes, extensions,
 labels, the shard's size and SHA-256), so that a run starts without scanning the tars
-(launcher/data.py, "index files"). `index PATTERN` writes the same for existing shards; a
+(launcher/data/index_files.py). `index PATTERN` writes the same for existing shards; a
 run without them scans once per machine and caches the result.
 """
 

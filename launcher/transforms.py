@@ -81,14 +81,22 @@ class ImageTransform:
     torchvision's, on the same values, so the batch equals the per-sample one bit for bit.
     Random erasing draws its noise on normalised float samples, so it keeps normalisation here."""
 
-    def __init__(self, data, in_chans: int, train: bool, image_size: int = 0, normalize_on_device: bool = False):
+    def __init__(self, data, in_chans: int, train: bool, image_size: int = 0, normalize_on_device: bool = False,
+                 batched: bool = False):
         if len(data.mean) != in_chans or len(data.std) != in_chans:
             raise LauncherError(
                 f"data.mean and data.std need {in_chans} values (model.in_chans), got {len(data.mean)} and "
                 f"{len(data.std)}."
             )
         self.size, self.in_chans = image_size or data.image_size, in_chans
-        self._settings = (data, in_chans, train, normalize_on_device)
+        self._settings = (data, in_chans, train, normalize_on_device, batched)
+        # data.augment_on: device: the loader only decodes; crop, flip, erasing and normalisation run
+        # on the whole batch where it lands (launcher/data/augment.py), with parameters drawn here.
+        self.batch_augment = None
+        if train and batched:
+            from launcher.data.augment import BatchAugment
+
+            self.batch_augment = BatchAugment(data.augment, self.size, data.mean, data.std)
         aug = data.augment
         self.interpolation = INTERPOLATION[data.interpolation]
         # The geometry first: what the model's input is cut from. Other images are squashed to size.
@@ -102,7 +110,7 @@ class ImageTransform:
             ops += [v2.Resize(math.floor(self.size / data.crop_pct), interpolation=self.interpolation, antialias=True),
                     v2.CenterCrop(self.size)]
             self.squash = False
-        if train:
+        if train and self.batch_augment is None:
             if aug.crop_padding:
                 ops.append(v2.RandomCrop(self.size, padding=aug.crop_padding, fill=0))
             if aug.hflip:
@@ -126,26 +134,34 @@ class ImageTransform:
         if self.takes_pil:
             ops.append(v2.PILToTensor())
         self.erase = None
-        if train and aug.random_erasing:
+        if train and aug.random_erasing and self.batch_augment is None:
             self.erase = RandomErasing(probability=aug.random_erasing, mode="pixel", device="cpu")
         self.mean, self.std = list(data.mean), list(data.std)
-        self.on_device = normalize_on_device and self.erase is None
+        self.on_device = (normalize_on_device and self.erase is None) or self.batch_augment is not None
         if not self.on_device:
             ops += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(self.mean, self.std)]
         self.ops = v2.Compose(ops) if ops else (lambda image: image)
 
     def with_size(self, image_size: int) -> "ImageTransform":
         """The same transform at another image size (progressive resizing)."""
-        data, in_chans, train, on_device = self._settings
-        return ImageTransform(data, in_chans, train, image_size=image_size, normalize_on_device=on_device)
+        data, in_chans, train, on_device, batched = self._settings
+        return ImageTransform(data, in_chans, train, image_size=image_size, normalize_on_device=on_device,
+                              batched=batched)
 
     def same_settings(self, other) -> bool:
         """True when `other` is this transform, possibly at another size (loader workers keep theirs)."""
         mine, theirs = self._settings, getattr(other, "_settings", None)
         return theirs is not None and mine[0] is theirs[0] and mine[1:] == theirs[1:]
 
-    def finish(self, images: torch.Tensor) -> torch.Tensor:
-        """The batch (N, C, H, W) as the model takes it: normalised here when the samples were not."""
+    def batch_params(self, keys, height: int, width: int):
+        """The batched augmentation's per-sample parameters (None without one)."""
+        return None if self.batch_augment is None else self.batch_augment.params(keys, height, width)
+
+    def finish(self, images: torch.Tensor, params=None) -> torch.Tensor:
+        """The batch (N, C, H, W) as the model takes it: augmented (with the parameters drawn by the
+        loader) and normalised here when the samples were not."""
+        if self.batch_augment is not None and params is not None:
+            return self.batch_augment.apply(images, params)
         if not self.on_device:
             return images
         images = v2.functional.to_dtype(images, torch.float32, scale=True)

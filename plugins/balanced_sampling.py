@@ -7,7 +7,7 @@ expected share of each epoch (class-balanced sampling), power 0.5 square-root sa
 
 An epoch keeps its length (N draws, so schedules and checkpoints do not change) and stays
 deterministic in (seed, epoch): the data plan draws the epoch's samples by systematic
-resampling (launcher/data.py EpochPlan.repeat_counts), so frequent classes are subsampled
+resampling (launcher/data/plan.py EpochPlan.repeat_counts), so frequent classes are subsampled
 and rare ones repeated, each repeat with its own augmentation. For class-weighted loss
 instead of sampling, use focal_loss with class_weights: balanced.
 

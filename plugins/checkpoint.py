@@ -21,7 +21,7 @@ The strategy writes and reads the weights and optimizer state (launcher/distribu
 save_checkpoint / load_checkpoint), the run context its progress (RunContext.progress_state);
 this plugin decides when and where, and makes it atomic and verified.
 The data position needs no worker state: what a step reads, and every augmentation draw,
-is a function of (seed, epoch, step) (see launcher/data.py), so resuming seeks straight to
+is a function of (seed, epoch, step) (see launcher/data/), so resuming seeks straight to
 the next step, whatever the number of loader workers.
 
 Atomic: every rank writes into checkpoints/.tmp-step-N, then the main process writes

@@ -177,7 +177,7 @@ def test_png_and_raw_shards_hold_the_same_pixels(digits, digits_png):
                                    np.arange(105, dtype=np.uint8).reshape(5, 7, 3),
                                    np.asfortranarray(np.eye(3, dtype=np.uint8))])
 def test_fast_npy_reader_agrees_with_numpy(array):
-    from launcher.data import _read_npy
+    from launcher.data.stream import _read_npy
 
     buf = io.BytesIO()
     np.save(buf, array)
@@ -188,7 +188,7 @@ def test_fast_npy_reader_agrees_with_numpy(array):
 @pytest.mark.parametrize("array", [np.ones((4, 4), np.float32), np.random.rand(4, 4), np.ones(5, np.uint8)])
 def test_a_npy_image_that_is_not_uint8_pixels_is_refused(array):
     """uint8 HxW or HxWxC is the documented format: a float array was read and then mis-scaled."""
-    from launcher.data import _read_npy
+    from launcher.data.stream import _read_npy
 
     buf = io.BytesIO()
     np.save(buf, array)
@@ -238,7 +238,7 @@ def _same_index(a, b) -> bool:
 
 
 def _no_scanning(monkeypatch):
-    import launcher.data as data
+    import launcher.data.index_files as data
 
     def refuse(path, key, checksum=False):
         raise AssertionError(f"scanned {path}")
@@ -313,13 +313,13 @@ def test_processes_starting_together_scan_each_shard_once(digits, tmp_path):
     urls = [Path(u) for u in expand_pattern(digits["train"])]
     for i, url in enumerate(urls):
         shutil.copy(url, tmp_path / f"x-{i}.tar")
-    script = ("import sys, launcher.data as d\n"
+    script = ("import sys, launcher.data as data, launcher.data.index_files as d\n"
               "scan = d.scan_shard\n"
               "def counted(path, key, checksum=False):\n"
               "    open(sys.argv[3], 'a').write(f'{path}\\n')\n"
               "    return scan(path, key, checksum)\n"
               "d.scan_shard = counted\n"
-              "print(len(d.index_shards(sys.argv[1], 't', cache_dir=sys.argv[2])))\n")
+              "print(len(data.index_shards(sys.argv[1], 't', cache_dir=sys.argv[2])))\n")
     args = [sys.executable, "-c", script, str(tmp_path / "x-{0..3}.tar"), str(tmp_path / "cache"),
             str(tmp_path / "scans.txt")]
     procs = [subprocess.Popen(args, cwd=REPO, stdout=subprocess.PIPE, text=True) for _ in range(3)]
@@ -531,13 +531,13 @@ def test_a_process_that_keeps_a_training_error_still_exits_with_its_loader_worke
     raw = small_recipe(digits, tmp_path / "run", data={"num_workers": 2})
     (tmp_path / "r.yaml").write_text(yaml.safe_dump(raw))
     script = ("import sys, yaml\n"
-              "import launcher.data\n"
+              "import launcher.data.stream\n"
               "from launcher.errors import LauncherError\n"
               "from launcher.loop import train\n"
               "from launcher.recipe import validate_recipe\n"
               "def broken(data, ext, **_):\n"
               "    raise ValueError('not an image')\n"
-              "launcher.data.decode_image = broken  # in the workers too (forked)\n"
+              "launcher.data.stream.decode_image = broken  # in the workers too (forked)\n"
               "try:\n"
               "    train(validate_recipe(yaml.safe_load(open(sys.argv[1]))))\n"
               "except LauncherError as err:\n"
@@ -559,7 +559,7 @@ def test_a_loader_worker_is_quiet_about_an_abandoned_handover_only():
     from tests.conftest import REPO
 
     script = ("import sys\n"
-              "from launcher.data import _prepare_worker\n"
+              "from launcher.data.loader import _prepare_worker\n"
               "_prepare_worker(0)\n"
               "for error in (ConnectionResetError('peer gone'), EOFError(), ValueError('real problem')):\n"
               "    try:\n"

@@ -170,3 +170,26 @@ def test_the_cuda_fast_paths_are_taken_and_a_compiled_run_follows_the_eager_one(
     compare("eager vs inductor-compiled, 1 GPU, bf16, 69 steps", runs["eager"], runs["compiled"])
     assert_same_curve_bf16(runs["eager"], runs["compiled"])
     timm.create_model("wrn10_1", num_classes=10).load_state_dict(weights(runs["compiled"]))
+
+
+def test_device_augmentation_on_cuda_equals_the_cpu():
+    """data.augment_on: device on a GPU: the same parameters (drawn in the loader), the same crop,
+    flip and normalisation bits, and erasing noise from the same integer hash (float32 math on
+    both; log/cos may differ in the last bit)."""
+    import numpy as np
+
+    from launcher.data.augment import BatchAugment, sample_keys
+    from launcher.recipe import AugmentSection
+
+    batched = BatchAugment(AugmentSection(crop_padding=4, hflip=0.5, random_erasing=0.5), 32, [0.5] * 3, [0.25] * 3)
+    images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    params = batched.params(sample_keys(0, 1, np.arange(256)), 32, 32)
+    cpu = batched.apply(images, params)
+    gpu = batched.apply(images.cuda(), {k: v.cuda() for k, v in params.items()}).cpu()
+    erased = torch.zeros_like(cpu, dtype=torch.bool)
+    for i, (on, top, left, h, w) in enumerate(params["erase"].tolist()):
+        erased[i, :, top:top + h, left:left + w] = bool(on)
+    assert torch.equal(gpu[~erased], cpu[~erased])
+    difference = (gpu[erased] - cpu[erased]).abs().max().item()
+    print(f"[gpu] device augmentation, erasing noise CUDA vs CPU: largest difference {difference:.2e}")
+    assert difference <= 1e-5

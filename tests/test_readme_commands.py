@@ -50,6 +50,7 @@ README_COMMANDS = {
     "python benchmarks/data_scale.py": ("test", "tests/test_readme_commands.py::test_the_data_scale_benchmark_runs"),
     "make gpu-check": ("test", "tests/test_readme_commands.py::test_make_gpu_check_runs"),
     "python benchmarks/loader_imagenet.py": ("test", "tests/test_readme_commands.py::test_the_imagenet_loader_benchmark_runs"),
+    "python benchmarks/augment_speed.py": ("test", "tests/test_readme_commands.py::test_the_augment_speed_benchmark_runs"),
     "python benchmarks/data_stream.py": ("test", "tests/test_readme_commands.py::test_the_data_stream_benchmark_runs"),
     "accelerate launch --multi_gpu --num_processes N -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "accelerate launch --multi_gpu --num_machines M --machine_rank R --main_process_ip HOST0 --main_process_port 29500 --num_processes $((M*N)) -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
@@ -231,6 +232,14 @@ def test_the_imagenet_loader_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in (tmp_path / "l.md").read_text().splitlines() if line.startswith(("| Random", "| +"))]
     assert len(rows) == 2 and all(float(row.split("|")[4]) > 0 for row in rows)
+
+
+def test_the_augment_speed_benchmark_runs(tmp_path):
+    result = run_cli(command("python benchmarks/augment_speed.py") + ["--samples", "256", "--repeats", "1",
+                                                                       "--out", str(tmp_path / "a.md")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in (tmp_path / "a.md").read_text().splitlines() if line.startswith("| crop")]
+    assert len(rows) == 2 and all(float(row.split("|")[-2].strip().rstrip("x")) > 0 for row in rows)
 
 
 def test_the_data_scale_benchmark_runs(tmp_path):

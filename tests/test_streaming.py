@@ -117,7 +117,7 @@ def test_a_resumed_epoch_fetches_only_what_its_remaining_steps_read(remote_digit
 
 def test_remote_shards_without_index_files_are_indexed_once_per_machine_or_by_the_index_command(
         remote_digits20, object_store, tmp_path, monkeypatch, capsys):
-    import launcher.data as data
+    import launcher.data.index_files as data
     from launcher.shards import main
 
     info, options = remote_digits20, FetchOptions(s3_endpoint=object_store.endpoint)

@@ -1,0 +1,185 @@
+"""data.augment_on: device: crop, flip, random erasing and normalisation on whole batches.
+
+Given the same parameters, the batched ops equal torchvision's and timm's per-sample ops bit for
+bit; the parameters are distributed as torchvision's and timm's draws are; each sample's draws
+depend on its own key only, so batches do not depend on the rank count, the worker count or
+where a resumed run starts."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torchvision.transforms.v2 import functional as F
+
+from launcher.data import EpochPlan, TrainStream, batches, index_shards, on_device
+from launcher.data.augment import BatchAugment, pixel_normals, sample_keys
+from launcher.errors import LauncherError
+from launcher.recipe import AugmentSection, validate_recipe
+from launcher.transforms import ImageTransform
+from tests.conftest import small_recipe
+
+MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
+
+
+def per_sample_reference(image: torch.Tensor, params: dict, i: int, padding: int, mean, std) -> torch.Tensor:
+    """Today's per-sample ops (torchvision v2 functionals, timm's erasing assignment) with sample
+    i's parameters."""
+    c, h, w = image.shape
+    out = image
+    if padding:
+        out = F.crop(F.pad(out, [padding] * 4, fill=0), int(params["crop"][i, 0]), int(params["crop"][i, 1]), h, w)
+    if bool(params["flip"][i]):
+        out = F.horizontal_flip(out)
+    out = F.normalize(F.to_dtype(out, torch.float32, scale=True), mean, std)
+    on, top, left, eh, ew = (int(v) for v in params["erase"][i])
+    if on:
+        noise = pixel_normals(params["key"][i:i + 1], c, h, w)[0]
+        out = out.clone()
+        out[:, top:top + eh, left:left + ew] = noise[:, top:top + eh, left:left + ew]  # timm: img[:, t:t+h, l:l+w] = ...
+    return out
+
+
+@pytest.mark.parametrize("channels, size, padding", [(3, 32, 4), (1, 28, 2), (3, 20, 0)])
+def test_batched_ops_equal_the_per_sample_ops_bit_for_bit_given_the_same_parameters(channels, size, padding):
+    augment = AugmentSection(crop_padding=padding, hflip=0.5, random_erasing=0.5)
+    mean, std = MEAN[:channels], STD[:channels]
+    batched = BatchAugment(augment, size, mean, std)
+    images = torch.randint(0, 256, (64, channels, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    params = batched.params(sample_keys(7, 3, np.arange(64)), size, size)
+    assert params["flip"].any() and not params["flip"].all() and params["erase"][:, 0].any()
+    expected = torch.stack([per_sample_reference(images[i], params, i, padding, mean, std) for i in range(64)])
+    got = batched.apply(images, params)
+    assert got.dtype == torch.float32 and torch.equal(got, expected)
+    # channels_last batches (CUDA runs with amp) come back channels_last, with the same values
+    nhwc = batched.apply(images.contiguous(memory_format=torch.channels_last), params)
+    assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, expected)
+
+
+def test_parameters_are_distributed_as_torchvisions_and_timms_draws():
+    """Flip rate, crop offsets (uniform over 0..2p) and timm's erasing rectangle (area, aspect,
+    position) against the per-sample ops' own draws: two-sample KS tests that fail on a wrong
+    distribution (checked by breaking it: an area range of (0.02, 0.4) fails)."""
+    import random
+
+    from scipy.stats import ks_2samp
+    from timm.data.random_erasing import RandomErasing
+    from torchvision.transforms import v2
+
+    n, size = 20000, 32
+    augment = AugmentSection(crop_padding=4, hflip=0.3, random_erasing=0.6)
+    params = BatchAugment(augment, size, MEAN, STD).params(sample_keys(0, 0, np.arange(n)), size, size)
+    flips, crops = params["flip"].numpy(), params["crop"].numpy()
+    assert abs(flips.mean() - 0.3) < 0.015
+    counts = np.bincount(crops.ravel(), minlength=9)
+    assert counts.shape == (9,) and (abs(counts / counts.sum() - 1 / 9) < 0.01).all()  # uniform over 0..8
+    # torchvision's RandomCrop offsets, drawn the per-sample way
+    crop = v2.RandomCrop(size, padding=4)
+    torch.manual_seed(0)
+    tv_tops = [crop.make_params([torch.zeros(3, size, size)])["top"] for _ in range(3000)]
+    assert ks_2samp(crops[:3000, 0], tv_tops).pvalue > 0.001
+    # timm's RandomErasing, its rectangles recorded from the images it erases (zeros in ones)
+    random.seed(0)
+    torch.manual_seed(0)
+    eraser = RandomErasing(probability=0.6, mode="const", device="cpu")
+    timm_rects = []
+    for _ in range(4000):
+        img = torch.ones(1, size, size)
+        eraser(img)
+        zero = (img[0] == 0).nonzero()
+        if len(zero):
+            top, left = zero.min(0).values.tolist()
+            bottom, right = zero.max(0).values.tolist()
+            timm_rects.append((top, left, bottom - top + 1, right - left + 1))
+    timm_rects = np.array(timm_rects)
+    ours = params["erase"].numpy()
+    ours = ours[ours[:, 0] == 1][:, 1:]
+    assert abs(len(ours) / n - 0.6) < 0.015 and abs(len(timm_rects) / 4000 - 0.6) < 0.03
+    for column, name in enumerate(("top", "left", "height", "width")):
+        assert ks_2samp(ours[:4000, column], timm_rects[:, column]).pvalue > 0.001, name
+    areas = ours[:, 2] * ours[:, 3] / size ** 2
+    assert areas.min() >= 0.015 and areas.max() <= 0.36
+    # the noise: standard normal values, different per sample and per position
+    noise = pixel_normals(params["key"][:200], 3, size, size)
+    assert abs(noise.mean().item()) < 0.01 and abs(noise.std().item() - 1) < 0.01
+    assert not torch.equal(noise[0], noise[1])
+
+
+def _augmented(index, plan, transform, epoch=0, start_step=0, rank=0, num_workers=0) -> dict[int, torch.Tensor]:
+    """sample id -> its augmented image, over the steps a stream yields."""
+    out = {}
+    stream = TrainStream(index, plan, transform, epoch, rank, start_step)
+    for batch in on_device(batches(stream, num_workers), torch.device("cpu"), torch.contiguous_format,
+                           transform.finish):
+        for i, image in zip(batch.ids.tolist(), batch.images):
+            out[i] = image
+    return out
+
+
+def test_each_samples_augmentation_depends_on_its_key_only(digits, tmp_path):
+    """1 or 2 ranks, 0 or 2 loader workers, a stream started mid-epoch: the same sample gets the
+    same augmented pixels; another epoch gets other draws."""
+    recipe = validate_recipe(small_recipe(digits, tmp_path, data={
+        **small_recipe(digits, tmp_path)["data"], "augment_on": "device",
+        "augment": {"crop_padding": 2, "hflip": 0.5, "random_erasing": 0.5}}))
+    transform = ImageTransform(recipe.data, 3, train=True, batched=True)
+    assert transform.batch_augment is not None and transform.erase is None
+    index = index_shards(recipe.data.train, "t")
+
+    def plan(world):
+        return EpochPlan(tuple(index.shard_sizes.tolist()), global_batch=64, streams=2, world_size=world, seed=0)
+
+    one = _augmented(index, plan(1), transform)
+    assert len(one) == 1437
+    two = {**_augmented(index, plan(2), transform, rank=0), **_augmented(index, plan(2), transform, rank=1)}
+    workers = _augmented(index, plan(1), transform, num_workers=2)
+    resumed = _augmented(index, plan(1), transform, start_step=7)
+    assert two.keys() == one.keys() and all(torch.equal(two[i], one[i]) for i in one)
+    assert all(torch.equal(workers[i], one[i]) for i in one)
+    assert resumed and all(torch.equal(resumed[i], one[i]) for i in resumed)
+    other_epoch = _augmented(index, plan(1), transform, epoch=1)
+    assert sum(not torch.equal(other_epoch[i], one[i]) for i in one) > 1000
+
+
+def test_a_run_with_device_augmentation_resumes_exactly(digits, tmp_path):
+    """The loop with data.augment_on: device, stopped after a checkpoint and relaunched: the same
+    weights and rows as an uninterrupted run; --check says which path a recipe takes."""
+    import shutil
+
+    from launcher.loop import train
+    from tests.conftest import metric_rows
+
+    def recipe(run, max_steps, on="device"):
+        raw = small_recipe(digits, run, train={"epochs": 2, "max_steps": max_steps},
+                           plugins={"checkpoint": {"every_steps": 10}})
+        raw["data"].update(augment_on=on, augment={"crop_padding": 2, "hflip": 0.5, "random_erasing": 0.5})
+        return validate_recipe(raw)
+
+    train(recipe(tmp_path / "straight", 50))
+    train(recipe(tmp_path / "stopped", 25))
+    shutil.rmtree(tmp_path / "stopped" / "checkpoints" / "step-00000025")  # killed after step 25's row
+    train(recipe(tmp_path / "stopped", 50))
+    assert metric_rows(tmp_path / "stopped") == metric_rows(tmp_path / "straight")
+    assert (tmp_path / "stopped" / "final" / "model.safetensors").read_bytes() == \
+        (tmp_path / "straight" / "final" / "model.safetensors").read_bytes()
+    # The draws differ between the paths: a run keeps the one it started with.
+    with pytest.raises(LauncherError, match="data.augment_on"):
+        train(recipe(tmp_path / "stopped", 60, on="loader"))
+
+
+def test_device_augmentation_with_an_op_it_lacks_is_refused_and_check_names_the_path(digits, tmp_path, capsys):
+    from launcher.__main__ import main
+    from tests.conftest import REPO
+
+    raw = small_recipe(digits, tmp_path)
+    raw["data"].update(augment_on="device", augment={"crop_padding": 2, "rotation": 10})
+    with pytest.raises(LauncherError, match=r"data.augment_on=device: data.augment.rotation has no batched form .*"
+                                            r"Set data.augment_on=loader"):
+        validate_recipe(raw)
+    base = [f"data.train={digits['train']}", f"data.val={digits['val']}"]
+    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), *base, "data.augment_on=device",
+                 "~data.augment.rotation"]) == 0
+    assert "# training augmentation runs on the device: data.augment_on: device" in capsys.readouterr().out
+    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), *base]) == 0
+    assert "runs on the loader: per sample in the loader workers: data.augment.rotation has no batched form" \
+        in capsys.readouterr().out

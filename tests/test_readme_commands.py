@@ -235,11 +235,14 @@ def test_the_imagenet_loader_benchmark_runs(tmp_path):
 
 
 def test_the_augment_speed_benchmark_runs(tmp_path):
-    result = run_cli(command("python benchmarks/augment_speed.py") + ["--samples", "256", "--repeats", "1",
-                                                                       "--out", str(tmp_path / "a.md")])
+    result = run_cli(command("python benchmarks/augment_speed.py") + [
+        "--samples", "256", "--repeats", "1", "--train-steps", "3", "--warmup", "1", "--out", str(tmp_path / "a.md")])
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = [line for line in (tmp_path / "a.md").read_text().splitlines() if line.startswith("| crop")]
+    lines = (tmp_path / "a.md").read_text().splitlines()
+    rows = [line for line in lines if line.startswith("| crop")]
     assert len(rows) == 2 and all(float(row.split("|")[-2].strip().rstrip("x")) > 0 for row in rows)
+    end_to_end = [line for line in lines if line.startswith(("| plain loop", "| launcher"))]
+    assert len(end_to_end) == 3 and all(float(line.split("|")[-2]) > 0 for line in end_to_end)
 
 
 def test_the_data_scale_benchmark_runs(tmp_path):

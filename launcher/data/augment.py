@@ -92,7 +92,8 @@ class BatchAugment:
     def params(self, keys: np.ndarray, height: int, width: int) -> dict[str, torch.Tensor]:
         """Each sample's parameters (small int64 tensors) from its key."""
         n = len(keys)
-        u = uniforms(keys, 4 + 4 * ERASE_ATTEMPTS)
+        # The j-th draw does not depend on how many are drawn: without erasing, only the first three.
+        u = uniforms(keys, 4 + 4 * ERASE_ATTEMPTS if self.erase else 3)
         span = 2 * self.padding + 1
         top, left = np.floor(u[:, 0] * span), np.floor(u[:, 1] * span)
         flip = u[:, 2] < self.flip

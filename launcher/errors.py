@@ -28,12 +28,14 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
 
 def run_command(command: Callable[[], int]) -> int:
     """Run a command-line entry point: a LauncherError becomes one `error: ...` paragraph and
-    exit status 2. Under several processes every rank fails alike, so only rank 0 prints it."""
+    exit status 2. Under several processes every rank fails alike, so only rank 0 prints it, unless
+    the training loop marked which rank failed first (`failed_first`, set under its watchdog)."""
     try:
         return command()
     except LauncherError as err:
-        if os.environ.get("RANK", "0") == "0":
-            print(f"error: {err}", file=sys.stderr)
+        first = getattr(err, "failed_first", None)
+        if first or (first is None and os.environ.get("RANK", "0") == "0"):
+            print(f"error: {err}", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # Ctrl-C where no plugin handles it (plugins.checkpoint does)
         if os.environ.get("RANK", "0") == "0":

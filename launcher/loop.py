@@ -269,6 +269,10 @@ def train(recipe) -> RunContext:
             watchdog.report_failure(exc)
             if watchdog.verdict and isinstance(exc, Exception):
                 _record_failure(ctx, exc, message=watchdog.verdict)  # another rank failed first
+            if isinstance(exc, LauncherError):
+                # The rank that failed first prints the paragraph: rank 0 may be stopped by its
+                # watchdog before its own error comes (run_command).
+                exc.failed_first = watchdog.verdict is None
         raise
     finally:
         for workers in (ctx.train_workers, ctx.eval_workers):

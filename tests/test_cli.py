@@ -118,3 +118,21 @@ def test_help_lists_every_command_and_each_answers_its_own_help(capsys):
             importlib.import_module(name).main(["--help"])
         assert stop.value.code == 0, name
         assert "usage: python -m " + name in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("rank, failed_first, printed", [
+    ("0", None, True), ("1", None, False),  # every rank fails alike: rank 0 speaks for them
+    ("1", True, True), ("0", False, False),  # a data error on rank 1 first: rank 0 is stopped by its watchdog
+])
+def test_the_rank_that_failed_first_prints_the_error(monkeypatch, capsys, rank, failed_first, printed):
+    from launcher.errors import LauncherError, run_command
+
+    def fail():
+        err = LauncherError("data.train: could not fetch 'http://x/a.tar' after 3 attempts")
+        if failed_first is not None:
+            err.failed_first = failed_first
+        raise err
+
+    monkeypatch.setenv("RANK", rank)
+    assert run_command(fail) == 2
+    assert ("error: data.train: could not fetch" in capsys.readouterr().err) == printed

@@ -435,7 +435,8 @@ def test_training_over_http_stops_clearly_when_the_store_stays_down_and_resumes_
     assert status["state"] == "failed", status
     assert re.search(r"could not fetch 'http://127\.0\.0\.1:\d+/buckets/shards/d20/(train|val)-0000\d\d\.tar' after 3 "
                      r"attempts", status["error"]), status
-    assert re.search(r"^error: data\.(train|val): could not fetch 'http://", log.read_text(), re.M)  # one paragraph
+    assert re.search(r"^error: data\.(train|val): could not fetch 'http://", log.read_text(), re.M), \
+        log.read_text()[-4000:]  # one paragraph
     finish(cmd, log)
     assert "resum" in log.read_text().lower()
     assert_same_run(run, local_disk_run)

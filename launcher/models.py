@@ -204,7 +204,7 @@ def load_pretrained_weights(section, kwargs: dict) -> nn.Module:
     if section.pretrained_file:
         # Read here, not by timm, so that a damaged file, a pickle or a file of another model is an
         # error naming the file (timm's state_dict source takes it as it is).
-        from launcher.weights import read_state_dict
+        from launcher.weights import listed, mismatches, read_state_dict
 
         file = pretrained_weights_file(section.pretrained_file)
         state = read_state_dict(file, "model.pretrained_file")
@@ -219,12 +219,10 @@ def load_pretrained_weights(section, kwargs: dict) -> nn.Module:
         # would be half-loaded with only a log line. Every tensor but the classifier must match.
         head = getattr(model, "pretrained_cfg", {}).get("classifier") or ()
         head = (head,) if isinstance(head, str) else tuple(head)
-        own = model.state_dict()
-        problems = [f"missing '{k}'" for k in own if k not in state and not k.startswith(head or ("\0",))]
-        problems += [f"unexpected '{k}'" for k in state if k not in own and not k.startswith(head or ("\0",))]
+        problems = mismatches(model.state_dict(), state, ignore=lambda name: name.startswith(head))
         if problems:
-            shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-            raise LauncherError(f"model.pretrained_file: '{file}' does not fit '{section.name}': {shown}. {fix}")
+            raise LauncherError(f"model.pretrained_file: '{file}' does not fit '{section.name}': {listed(problems)}. "
+                                f"{fix}")
         return model
     offline, hub_constants.HF_HUB_OFFLINE = hub_constants.HF_HUB_OFFLINE, True  # what HF_HUB_OFFLINE=1 does
     try:

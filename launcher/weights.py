@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pickle
 from pathlib import Path
+from typing import Callable, Iterable
 
 import torch
 
@@ -66,18 +67,32 @@ def _read_torch_file(path: Path, what: str) -> dict[str, torch.Tensor]:
     return state
 
 
+def mismatches(own: dict, state: dict, ignore: Callable[[str], bool] = lambda name: False,
+               shape_may_differ: Iterable[str] = ()) -> list[str]:
+    """What keeps weights `state` from a model whose state dict is `own`: names missing from
+    the file, names the model lacks, shapes that differ; `ignore`d names and the shapes of
+    `shape_may_differ` (a classifier about to be replaced) do not count."""
+    shape_may_differ = set(shape_may_differ)
+    problems = [f"missing '{n}'" for n in own if n not in state and not ignore(n)]
+    problems += [f"unexpected '{n}'" for n in state if n not in own and not ignore(n)]
+    problems += [f"'{n}' has shape {tuple(state[n].shape)}, the model {tuple(t.shape)}"
+                 for n, t in own.items() if n in state and state[n].shape != t.shape and not ignore(n)
+                 and n not in shape_may_differ]
+    return problems
+
+
+def listed(problems: list[str], limit: int = 5) -> str:
+    """The first `limit` problems, then how many more: an error stays one readable paragraph."""
+    return "; ".join(problems[:limit]) + (f"; and {len(problems) - limit} more" if len(problems) > limit else "")
+
+
 def load_into(model: torch.nn.Module, path: Path, what: str, fix: str) -> None:
     """Load a whole state dict into `model`; a file that does not fit the model (another
     architecture, another number of classes) is an error listing what differs, then `fix`."""
     state = read_state_dict(path, what)
-    own = model.state_dict()
-    problems = [f"missing '{n}'" for n in own if n not in state]
-    problems += [f"unexpected '{n}'" for n in state if n not in own]
-    problems += [f"'{n}' has shape {tuple(state[n].shape)}, the model {tuple(t.shape)}"
-                 for n, t in own.items() if n in state and state[n].shape != t.shape]
+    problems = mismatches(model.state_dict(), state)
     if problems:
-        shown = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
-        raise LauncherError(f"{what}: '{path}' does not fit the model: {shown}. {fix}")
+        raise LauncherError(f"{what}: '{path}' does not fit the model: {listed(problems)}. {fix}")
     model.load_state_dict(state)
 
 

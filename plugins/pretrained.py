@@ -22,7 +22,7 @@ from pydantic import Field
 from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import final_weights
-from launcher.weights import read_state_dict
+from launcher.weights import listed, mismatches, read_state_dict
 
 
 def resolve_weights(path: str) -> Path:
@@ -43,22 +43,14 @@ def load_pretrained(model, weights: Path, head: str) -> list[str]:
     if classifier is not None:
         ids = {id(t) for t in list(classifier.parameters()) + list(classifier.buffers())}
         head_names = {n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if id(t) in ids}
-    skipped, problems = [], []
-    for name, tensor in own.items():
-        if name not in state:
-            problems.append(f"missing '{name}'")
-        elif state[name].shape != tensor.shape:
-            if name in head_names and head != "load":
-                skipped.append(name)
-            else:
-                problems.append(f"'{name}' has shape {tuple(state[name].shape)}, the model {tuple(tensor.shape)}")
+    # A classifier of another shape keeps its initialisation (head: auto), unless head: load.
+    skipped = [n for n in head_names & set(own) if n in state and state[n].shape != own[n].shape and head != "load"]
     if head == "reset":
         skipped = sorted(set(skipped) | (head_names & set(own)))
-    problems += [f"unexpected '{n}'" for n in state if n not in own]
+    problems = mismatches(own, state, shape_may_differ=skipped)
     if problems:
-        shown = "; ".join(problems[:6]) + (f"; and {len(problems) - 6} more" if len(problems) > 6 else "")
-        raise LauncherError(f"plugins.pretrained: '{weights}' does not fit model: {shown}. Check model.name "
-                            "and model.kwargs against the run that wrote these weights.")
+        raise LauncherError(f"plugins.pretrained: '{weights}' does not fit model: {listed(problems, 6)}. Check "
+                            "model.name and model.kwargs against the run that wrote these weights.")
     model.load_state_dict({n: t for n, t in state.items() if n not in skipped}, strict=False)
     return sorted(skipped)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -157,3 +158,23 @@ def remote_digits20(object_store, digits20) -> dict:
             "http_train": object_store.http_url("d20", digits20["train"]),
             "http_val": object_store.http_url("d20", digits20["val"]),
             "bare_train": object_store.s3_url("d20-bare", digits20["train"])}
+
+
+@contextlib.contextmanager
+def read_only_folder(path: Path):
+    """A folder nobody may write into, root included: a read-only tmpfs mounted there (root, as in
+    CI), else a chmod 500 folder (others); skips when neither holds."""
+    path.mkdir(parents=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m,ro", "tmpfs", str(path)],
+                             capture_output=True, text=True).returncode == 0
+    if not mounted:
+        path.chmod(0o500)
+    try:
+        if os.access(path, os.W_OK):
+            pytest.skip(f"cannot make {path} read-only here (no mount, and this user writes anyway)")
+        yield path
+    finally:
+        if mounted:
+            subprocess.run(["umount", "-l", str(path)], check=False)
+        else:
+            path.chmod(0o700)

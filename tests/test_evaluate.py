@@ -9,7 +9,7 @@ import pytest
 from launcher.evaluate import main
 from launcher.loop import train
 from launcher.recipe import validate_recipe
-from tests.conftest import small_recipe
+from tests.conftest import read_only_folder, small_recipe
 
 
 @pytest.fixture(scope="module")
@@ -269,20 +269,15 @@ def test_evaluate_predict_and_export_explain_bad_weights_recipes_and_outputs(fin
     (tmp_path / "folder").mkdir()
     assert predict([str(finished), digits["val"], "--out", str(tmp_path / "folder")]) == 2
     assert "is a folder" in capsys.readouterr().err
-    (tmp_path / "readonly").mkdir()
-    (tmp_path / "readonly").chmod(0o500)
-    try:
-        if not __import__("os").access(tmp_path / "readonly", __import__("os").W_OK):  # root may write anyway
-            assert predict([str(finished), digits["val"], "--out", str(tmp_path / "readonly" / "p.csv")]) == 2
-            assert "not writable" in capsys.readouterr().err
-    finally:
-        (tmp_path / "readonly").chmod(0o700)
     (tmp_path / "afile").write_text("x")
     assert predict([str(finished), digits["val"], "--out", str(tmp_path / "afile" / "p.csv")]) == 2
     assert "cannot be created" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         predict([str(finished), digits["val"], "--batch-size", "0"])
     assert stop.value.code == 2 and "must be 1 or more" in capsys.readouterr().err
+    with read_only_folder(tmp_path / "readonly") as readonly:
+        assert predict([str(finished), digits["val"], "--out", str(readonly / "p.csv")]) == 2
+        assert "not writable" in capsys.readouterr().err
 
 
 def test_predict_on_odd_inputs(finished, digits, tmp_path, capsys):

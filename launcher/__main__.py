@@ -8,7 +8,7 @@
 
 The other commands (each with its own --help):
 
-    python -m launcher.shards SOURCE --out DIR                write WebDataset shards (digits, cifar10/100, imagefolder, npz)
+    python -m launcher.shards SOURCE --out DIR                write WebDataset shards (digits, cifar10/100, fashion-mnist, imagefolder, npz)
     python -m launcher.shards index PATTERN                   write each shard's index next to it
     python -m launcher.lr_find RECIPE [overrides]             learning-rate range test
     python -m launcher.evaluate RUN_DIR [--weights ema] [--tta]  loss/top-1/top-5 of the run's weights on any shards

@@ -3,6 +3,7 @@
     python -m launcher.shards digits --out data/digits
     python -m launcher.shards cifar100 --src DIR/cifar-100-python --out data/cifar100
     python -m launcher.shards cifar10 --src DIR/cifar-10-batches-py --out data/cifar10
+    python -m launcher.shards fashion-mnist --src DIR --out data/fashion-mnist   # also mnist, kmnist (IDX files)
     python -m launcher.shards imagefolder --src DIR --out data/mine
     python -m launcher.shards npz --src arrays.npz --out data/mine   # x_train, y_train, x_val, y_val (uint8 NHWC)
     python -m launcher.shards synthetic --out data/fake --num-classes 100 --train 2048 --val 512
@@ -145,6 +146,75 @@ def cifar_arrays(src: Path, fine: bool):
     return x_train, y_train, x_val, y_val, classes
 
 
+# The MNIST family is published as IDX files (big-endian header, then uint8 data), under the same
+# four names for all three data sets; the 10k test set becomes the val split.
+IDX_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
+             "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+IDX_IMAGES_MAGIC, IDX_LABELS_MAGIC = 2051, 2049
+IDX_CLASSES = {
+    "fashion-mnist": ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                      "Ankle boot"],
+    "mnist": [str(i) for i in range(10)],
+    "kmnist": ["o", "ki", "su", "tsu", "na", "ha", "ma", "ya", "re", "wo"],  # Kuzushiji-MNIST's hiragana, romanised
+}
+# Where Debian's packages put them (apt-get install dataset-fashion-mnist).
+IDX_DEFAULT_SRC = {name: Path("/usr/share/datasets") / name for name in IDX_CLASSES}
+
+
+def read_idx(src: Path, stem: str, magic: int) -> np.ndarray:
+    """One IDX file (`stem` or `stem.gz` in src) as a uint8 array: (n, rows, cols) or (n,)."""
+    import gzip
+    import zlib
+
+    candidates = [src / f"{stem}.gz", src / stem]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        raise LauncherError(f"'{src}' has no {stem}.gz (or {stem}): --src must be the folder holding the four IDX "
+                            "files (train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, "
+                            "t10k-images-idx3-ubyte.gz, t10k-labels-idx1-ubyte.gz)")
+    try:
+        if path.suffix == ".gz":
+            with gzip.open(path, "rb") as f:
+                data = f.read()
+        else:
+            data = path.read_bytes()
+    except (OSError, EOFError, zlib.error) as err:
+        raise LauncherError(f"'{path}' is not a readable gzip file ({err}): it is truncated or damaged; download it "
+                            "again") from None
+    dims = 3 if magic == IDX_IMAGES_MAGIC else 1
+    header = 4 + 4 * dims
+    if len(data) < header or int.from_bytes(data[:4], "big") != magic:
+        found = int.from_bytes(data[:4], "big") if len(data) >= 4 else None
+        raise LauncherError(f"'{path}' is not an IDX {'images' if dims == 3 else 'labels'} file: its magic number is "
+                            f"{found}, expected {magic} (is it the {'labels' if dims == 3 else 'images'} file, or "
+                            "not IDX at all?)")
+    shape = tuple(int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(dims))
+    expected = int(np.prod(shape))
+    if len(data) - header != expected:
+        raise LauncherError(f"'{path}' holds {len(data) - header} bytes of data where its header {shape} promises "
+                            f"{expected}: the file is truncated or damaged; download it again")
+    return np.frombuffer(data, dtype=np.uint8, offset=header).reshape(shape)
+
+
+def idx_arrays(src: Path, name: str):
+    """Fashion-MNIST / MNIST / KMNIST from their IDX files: the 60k train, the 10k test set as val."""
+    if not src.is_dir():
+        raise LauncherError(f"'{src}' is not a folder: --src must be the folder holding {name}'s IDX files")
+    classes = IDX_CLASSES[name]
+    arrays = []
+    for split, (images_stem, labels_stem) in IDX_FILES.items():
+        images = read_idx(src, images_stem, IDX_IMAGES_MAGIC)
+        labels = read_idx(src, labels_stem, IDX_LABELS_MAGIC)
+        if len(images) != len(labels):
+            raise LauncherError(f"'{src}': {images_stem} holds {len(images)} images but {labels_stem} "
+                                f"{len(labels)} labels; the files are from different data sets or damaged")
+        if len(labels) and labels.max() >= len(classes):
+            raise LauncherError(f"'{src}/{labels_stem}' has label {int(labels.max())}, outside {name}'s "
+                                f"{len(classes)} classes (0-{len(classes) - 1}): is it another data set?")
+        arrays += [images[..., None], labels]  # HxWx1: grey images, like the other sources' HxWxC
+    return (*arrays, classes)
+
+
 def npz_arrays(src: Path):
     if not src.is_file():
         raise LauncherError(f"'{src}' not found")
@@ -271,9 +341,12 @@ def main(argv: Optional[list[str]] = None) -> int:
     if argv[:1] == ["index"]:
         return index_main(argv[1:])
     parser = argparse.ArgumentParser(prog="python -m launcher.shards", description=__doc__.split("\n\n")[0])
-    parser.add_argument("source", choices=["digits", "cifar10", "cifar100", "imagefolder", "npz", "synthetic"])
+    parser.add_argument("source", choices=["digits", "cifar10", "cifar100", *IDX_CLASSES, "imagefolder", "npz",
+                                           "synthetic"])
     parser.add_argument("--out", required=True, type=Path)
-    parser.add_argument("--src", type=Path, help="input folder or file (cifar10/100, imagefolder, npz)")
+    parser.add_argument("--src", type=Path, help="input folder or file (cifar10/100, fashion-mnist/mnist/kmnist: the "
+                        "IDX files' folder, default Debian's /usr/share/datasets/<name> when it exists; imagefolder, "
+                        "npz)")
     parser.add_argument("--format", default=None, choices=FORMATS + ("keep",),
                         help="raw (uint8 .npy, no decode cost; default), png or jpg; keep (imagefolder: copy files)")
     parser.add_argument("--shard-size", type=int, default=None, help="samples per shard")
@@ -287,9 +360,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     fmt = args.format or "raw"
     if fmt == "keep" and args.source != "imagefolder":
         parser.error("--format keep only applies to imagefolder")
+    if args.source in IDX_CLASSES and args.src is None and IDX_DEFAULT_SRC[args.source].is_dir():
+        args.src = IDX_DEFAULT_SRC[args.source]
     try:
-        if args.source in ("cifar10", "cifar100", "imagefolder", "npz") and args.src is None:
-            raise LauncherError(f"{args.source} needs --src")
+        if args.source in ("cifar10", "cifar100", *IDX_CLASSES, "imagefolder", "npz") and args.src is None:
+            where = (f" (the folder of its four IDX files; Debian's package puts them in {IDX_DEFAULT_SRC[args.source]}, "
+                     "the default when it exists)" if args.source in IDX_CLASSES else "")
+            raise LauncherError(f"{args.source} needs --src{where}")
         if args.source == "imagefolder":
             train, val, classes = imagefolder_items(args.src, fmt, args.seed, args.val_fraction)
             default_shard = 1000
@@ -300,6 +377,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             elif args.source in ("cifar10", "cifar100"):
                 arrays = cifar_arrays(args.src, fine=args.source == "cifar100")
                 default_shard = 5000
+            elif args.source in IDX_CLASSES:
+                arrays = idx_arrays(args.src, args.source)
+                default_shard = 5000  # 12 train shards: 2 ranks x 2 workers each get whole shards
             elif args.source == "npz":
                 arrays = npz_arrays(args.src)
                 default_shard = 5000

@@ -19,7 +19,7 @@ from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.recipe import validate_recipe
 from launcher.transforms import ImageTransform
-from tests.conftest import small_recipe, write_shards
+from tests.conftest import REPO, small_recipe, write_shards
 
 
 def all_ids(plan: EpochPlan, epoch: int) -> list[list[np.ndarray]]:
@@ -425,6 +425,107 @@ def test_cifar10_source_from_the_python_pickles(tmp_path):
     info = write_shards(tmp_path / "out", "cifar10", "--src", str(src))
     assert (info["num_train"], info["num_val"], info["classes"][7]) == (20, 4, "k7")
     assert torch.equal(decode_image(*index_shards(info["train"], "t").read_image(0, {})), torch.from_numpy(first))
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    """An IDX file as the MNIST family publishes them: big-endian magic and sizes, then uint8."""
+    import gzip
+
+    magic = 2051 if array.ndim == 3 else 2049
+    data = b"".join(int(v).to_bytes(4, "big") for v in (magic, *array.shape)) + array.astype(np.uint8).tobytes()
+    if compress:
+        with gzip.open(f"{path}.gz", "wb") as f:
+            f.write(data)
+    else:
+        path.write_bytes(data)
+
+
+def fake_idx_folder(folder: Path, n_train=23, n_val=7, seed=0) -> dict:
+    """Random 28x28 images in the four IDX files (train gzip'd, test plain: both forms occur)."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+              "train-labels-idx1-ubyte": rng.integers(0, 10, n_train),
+              "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_val, 28, 28)),
+              "t10k-labels-idx1-ubyte": rng.integers(0, 10, n_val)}
+    for stem, array in arrays.items():
+        write_idx(folder / stem, array, compress=stem.startswith("train"))
+    return arrays
+
+
+@pytest.mark.parametrize("source", ["fashion-mnist", "mnist", "kmnist"])
+def test_mnist_family_sources_from_their_idx_files(source, tmp_path):
+    arrays = fake_idx_folder(tmp_path / "idx")
+    info = write_shards(tmp_path / "out", source, "--src", str(tmp_path / "idx"), "--shard-size", "10")
+    assert (info["num_train"], info["num_val"], info["num_classes"]) == (23, 7, 10)
+    assert info["classes"][9] == {"fashion-mnist": "Ankle boot", "mnist": "9", "kmnist": "wo"}[source]
+    train, val = index_shards(info["train"], "t"), index_shards(info["val"], "v")
+    assert train.shard_sizes.tolist() == [10, 10, 3]
+    assert train.labels.tolist() == arrays["train-labels-idx1-ubyte"].tolist()
+    assert val.labels.tolist() == arrays["t10k-labels-idx1-ubyte"].tolist()
+    for i in (0, 22):
+        image = decode_image(*train.read_image(i, {}))
+        assert image.shape == (1, 28, 28)  # grey, channel first like every decoded image
+        assert torch.equal(image[0], torch.from_numpy(arrays["train-images-idx3-ubyte"][i].astype(np.uint8)))
+    assert torch.equal(decode_image(*val.read_image(6, {}))[0],
+                       torch.from_numpy(arrays["t10k-images-idx3-ubyte"][6].astype(np.uint8)))
+
+
+def test_the_real_fashion_mnist_files_read_as_the_data_set_says():
+    """The files in ../shared (Debian's dataset-fashion-mnist): 60k + 10k 28x28 images, 6,000 and
+    1,000 of each class (the data set's README)."""
+    from launcher.shards import idx_arrays
+
+    src = REPO.parent / "shared" / "data" / "fashion-mnist"
+    if not src.is_dir():
+        pytest.skip(f"{src} is not on this machine")
+    x_train, y_train, x_val, y_val, classes = idx_arrays(src, "fashion-mnist")
+    assert x_train.shape == (60000, 28, 28, 1) and x_val.shape == (10000, 28, 28, 1)
+    assert np.bincount(y_train).tolist() == [6000] * 10 and np.bincount(y_val).tolist() == [1000] * 10
+    assert classes[0] == "T-shirt/top" and 60 < x_train.mean() < 90  # mostly dark background, grey garments
+
+
+def idx_damage(folder: Path) -> dict:
+    """Ways the IDX files come damaged or mixed up, each with the words its error must contain."""
+    train_images = folder / "train-images-idx3-ubyte.gz"
+    good = train_images.read_bytes()
+    return {
+        "truncated gzip": (lambda: train_images.write_bytes(good[: len(good) // 2]), "truncated or damaged"),
+        "labels for images": (lambda: train_images.write_bytes((folder / "train-labels-idx1-ubyte.gz").read_bytes()),
+                              "its magic number is 2049, expected 2051"),
+        "not IDX": (lambda: (train_images.unlink(), (folder / "train-images-idx3-ubyte").write_text("<html>")),
+                    "is not an IDX images file"),
+        "short data": (lambda: (folder / "t10k-images-idx3-ubyte").write_bytes(
+            (folder / "t10k-images-idx3-ubyte").read_bytes()[:-5]), "the file is truncated or damaged"),
+        "counts differ": (lambda: write_idx(folder / "t10k-labels-idx1-ubyte", np.zeros(6), compress=False),
+                          "holds 7 images but t10k-labels-idx1-ubyte 6 labels"),
+        "label range": (lambda: write_idx(folder / "t10k-labels-idx1-ubyte", np.full(7, 12), compress=False),
+                        "has label 12, outside fashion-mnist's 10 classes"),
+        "missing file": (lambda: (folder / "t10k-labels-idx1-ubyte").unlink(), "has no t10k-labels-idx1-ubyte.gz"),
+    }
+
+
+@pytest.mark.parametrize("case", ["truncated gzip", "labels for images", "not IDX", "short data", "counts differ",
+                                  "label range", "missing file"])
+def test_damaged_idx_files_are_one_paragraph_naming_the_file(case, tmp_path, capsys):
+    from launcher.shards import main
+
+    fake_idx_folder(tmp_path / "idx")
+    damage, words = idx_damage(tmp_path / "idx")[case]
+    damage()
+    assert main(["fashion-mnist", "--src", str(tmp_path / "idx"), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and str(tmp_path / "idx") in err, err
+    assert "Traceback" not in err and not (tmp_path / "out" / "info.json").exists()
+
+
+def test_mnist_family_without_src_names_debians_folder(tmp_path, capsys):
+    from launcher.shards import IDX_DEFAULT_SRC, main
+
+    if IDX_DEFAULT_SRC["kmnist"].is_dir():
+        pytest.skip("this machine has /usr/share/datasets/kmnist")
+    assert main(["kmnist", "--out", str(tmp_path / "out")]) == 2
+    assert "kmnist needs --src (the folder of its four IDX files" in capsys.readouterr().err
 
 
 def test_imagefolder_source(tmp_path):

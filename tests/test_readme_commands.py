@@ -44,6 +44,7 @@ README_COMMANDS = {
     "python -m launcher.shards digits --out data/digits": ("here", "the working directory's data"),
     "python -m launcher.shards cifar100 --src DIR/cifar-100-python --out data/cifar100": ("test", "tests/test_data.py::test_cifar100_source_from_the_python_pickles"),
     "python -m launcher.shards cifar10 --src DIR/cifar-10-batches-py --out data/cifar10": ("test", "tests/test_data.py::test_cifar10_source_from_the_python_pickles"),
+    "python -m launcher.shards fashion-mnist --src DIR --out data/fashion-mnist": ("test", "tests/test_data.py::test_mnist_family_sources_from_their_idx_files"),
     "python -m launcher.shards imagefolder --src DIR --out data/mine": ("test", "tests/test_data.py::test_imagefolder_source"),
     "python -m launcher.shards npz --src arrays.npz --out data/mine": ("test", "tests/test_data.py::test_npz_source"),
     "python -m launcher.shards index 'data/other/train-{000000..000999}.tar'": ("test", "tests/test_data.py::test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first_use"),

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Optional
 
 
 def _duration(seconds: float) -> str:
@@ -30,6 +31,10 @@ class Console:
             self.bar = tqdm(total=ctx.total_steps, initial=ctx.step, desc=f"{ctx.recipe.name}", unit="step",
                             dynamic_ncols=True, mininterval=1.0)
         self.window_start, self.window_samples, self.window_steps = time.perf_counter(), 0, 0
+        # The first step of a process compiles (train.compile), autotunes (cuDNN) and waits for the
+        # loader's first batches: it is timed on its own, so that samples/s and the ETA are the
+        # steady state's ("5 samples/s | ETA 0:03:20" while compiling helps nobody).
+        self.first_step: Optional[tuple[int, float]] = None  # (samples, seconds), until its row is shown
 
     @classmethod
     def for_run(cls, ctx) -> "Console":
@@ -38,14 +43,25 @@ class Console:
 
     def step_done(self, samples: int) -> None:
         """One optimizer step over `samples` samples (the global batch)."""
-        self.window_samples += samples
-        self.window_steps += 1
         if self.bar is not None:
             self.bar.update(1)
+        if not self.first_step_seen:
+            now = time.perf_counter()
+            self.first_step, self.first_step_seen = (samples, now - self.window_start), True
+            self.window_start = now  # the steady state starts after it
+            return
+        self.window_samples += samples
+        self.window_steps += 1
+
+    first_step_seen = False
 
     def samples_per_second(self) -> float:
-        """Training samples (all ranks) per second since the last logged row."""
+        """Training samples (all ranks) per second since the last logged row, the first step left
+        out (when it is all there is, its own rate)."""
         elapsed = time.perf_counter() - self.window_start
+        if self.window_steps == 0 and self.first_step is not None:
+            samples, seconds = self.first_step
+            return round(samples / seconds, 1) if seconds > 0 else 0.0
         return round(self.window_samples / elapsed, 1) if elapsed > 0 else 0.0
 
     def row(self, row: dict) -> None:
@@ -53,16 +69,22 @@ class Console:
         elapsed = time.perf_counter() - self.window_start
         if self.bar is not None:
             self.bar.set_postfix(loss=f"{row['train/loss']:.4f}", refresh=False)
-        elif self.enabled and self.window_steps:
+        elif self.enabled:
             step = row["step"]
-            rate = row["train/samples_per_s"]
-            eta = (self.total - step) * elapsed / self.window_steps
-            print(f"[train] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) epoch {row['epoch']} | "
-                  f"loss {row['train/loss']:.4f} | lr {row['train/lr']:.4g} | {rate:,.0f} samples/s | "
-                  f"ETA {_duration(eta)}", flush=True)
+            line = (f"[train] step {step}/{self.total} ({100 * step / max(self.total, 1):.0f}%) epoch {row['epoch']} | "
+                    f"loss {row['train/loss']:.4f} | lr {row['train/lr']:.4g}")
+            if self.window_steps:
+                eta = (self.total - step) * elapsed / self.window_steps
+                line += f" | {row['train/samples_per_s']:,.0f} samples/s | ETA {_duration(eta)}"
+            if self.first_step is not None:
+                line += f" | first step {self.first_step[1]:.1f} s (compilation, warm-up: not in samples/s or the ETA)"
+            print(line, flush=True)
+        self.first_step = None
         self.window_start, self.window_samples, self.window_steps = time.perf_counter(), 0, 0
 
-    def evaluation(self, step: int, epoch: int, metrics: dict) -> None:
+    def evaluation(self, step: int, epoch: int, metrics: dict, seconds: float = 0.0) -> None:
+        """An evaluation took `seconds`: printed, and left out of the training speed."""
+        self.window_start += seconds
         if self.enabled:
             shown = ", ".join(f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith(("top1", "loss")))
             after_bar = "\n" if self.bar is not None else ""  # off the progress bar's line

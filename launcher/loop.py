@@ -471,6 +471,7 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
     """Loss, top-1 and top-5 of every model plugins ask for, each validation sample counted
     exactly once across ranks (rank shares are disjoint, unpadded; sums are all-reduced)."""
     recipe, accelerator = ctx.recipe, ctx.accelerator
+    started = time.perf_counter()
     if ctx.eval_model is None:  # the weights are the trained model's; with train.compile, a compiled call
         ctx.eval_model = compiled_for_inference(accelerator.unwrap_model(ctx.model), recipe.train.compile)
     models = ctx.plugins.chain("eval_models", ctx, {"val": ctx.eval_model})
@@ -522,7 +523,7 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
     ctx.plugins.call("on_evaluate", ctx, metrics)
     _emit(ctx, log, {"step": ctx.step, "epoch": ctx.epoch, **metrics})
     if ctx.console is not None:
-        ctx.console.evaluation(ctx.step, ctx.epoch, metrics)
+        ctx.console.evaluation(ctx.step, ctx.epoch, metrics, seconds=time.perf_counter() - started)
     return metrics
 
 

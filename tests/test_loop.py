@@ -217,9 +217,45 @@ def test_a_log_file_gets_one_plain_line_per_row_and_no_carriage_returns(digits, 
     assert len(lines) == len(train_rows) == 2
     for line, row in zip(lines, train_rows):
         match = re.fullmatch(r"\[train\] step (\d+)/10 \((\d+)%\) epoch 0 \| loss (\S+) \| lr (\S+) \| "
-                             r"([\d,]+) samples/s \| ETA (\d+):(\d\d):(\d\d)", line)
+                             r"([\d,]+) samples/s \| ETA (\d+):(\d\d):(\d\d)( \| first step [\d.]+ s \(compilation, "
+                             r"warm-up: not in samples/s or the ETA\))?", line)
         assert match, line
+        assert bool(match[9]) == (row is train_rows[0])  # the first step is timed on its own
         assert int(match[1]) == row["step"] and int(match[2]) == row["step"] * 10
         assert match[3] == f"{row['train/loss']:.4f}" and float(match[4]) == pytest.approx(row["train/lr"], rel=1e-3)
         assert int(match[5].replace(",", "")) > 0
     assert re.search(r"^\[eval\] step 10 epoch 0: val/loss=\d\.\d{4}, val/top1=\d\.\d{4}", result.stdout, re.M)
+
+
+def test_speed_and_eta_leave_out_the_first_step_and_evaluations(monkeypatch, capsys):
+    """A first step that compiles for 30 s and a 5 s evaluation do not count as training speed:
+    samples/s and the ETA are the steady state's (issue: '5 samples/s | ETA 0:03:20' while compiling)."""
+    from types import SimpleNamespace
+
+    import launcher.console as console_module
+
+    clock = [100.0]
+    monkeypatch.setattr(console_module.time, "perf_counter", lambda: clock[0])
+    ctx = SimpleNamespace(total_steps=105, step=0, recipe=SimpleNamespace(name="r"))
+    console = console_module.Console(ctx, enabled=True, live_bar=False)
+
+    def steps(count, seconds_each):
+        for _ in range(count):
+            clock[0] += seconds_each
+            console.step_done(128)
+
+    def row(step):
+        console.row({"step": step, "epoch": 0, "train/loss": 1.0, "train/lr": 0.1,
+                     "train/samples_per_s": console.samples_per_second()})
+        return capsys.readouterr().out
+
+    steps(1, 30.0)  # compiling
+    steps(4, 0.1)
+    first = row(5)
+    assert "1,280 samples/s | ETA 0:00:10" in first and "first step 30.0 s (compilation, warm-up" in first, first
+    steps(5, 0.1)
+    clock[0] += 5.0
+    console.evaluation(10, 0, {"val/top1": 0.5}, seconds=5.0)
+    steps(5, 0.1)
+    second = row(15)
+    assert "1,280 samples/s | ETA 0:00:09" in second and "first step" not in second, second

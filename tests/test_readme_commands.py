@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from tests.conftest import REPO, free_port, run_cli
 
@@ -48,6 +49,7 @@ README_COMMANDS = {
     "python -m launcher.shards imagefolder --src DIR --out data/mine": ("test", "tests/test_data.py::test_imagefolder_source"),
     "python -m launcher.shards npz --src arrays.npz --out data/mine": ("test", "tests/test_data.py::test_npz_source"),
     "python -m launcher.shards index 'data/other/train-{000000..000999}.tar'": ("test", "tests/test_data.py::test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first_use"),
+    "python benchmarks/ladder.py --out benchmarks/results/ladder_fashion.md": ("test", "tests/test_readme_commands.py::test_the_ladder_benchmark_runs_and_continues_where_it_stopped"),
     "python benchmarks/data_scale.py": ("test", "tests/test_readme_commands.py::test_the_data_scale_benchmark_runs"),
     "make gpu-check": ("test", "tests/test_readme_commands.py::test_make_gpu_check_runs"),
     "python benchmarks/loader_imagenet.py": ("test", "tests/test_readme_commands.py::test_the_imagenet_loader_benchmark_runs"),
@@ -244,6 +246,33 @@ def test_the_augment_speed_benchmark_runs(tmp_path):
     assert len(rows) == 2 and all(float(row.split("|")[-2].strip().rstrip("x")) > 0 for row in rows)
     end_to_end = [line for line in lines if line.startswith(("| plain loop", "| launcher"))]
     assert len(end_to_end) == 3 and all(float(line.split("|")[-2]) > 0 for line in end_to_end)
+
+
+def test_the_ladder_benchmark_runs_and_continues_where_it_stopped(tmp_path):
+    """benchmarks/ladder.py on IDX files in the real format (random images), 2 steps a run: a
+    cumulative rung and one alone, then a rerun with one more seed trains only the new seed's runs."""
+    from tests.test_data import fake_idx_folder
+
+    fake_idx_folder(tmp_path / "idx", n_train=40, n_val=12)
+    out, runs = tmp_path / "ladder.md", tmp_path / "runs"
+    base = command("python benchmarks/ladder.py") + [
+        "--src", str(tmp_path / "idx"), "--data-dir", str(tmp_path / "data"), "--runs", str(runs), "--rungs", "0", "2",
+        "6", "--out", str(out), "train.max_steps=2", "model.name=wrn10_1", "data.batch_size=8", "data.num_workers=0"]
+    first = run_cli(base + ["--seeds", "0"], timeout=900)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith(("| baseline", "| + ", "| mixup"))]
+    assert [row.split("|")[1].strip() for row in rows] == ["baseline", "+ label smoothing", "mixup / cutmix"]
+    assert all(row.split("|")[7].strip() == "1" for row in rows)  # one seed each
+    assert out.with_suffix(".png").stat().st_size > 10_000 and "| WRN-28-10, 300 epochs" in out.read_text()
+    recipe = yaml.safe_load((runs / "02-label-smoothing" / "seed0" / "recipe.yaml").read_text())
+    assert recipe["plugins"]["sam"] and recipe["plugins"]["label_smoothing"]  # cumulative: SAM is below it
+    assert "sam" not in yaml.safe_load((runs / "06-mixup-cutmix" / "seed0" / "recipe.yaml").read_text())["plugins"]
+    done = {p: p.read_bytes() for p in runs.glob("*/seed0/metrics.jsonl")}
+    second = run_cli(base + ["--seeds", "0", "1"], timeout=900)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert second.stdout.count("[ladder] ") == 3 and "seed 0:" not in second.stdout  # finished runs are read
+    assert {p: p.read_bytes() for p in runs.glob("*/seed0/metrics.jsonl")} == done
+    assert all(row.split("|")[7].strip() == "2" for row in out.read_text().splitlines() if row.startswith("| + l"))
 
 
 def test_the_data_scale_benchmark_runs(tmp_path):

@@ -1,0 +1,267 @@
+"""The practitioners' ladder on real data: a recipe with tricks added one rung at a time, as in
+the reference CIFAR-100 table (../shared/TRICKS.md), plus tricks tried on their own, 3 seeds.
+
+    python benchmarks/ladder.py                      # Fashion-MNIST (about 3 hours on 2 CPU cores)
+    python benchmarks/ladder.py --data digits        # scikit-learn's digits (grown from ablation.py)
+    python benchmarks/ladder.py --table-only         # table and plot of the runs finished so far
+
+Every (rung, seed) is an ordinary run directory under --runs, checkpointed each epoch, so a
+ladder that is stopped (Ctrl-C, a session ending, kill) continues where it stopped when run
+again: finished runs are read, an interrupted one resumes from its last checkpoint (the
+launcher's own resume), the others start. Seeds go round the rungs (seed 0 of every rung,
+then seed 1, ...), so a ladder stopped early still has every rung.
+
+The reported top-1 is the final evaluation of the model one would ship (EMA and TTA where
+they are on); the plain model's top-1 is kept beside it. Results: --out (markdown) and the
+plot next to it (.png), with the published references for the data set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from benchmarks.emit_results import emit  # noqa: E402
+
+
+@dataclass
+class Rung:
+    name: str
+    adds: str
+    overrides: list[str]
+    alone: bool = False  # on the baseline only, not on the rungs above it
+
+
+@dataclass
+class Ladder:
+    recipe: str
+    about: str
+    base: list[str]  # overrides that make the recipe the ladder's baseline
+    rungs: list[Rung]
+    references: list[str] = field(default_factory=list)
+
+
+LADDERS = {
+    "fashion-mnist": Ladder(
+        recipe="recipes/fashion_mnist.yaml",
+        about="Fashion-MNIST (60k train / 10k test, 28x28 grey; the test set is the val split)",
+        # The recipe's own tricks come off for the baseline; a shorter schedule than the recipe's,
+        # so that 3 seeds of every rung fit in about 3 hours here (the rungs with SAM cost twice).
+        base=["~plugins.label_smoothing", "data.augment.random_erasing=0.0", "train.epochs=4", "train.eval_every=4",
+              "plugins.checkpoint={every_epochs: 1}"],
+        rungs=[
+            Rung("baseline", "fashion_mnist.yaml without its tricks: crop + flip, SGD, cosine", []),
+            Rung("+ SAM", "rho 0.05", ["plugins.sam={rho: 0.05}"]),
+            Rung("+ label smoothing", "0.1", ["plugins.label_smoothing={smoothing: 0.1}"]),
+            Rung("+ AutoAugment", "torchvision's CIFAR-10 policy (per sample, in the loader)",
+                 ["data.augment.auto_augment=cifar10", "data.augment_on=loader"]),
+            Rung("+ random erasing", "p = 0.25 (timm)", ["data.augment.random_erasing=0.25"]),
+            Rung("+ TTA", "flip", ["plugins.tta={flip: true}"]),
+            Rung("mixup / cutmix", "on the baseline: alpha 0.2 / 1.0, switching", ["plugins.mixup={}"], alone=True),
+            Rung("EMA", "on the baseline: decay 0.999, warmup", ["plugins.ema={decay: 0.999, warmup: true}"],
+                 alone=True),
+        ],
+        references=[
+            "| model (published, GPU, long schedules) | test top-1 % | source |",
+            "|---|---|---|",
+            "| 2-conv nets | 91.6-92.5 | the data set's benchmark table (zalandoresearch/fashion-mnist) |",
+            "| ResNet-18 | 94.9 | same |",
+            "| DenseNet-BC 768K | 95.4 | same |",
+            "| WRN-40-4 | 96.7 | same |",
+            "| ResNet-20, 300 epochs: baseline -> + random erasing | 95.61 -> 95.98 | Zhong et al., Random Erasing (AAAI 2020) |",
+            "| WRN-28-10, 300 epochs: baseline -> + random erasing | 95.99 -> 96.35 | same (recipes/fashion_mnist_wrn.yaml) |",
+        ]),
+    "digits": Ladder(
+        recipe="recipes/digits.yaml",
+        about="digits (scikit-learn, 1,437 train / 360 val, 8x8)",
+        base=["data.batch_size=64", "~plugins.report", "plugins.checkpoint={every_epochs: 5}"],
+        rungs=[
+            Rung("baseline", "digits.yaml: crop + rotation, SGD, cosine", []),
+            Rung("+ random erasing", "p = 0.25", ["data.augment.random_erasing=0.25"]),
+            Rung("+ AutoAugment", "SVHN policy (the CIFAR one flips)", ["data.augment.auto_augment=svhn"]),
+            Rung("+ SAM", "rho 0.05", ["plugins.sam={rho: 0.05}"]),
+            Rung("+ label smoothing", "0.1", ["plugins.label_smoothing={smoothing: 0.1}"]),
+            Rung("+ TTA", "5 shifted views (2 px; a mirrored digit is another symbol)",
+                 ["plugins.tta={flip: false, shift: 2}"]),
+            Rung("+ EMA", "decay 0.99, warmup (230 steps)", ["plugins.ema={decay: 0.99, warmup: true}"]),
+            Rung("+ mixup", "alpha 0.2 (no cutmix)", ["plugins.mixup={mixup_alpha: 0.2, cutmix_alpha: 0.0}"]),
+        ]),
+}
+
+SHIPPED = ("val_ema_tta/top1", "val_ema/top1", "val_tta/top1", "val/top1")  # the model one would ship, first found
+
+
+def rung_overrides(ladder: Ladder, index: int) -> list[str]:
+    """A rung's overrides: its own on the baseline when alone, else every main rung up to it."""
+    rung = ladder.rungs[index]
+    if rung.alone:
+        return list(rung.overrides)
+    return [o for r in ladder.rungs[:index + 1] if not r.alone for o in r.overrides]
+
+
+def slug(index: int, rung: Rung) -> str:
+    words = "".join(c if c.isalnum() else "-" for c in rung.name.lower()).strip("-")
+    return f"{index:02d}-{'-'.join(w for w in words.split('-') if w)}"
+
+
+def run_result(run_dir: Path) -> dict | None:
+    """The final evaluation of a finished run, or None."""
+    status = run_dir / "status.json"
+    if not status.exists() or json.loads(status.read_text()).get("state") != "finished":
+        return None
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "val/top1" in r][-1]
+    shipped = next(k for k in SHIPPED if k in last)
+    timing = run_dir / "ladder_time.json"
+    seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
+    return {"metric": shipped, "top1": last[shipped], "plain_top1": last["val/top1"], "seconds": seconds,
+            "step": last["step"]}
+
+
+def data_overrides(name: str, data_dir: Path, src: Path | None) -> list[str]:
+    from launcher.shards import IDX_DEFAULT_SRC
+    from launcher.shards import main as write_shards
+
+    info_file = data_dir / "info.json"
+    if not info_file.exists():
+        args = [name, "--out", str(data_dir)]
+        if name != "digits":
+            shared = REPO.parent / "shared" / "data" / name
+            src = src or (shared if shared.is_dir() else IDX_DEFAULT_SRC.get(name))
+            args += ["--src", str(src)]
+        if write_shards(args) != 0:
+            raise SystemExit(f"could not write the {name} shards into {data_dir}")
+    info = json.loads(info_file.read_text())
+    return [f"data.train={info['train']}", f"data.val={info['val']}"]
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--data", choices=sorted(LADDERS), default="fashion-mnist")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--runs", type=Path, default=None, help="run directories (default runs/ladder-DATA)")
+    parser.add_argument("--data-dir", type=Path, default=None, help="the shards (default data/DATA; written if absent)")
+    parser.add_argument("--src", type=Path, default=None, help="the IDX files (default ../shared/data/DATA, then "
+                        "Debian's /usr/share/datasets/DATA)")
+    parser.add_argument("--rungs", type=int, nargs="+", default=None, help="only these rung numbers (0 = baseline)")
+    parser.add_argument("--out", type=Path, default=None, help="markdown report; the plot goes next to it (.png)")
+    parser.add_argument("--table-only", action="store_true", help="report the finished runs; train nothing")
+    parser.add_argument("overrides", nargs="*", help="recipe overrides for every run (e.g. train.epochs=1, "
+                        "for a quick look)")
+    args = parser.parse_args()
+    ladder = LADDERS[args.data]
+    runs = args.runs or REPO / "runs" / f"ladder-{args.data}"
+    rung_numbers = args.rungs if args.rungs is not None else list(range(len(ladder.rungs)))
+    if not args.table_only:
+        from launcher.loop import train
+        from launcher.recipe import load_recipe
+
+        data = data_overrides(args.data, args.data_dir or REPO / "data" / args.data, args.src)
+        for seed in args.seeds:
+            for index in rung_numbers:
+                run_dir = runs / slug(index, ladder.rungs[index]) / f"seed{seed}"
+                if run_result(run_dir) is not None:
+                    continue
+                recipe = load_recipe(REPO / ladder.recipe, data + ladder.base + rung_overrides(ladder, index) + [
+                    "run.progress=false", f"seed={seed}", f"run.dir={run_dir}", *args.overrides])
+                start = time.perf_counter()
+                train(recipe)  # resumes from run_dir's checkpoint when an earlier ladder was stopped in it
+                timing = run_dir / "ladder_time.json"
+                before = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
+                timing.write_text(json.dumps({"seconds": before + time.perf_counter() - start}) + "\n")
+                result = run_result(run_dir)
+                print(f"[ladder] {ladder.rungs[index].name:20s} seed {seed}: {result['metric']} "
+                      f"{result['top1']:.4f} in {result['seconds']:.0f} s", flush=True)
+    return report(ladder, runs, rung_numbers, args.seeds, args.overrides, args.out)
+
+
+def report(ladder: Ladder, runs: Path, rung_numbers: list[int], seeds: list[int], overrides: list[str],
+           out: Path | None) -> int:
+    rows = []
+    for index in rung_numbers:
+        rung = ladder.rungs[index]
+        results = [r for seed in seeds if (r := run_result(runs / slug(index, rung) / f"seed{seed}")) is not None]
+        if results:
+            rows.append((rung, results))
+    if not rows:
+        print(f"no finished runs under {runs}", file=sys.stderr)
+        return 1
+
+    def mean_std(values: list[float]) -> str:
+        std = statistics.stdev(values) if len(values) > 1 else 0.0
+        return f"{statistics.mean(values):.2f} ± {std:.2f}"
+
+    base_top1 = statistics.mean(100 * r["top1"] for r in rows[0][1]) if rows[0][0] is ladder.rungs[0] else None
+    base_time = statistics.mean(r["seconds"] for r in rows[0][1] if r["seconds"]) if base_top1 is not None else None
+    lines = [f"# The practitioners' ladder: {ladder.about}", "",
+             "Rungs marked + add one trick to the rung above (cumulative); the others are tried alone on the",
+             "baseline. Top-1 is the final validation accuracy of the model one would ship (the metric",
+             "column: EMA and TTA where they are on), mean ± standard deviation over the seeds.", "",
+             "| rung | adds | metric | top-1 % | plain model top-1 % | vs baseline (points) | seeds | wall time per run | "
+             "vs baseline |", "|---|---|---|---|---|---|---|---|---|"]
+    for rung, results in rows:
+        top1 = [100 * r["top1"] for r in results]
+        secs = [r["seconds"] for r in results if r["seconds"]]
+        delta = f"{statistics.mean(top1) - base_top1:+.2f}" if base_top1 is not None else "-"
+        time_cell = f"{statistics.mean(secs):.0f} s" if secs else "-"
+        ratio = f"{statistics.mean(secs) / base_time:.2f}x" if secs and base_time else "-"
+        lines.append(f"| {rung.name} | {rung.adds} | {results[0]['metric']} | {mean_std(top1)} | "
+                     f"{mean_std([100 * r['plain_top1'] for r in results])} | {delta} | {len(results)} | {time_cell} | "
+                     f"{ratio} |")
+    import torch
+
+    from launcher.recipe import load_recipe
+
+    base = load_recipe(REPO / ladder.recipe, ladder.base + ["data.train=x", "data.val=x", *overrides])
+    lines += ["", f"Every run: `{ladder.recipe}` with {' '.join(f'`{o}`' for o in ladder.base + overrides)}: "
+              f"{base.model.name}, "
+              f"{base.train.epochs} epochs, batch {base.data.batch_size}, {base.optimizer.name} lr {base.optimizer.lr}, "
+              f"{base.schedule.name} schedule. Machine: {torch.get_num_threads()} CPU threads, torch "
+              f"{torch.__version__}. Run directories: `{runs}`."]
+    if ladder.references:
+        lines += ["", "Published references (full-length GPU training, for scale):", "", *ladder.references]
+    if out is not None:
+        plot(rows, out.with_suffix(".png"), ladder.about)
+        lines += ["", f"![top-1 per rung]({out.with_suffix('.png').name})"]
+    emit(lines, out)
+    return 0
+
+
+def plot(rows, path: Path, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    names = [rung.name for rung, _ in rows]
+    means = [statistics.mean(100 * r["top1"] for r in results) for _, results in rows]
+    stds = [statistics.stdev([100 * r["top1"] for r in results]) if len(results) > 1 else 0.0 for _, results in rows]
+    fig, ax = plt.subplots(figsize=(9, 4.5))
+    # Points with error bars, not bars: the axis does not start at 0, and a bar's length would lie.
+    for x, ((rung, _), mean, std) in enumerate(zip(rows, means, stds)):
+        ax.errorbar([x], [mean], yerr=[std], fmt="s" if rung.alone else "o", capsize=5, markersize=7,
+                    color="tab:gray" if rung.alone else "tab:blue")
+    ax.plot([x for x, (rung, _) in enumerate(rows) if not rung.alone],
+            [m for m, (rung, _) in zip(means, rows) if not rung.alone], color="tab:blue", alpha=0.4)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_xticks(range(len(rows)), names, rotation=25, ha="right")
+    low = min(m - s for m, s in zip(means, stds))
+    ax.set_ylim(max(0.0, low - 1.0), min(100.0, max(m + s for m, s in zip(means, stds)) + 0.5))
+    ax.set_ylabel("val top-1 % (mean ± std over seeds)")
+    ax.set_title(f"The practitioners' ladder: {title.split(' (')[0]} (blue: cumulative, grey: alone on the baseline)")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -57,8 +57,12 @@ JobRequeue=1
 MpiDefault=none
 ReturnToService=2
 KillWait=30
+# A job that gives no --mem gets 1 GB per CPU (not the whole node), and up to 4 jobs share a
+# node's CPUs (OverSubscribe=FORCE:4): the emulated nodes are one small machine, and the tests
+# run their 2-node jobs side by side.
+DefMemPerCPU=1000
 NodeName=n[1-2] NodeHostname=$host NodeAddr=127.0.0.1 Port=[17001-17002] CPUs=$CPUS RealMemory=10000 State=UNKNOWN
-PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=YES
+PartitionName=debug Nodes=n[1-2] Default=YES MaxTime=INFINITE State=UP OverSubscribe=FORCE:4
 EOF
     # The node names must resolve (MASTER_ADDR comes from `scontrol show hostnames`).
     if ! grep -qE '^127\.0\.0\.1[[:space:]].*\bn1\b' /etc/hosts; then

@@ -21,6 +21,8 @@ import re
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import wait as futures_wait
 from pathlib import Path
 
 import pytest
@@ -111,35 +113,13 @@ def on_two_nodes_and_locally(recipe: Path, tmp: Path, minutes: str) -> None:
     assert state["JobState"] == "COMPLETED", logs(tmp / "slurm_run")
 
 
-@pytest.fixture(scope="module")
-def uninterrupted(cluster, digits, tmp_path_factory):
-    """The same recipe as a 2-node Slurm job and as a local 2-process run."""
-    tmp = tmp_path_factory.mktemp("slurm")
-    recipe = recipe_file(digits, tmp, "ref")
-    on_two_nodes_and_locally(recipe, tmp, "30")
-    return recipe, tmp
-
-
-def test_two_nodes_train_with_two_ranks_like_a_local_run(uninterrupted):
-    recipe, tmp = uninterrupted
-    manifest = json.loads((tmp / "slurm_run" / "manifest.json").read_text())
-    assert manifest["world_size"] == 2
-    log = logs(tmp / "slurm_run")
-    assert "on n[1-2] (2 nodes x 1 processes)" in log and "run state: finished" in log
-    assert weights(tmp / "slurm_run") == weights(tmp / "local_run")
-    assert metric_rows(tmp / "slurm_run") == metric_rows(tmp / "local_run")
-    status = run_cli([sys.executable, "-m", "launcher.slurm", "status", str(tmp / "slurm_run")])
-    assert re.search(r"job \d+: COMPLETED, restarts 0, run finished at step 1150, last checkpoint step-00001150",
-                     status.stdout), status.stdout
-
-
 def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt) -> Path:
     run_dir = tmp / name
     # A grace far longer than the signal path needs; the limit itself is far away until a test shortens it.
     job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", "--grace", "600", f"run.dir={run_dir}",
-                           env=PACE)
+                          env=PACE)
     assert job_id, proc.stderr
-    wait_for(lambda: trained_steps(run_dir) >= 100, 180, "training to reach step 100")
+    wait_for(lambda: trained_steps(run_dir) >= 100, 400, "training to reach step 100")
     interrupt(job_id)
     # The job checkpoints, requeues itself and waits until its old credential expires
     # (cred_expire, 10 s on the test cluster; forcing an earlier start fails the job:
@@ -164,17 +144,74 @@ def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt) -> P
     return run_dir
 
 
-def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(uninterrupted):
-    recipe, tmp = uninterrupted
+def shorten_time_limit(job_id: str) -> None:
+    # Leave 1-2 minutes, less than the 600 s grace: at its next check (every 30 s or so) Slurm
+    # sends the warning, SIGUSR1 to the batch shell, well before the job would time out.
+    elapsed = sum(int(x) * m for x, m in zip(reversed(job(job_id)["RunTime"].split(":")), (1, 60, 3600)))
+    minutes = math.ceil((elapsed + 61) / 60)
+    subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
 
-    def shorten_time_limit(job_id):
-        # Leave 1-2 minutes, less than the 600 s grace: at its next check (every 30 s or so) Slurm
-        # sends the warning, SIGUSR1 to the batch shell, well before the job would time out.
-        elapsed = sum(int(x) * m for x, m in zip(reversed(job(job_id)["RunTime"].split(":")), (1, 60, 3600)))
-        minutes = math.ceil((elapsed + 61) / 60)
-        subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
 
-    run_dir = interrupted_then_resumed(tmp, recipe, "time_limit", shorten_time_limit)
+def cancelled_for_good(tmp: Path, recipe: Path) -> Path:
+    """`launcher.slurm cancel` (scancel: SIGTERM to the batch shell and the steps) checkpoints and
+    ends the job; it must not requeue itself as it does on the time-limit warning."""
+    run_dir = tmp / "cancelled"
+    job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", f"run.dir={run_dir}", env=PACE)
+    assert job_id, proc.stderr
+    wait_for(lambda: trained_steps(run_dir) >= 100, 400, "training to reach step 100")
+    cancel = run_cli([sys.executable, "-m", "launcher.slurm", "cancel", str(run_dir)])
+    assert cancel.returncode == 0 and f"cancelled job {job_id} (RUNNING)" in cancel.stdout, cancel.stderr
+    wait_done(job_id)
+    time.sleep(5)  # a requeue would show as Restarts=1, PENDING
+    state = job(job_id)
+    assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", (state, logs(run_dir))
+    return run_dir
+
+
+@pytest.fixture(scope="module")
+def slurm_runs(cluster, digits, tmp_path_factory):
+    """The long scenarios run side by side (the test cluster's nodes hold several jobs, and most of
+    each scenario is waiting for Slurm): the same recipe as an uninterrupted 2-node job and a local
+    2-process run (the reference), interrupted by the time-limit warning, by `scancel
+    --signal=USR1`, cancelled for good; and a DeepSpeed ZeRO-3 recipe on 2 nodes. Each test checks its own scenario: `.result()` raises
+    what failed in it."""
+    tmp = tmp_path_factory.mktemp("slurm")
+    recipe = recipe_file(digits, tmp, "ref")
+    (tmp / "zero3").mkdir()
+    zero3 = recipe_file(digits, tmp / "zero3", "zero3", epochs=2,
+                        distributed={"strategy": "deepspeed", "zero_stage": 3})
+    scenarios = {
+        "reference": lambda: on_two_nodes_and_locally(recipe, tmp, "30"),
+        "time_limit": lambda: interrupted_then_resumed(tmp, recipe, "time_limit", shorten_time_limit),
+        "scancel": lambda: interrupted_then_resumed(
+            tmp, recipe, "scancel", lambda job_id: subprocess.run(["scancel", "--signal=USR1", job_id], check=True)),
+        "cancel": lambda: cancelled_for_good(tmp, recipe),
+        "zero3": lambda: on_two_nodes_and_locally(zero3, tmp / "zero3", "10"),
+    }
+    with ThreadPoolExecutor(len(scenarios)) as pool:
+        runs = {name: pool.submit(scenario) for name, scenario in scenarios.items()}
+        futures_wait(runs.values())
+    return tmp, runs
+
+
+def test_two_nodes_train_with_two_ranks_like_a_local_run(slurm_runs):
+    tmp, runs = slurm_runs
+    runs["reference"].result()
+    manifest = json.loads((tmp / "slurm_run" / "manifest.json").read_text())
+    assert manifest["world_size"] == 2
+    log = logs(tmp / "slurm_run")
+    assert "on n[1-2] (2 nodes x 1 processes)" in log and "run state: finished" in log
+    assert weights(tmp / "slurm_run") == weights(tmp / "local_run")
+    assert metric_rows(tmp / "slurm_run") == metric_rows(tmp / "local_run")
+    status = run_cli([sys.executable, "-m", "launcher.slurm", "status", str(tmp / "slurm_run")])
+    assert re.search(r"job \d+: COMPLETED, restarts 0, run finished at step 1150, last checkpoint step-00001150",
+                     status.stdout), status.stdout
+
+
+def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(slurm_runs):
+    tmp, runs = slurm_runs
+    runs["reference"].result()
+    run_dir = runs["time_limit"].result()
     assert "SIGUSR1 received" in logs(run_dir)
     # One line per node, not torch elastic's SignalException traceback and ChildFailedError table.
     assert "the training processes checkpointed and exited with status 75" in logs(run_dir)
@@ -182,26 +219,14 @@ def test_time_limit_warning_checkpoints_requeues_and_resumes_exactly(uninterrupt
     assert weights(run_dir) == weights(tmp / "slurm_run")
 
 
-def test_scancel_usr1_behaves_the_same(uninterrupted):
-    recipe, tmp = uninterrupted
-    run_dir = interrupted_then_resumed(
-        tmp, recipe, "scancel", lambda job_id: subprocess.run(["scancel", "--signal=USR1", job_id], check=True))
-    assert weights(run_dir) == weights(tmp / "slurm_run")
+def test_scancel_usr1_behaves_the_same(slurm_runs):
+    tmp, runs = slurm_runs
+    runs["reference"].result()
+    assert weights(runs["scancel"].result()) == weights(tmp / "slurm_run")
 
 
-def test_cancel_checkpoints_and_stops_for_good(cluster, digits, tmp_path):
-    """`launcher.slurm cancel` (scancel: SIGTERM to the batch shell and the steps) checkpoints and
-    ends the job; it must not requeue itself as it does on the time-limit warning."""
-    run_dir = tmp_path / "cancelled"
-    job_id, proc = submit(str(recipe_file(digits, tmp_path, "cancelled")), "--nodes", "2", "--time", "30", env=PACE)
-    assert job_id, proc.stderr
-    wait_for(lambda: trained_steps(run_dir) >= 100, 180, "training to reach step 100")
-    cancel = run_cli([sys.executable, "-m", "launcher.slurm", "cancel", str(run_dir)])
-    assert cancel.returncode == 0 and f"cancelled job {job_id} (RUNNING)" in cancel.stdout, cancel.stderr
-    wait_done(job_id)
-    time.sleep(5)  # a requeue would show as Restarts=1, PENDING
-    state = job(job_id)
-    assert state["JobState"] == "CANCELLED" and state["Restarts"] == "0", (state, logs(run_dir))
+def test_cancel_checkpoints_and_stops_for_good(slurm_runs):
+    run_dir = slurm_runs[1]["cancel"].result()
     status = json.loads((run_dir / "status.json").read_text())
     assert status["state"] == "interrupted" and status["step"] >= 100
     assert (run_dir / "checkpoints" / f"step-{status['step']:08d}").is_dir()
@@ -239,15 +264,15 @@ def test_dry_run_matches_the_snapshot(digits, tmp_path):
     assert not (tmp_path / "dry_run").exists()  # nothing written, nothing submitted
 
 
-def test_deepspeed_zero3_on_two_nodes_matches_a_local_run(cluster, digits, tmp_path):
+def test_deepspeed_zero3_on_two_nodes_matches_a_local_run(slurm_runs):
     """The recipe picks DeepSpeed; the same sbatch script runs it on 2 nodes (gloo on CPU)."""
-    recipe = recipe_file(digits, tmp_path, "zero3", epochs=2, distributed={"strategy": "deepspeed", "zero_stage": 3})
-    on_two_nodes_and_locally(recipe, tmp_path, "10")
-    run = tmp_path / "slurm_run"
+    tmp, runs = slurm_runs
+    runs["zero3"].result()
+    run = tmp / "zero3" / "slurm_run"
     assert json.loads((run / "manifest.json").read_text())["world_size"] == 2
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= {
         p.name for p in (run / "checkpoints" / "step-00000046" / "deepspeed").iterdir()}
-    assert weights(run) == weights(tmp_path / "local_run")
+    assert weights(run) == weights(tmp / "zero3" / "local_run")
 
 
 def test_a_sweep_makes_one_run_directory_per_value(cluster, digits, tmp_path):

@@ -35,6 +35,7 @@ class Console:
         # loader's first batches: it is timed on its own, so that samples/s and the ETA are the
         # steady state's ("5 samples/s | ETA 0:03:20" while compiling helps nobody).
         self.first_step: Optional[tuple[int, float]] = None  # (samples, seconds), until its row is shown
+        self.first_step_seen = False
 
     @classmethod
     def for_run(cls, ctx) -> "Console":
@@ -52,8 +53,6 @@ class Console:
             return
         self.window_samples += samples
         self.window_steps += 1
-
-    first_step_seen = False
 
     def samples_per_second(self) -> float:
         """Training samples (all ranks) per second since the last logged row, the first step left

@@ -12,9 +12,11 @@ import pickle
 from pathlib import Path
 from typing import Callable, Iterable
 
-import torch
 
 from launcher.errors import LauncherError
+from launcher.lazy import lazy
+
+torch = lazy("torch")
 
 TORCH_SUFFIXES = (".bin", ".pth", ".pt")
 

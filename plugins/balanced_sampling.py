@@ -16,10 +16,12 @@ Hooks: setup (sets ctx.sample_weights and rebuilds the plan). No state.
 
 from __future__ import annotations
 
-import numpy as np
 from pydantic import Field
 
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
+
+np = lazy("numpy")
 
 
 def class_sampling_weights(labels: np.ndarray, num_classes: int, power: float) -> np.ndarray:

@@ -61,14 +61,16 @@ import warnings
 from pathlib import Path
 from typing import Literal, Optional
 
-import numpy as np
-import torch
 from pydantic import Field
 
 from launcher.errors import LauncherError
+from launcher.lazy import lazy
 from launcher.recipe import MISSING, schema_default
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import atomic_write_text, checkpoints_dir, file_sha256, strict_json
+
+np = lazy("numpy")
+torch = lazy("torch")
 
 FORMAT = 2  # 2: meta.json carries its own digest (meta_sha256)
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: the run checkpointed on a signal; relaunch it to continue

@@ -20,15 +20,17 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import torch
-import torch.nn.functional as F
 import yaml
 from pydantic import Field
 
 from launcher.errors import LauncherError
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import final_weights, recipe_file
 from launcher.weights import load_into
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 
 def distillation_loss(student: torch.Tensor, teacher: torch.Tensor, task_loss: torch.Tensor, alpha: float,

@@ -15,12 +15,14 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import numpy as np
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
+
+np = lazy("numpy")
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 
 def focal_loss(logits: torch.Tensor, targets: torch.Tensor, gamma: float,

@@ -29,12 +29,14 @@ import gc
 import json
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from launcher.errors import LauncherError
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import atomic_write_text
+
+torch = lazy("torch")
 
 
 @register("grad_accum")

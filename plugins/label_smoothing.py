@@ -9,11 +9,13 @@ when that is listed before it). Evaluation loss stays unsmoothed.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 
 def smooth_targets(targets: torch.Tensor, num_classes: int, eps: float) -> torch.Tensor:

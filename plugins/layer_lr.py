@@ -24,10 +24,12 @@ from __future__ import annotations
 
 from typing import Optional
 
-import torch.nn as nn
 from pydantic import Field
 
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
+
+nn = lazy("torch.nn")
 
 
 def layer_blocks(model: nn.Module, blocks: int) -> list[list[str]]:

@@ -22,11 +22,13 @@ import json
 import math
 from typing import Optional
 
-import numpy as np
 from pydantic import Field
 
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import atomic_write_text
+
+np = lazy("numpy")
 
 
 def range_test_lr(start_lr: float, end_lr: float, steps: int, i: int) -> float:

@@ -15,11 +15,13 @@ from __future__ import annotations
 
 from typing import Literal, Optional
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 
 @register("mixup")

@@ -14,11 +14,13 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
 from pydantic import Field
 
 from launcher.errors import LauncherError
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
+
+torch = lazy("torch")
 
 
 def gradients_finite(params) -> bool:

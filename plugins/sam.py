@@ -16,27 +16,28 @@ perturbs identically.
 
 from __future__ import annotations
 
-import torch
 from pydantic import Field
-from torch.nn.modules.batchnorm import _BatchNorm
 
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
 
+torch = lazy("torch")
 
-@torch.no_grad()
+
 def sam_perturbation(params: list[torch.nn.Parameter], rho: float, adaptive: bool,
                      eta: float) -> tuple[list[torch.Tensor], torch.Tensor]:
     """e(w) for every parameter (zeros where there is no gradient), and the gradient norm."""
-    scales = [(p.abs() + eta) if adaptive else None for p in params]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    scaled = [g * s if s is not None else g for g, s in zip(grads, scales)]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in scaled]))
-    factor = rho / (norm + 1e-12)
-    return [(g * s * factor) if s is not None else g * factor for g, s in zip(scaled, scales)], norm
+    with torch.no_grad():  # not a decorator: that would import torch with the plugin
+        scales = [(p.abs() + eta) if adaptive else None for p in params]
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+        scaled = [g * s if s is not None else g for g, s in zip(grads, scales)]
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in scaled]))
+        factor = rho / (norm + 1e-12)
+        return [(g * s * factor) if s is not None else g * factor for g, s in zip(scaled, scales)], norm
 
 
 def _batchnorm_buffers(model: torch.nn.Module) -> list[torch.Tensor]:
-    return [b for m in model.modules() if isinstance(m, _BatchNorm) for b in m.buffers()]
+    return [b for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for b in m.buffers()]
 
 
 @register("sam")

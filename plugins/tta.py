@@ -9,11 +9,13 @@ probability.
 
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from pydantic import Field
 
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
+
+torch = lazy("torch")
+F = lazy("torch.nn.functional")
 
 
 def shifted(images: torch.Tensor, dx: int, dy: int) -> torch.Tensor:

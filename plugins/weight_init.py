@@ -15,38 +15,40 @@ from __future__ import annotations
 
 from typing import Literal
 
-import torch
-import torch.nn as nn
 from pydantic import Field
 
+from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
+
+torch = lazy("torch")
+nn = lazy("torch.nn")
 
 SCHEMES = ("kaiming_normal", "kaiming_uniform", "xavier_normal", "xavier_uniform", "orthogonal")
 
 
-@torch.no_grad()
 def init_weights(model: nn.Module, scheme: str, mode: str = "fan_out", nonlinearity: str = "relu",
                  zero_init_last_bn: bool = False) -> None:
-    for module in model.modules():
-        if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
-            if scheme.startswith("kaiming"):
-                init = nn.init.kaiming_normal_ if scheme == "kaiming_normal" else nn.init.kaiming_uniform_
-                init(module.weight, mode=mode, nonlinearity=nonlinearity)
-            elif scheme.startswith("xavier"):
-                init = nn.init.xavier_normal_ if scheme == "xavier_normal" else nn.init.xavier_uniform_
-                init(module.weight, gain=nn.init.calculate_gain(nonlinearity))
-            else:
-                nn.init.orthogonal_(module.weight, gain=nn.init.calculate_gain(nonlinearity))
-            if module.bias is not None:
-                nn.init.zeros_(module.bias)
-        elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
-            if getattr(module, "weight", None) is not None:
-                nn.init.ones_(module.weight)
-                nn.init.zeros_(module.bias)
-    if zero_init_last_bn:
+    with torch.no_grad():  # not a decorator: that would import torch with the plugin
         for module in model.modules():
-            if hasattr(module, "zero_init_last") and module is not model:
-                module.zero_init_last()
+            if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+                if scheme.startswith("kaiming"):
+                    init = nn.init.kaiming_normal_ if scheme == "kaiming_normal" else nn.init.kaiming_uniform_
+                    init(module.weight, mode=mode, nonlinearity=nonlinearity)
+                elif scheme.startswith("xavier"):
+                    init = nn.init.xavier_normal_ if scheme == "xavier_normal" else nn.init.xavier_uniform_
+                    init(module.weight, gain=nn.init.calculate_gain(nonlinearity))
+                else:
+                    nn.init.orthogonal_(module.weight, gain=nn.init.calculate_gain(nonlinearity))
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+            elif isinstance(module, (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm)):
+                if getattr(module, "weight", None) is not None:
+                    nn.init.ones_(module.weight)
+                    nn.init.zeros_(module.bias)
+        if zero_init_last_bn:
+            for module in model.modules():
+                if hasattr(module, "zero_init_last") and module is not model:
+                    module.zero_init_last()
 
 
 @register("weight_init")

@@ -56,7 +56,7 @@ def assert_close(a: dict, b: dict, atol: float) -> None:
 
 
 def test_a_compiled_run_with_the_step_changing_plugins_matches_the_eager_run(digits, tmp_path):
-    eager = run(digits, tmp_path / "eager", None)
+    run(digits, tmp_path / "eager", None)
     GRAPHS.clear()
     compiled = run(digits, tmp_path / "compiled", {"backend": "counting_aot_eager"})
     assert getattr(compiled.model, "_compiled_call_impl", None) is not None

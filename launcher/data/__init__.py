@@ -34,14 +34,21 @@ stream.py (decoding, per-sample seeding, the training and evaluation streams), l
 (loader workers and the copy to the device).
 """
 
-from launcher.data.index import ShardIndex, expand_pattern, fetch_options, index_shards, is_local
-from launcher.data.index_files import (IMAGE_EXTS, LABEL_EXTS, default_cache_dir, index_file_next_to, scan_shard,
-                                       write_index_file)
-from launcher.data.loader import PersistentWorkers, batches, on_device
-from launcher.data.plan import EpochPlan
-from launcher.data.stream import Batch, EvalStream, TrainStream, decode_image, seed_for_sample
+import importlib
 
-__all__ = ["IMAGE_EXTS", "LABEL_EXTS", "Batch", "EpochPlan", "EvalStream", "PersistentWorkers", "ShardIndex",
-           "TrainStream", "batches", "decode_image", "default_cache_dir", "expand_pattern", "fetch_options",
-           "index_file_next_to", "index_shards", "is_local", "on_device", "scan_shard", "seed_for_sample",
-           "write_index_file"]
+# The names below, each imported from its module on first use (PEP 562), so that `--check` and
+# `python -m launcher.shards` reach the index modules without importing torch for the loader.
+_FROM = {"index": ["ShardIndex", "expand_pattern", "fetch_options", "index_shards", "is_local"],
+         "index_files": ["IMAGE_EXTS", "LABEL_EXTS", "default_cache_dir", "index_file_next_to", "scan_shard",
+                         "write_index_file"],
+         "loader": ["PersistentWorkers", "batches", "on_device"],
+         "plan": ["EpochPlan"],
+         "stream": ["Batch", "EvalStream", "TrainStream", "decode_image", "seed_for_sample"]}
+_MODULE_OF = {name: module for module, names in _FROM.items() for name in names}
+__all__ = sorted(_MODULE_OF)
+
+
+def __getattr__(name: str):
+    if name not in _MODULE_OF:
+        raise AttributeError(f"module 'launcher.data' has no attribute '{name}'")
+    return getattr(importlib.import_module(f"launcher.data.{_MODULE_OF[name]}"), name)

@@ -29,8 +29,12 @@ arithmetic.
 from __future__ import annotations
 
 import math
+
 import numpy as np
-import torch
+
+from launcher.lazy import lazy
+
+torch = lazy("torch")  # --check asks augment_path without paying for torch
 
 # The ops with a batched form; any other data.augment op keeps the per-sample path.
 BATCHED_OPS = ("crop_padding", "hflip", "random_erasing")

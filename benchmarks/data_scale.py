@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import io
 import json
+import os
 import subprocess
 import sys
 import tarfile
@@ -100,9 +101,10 @@ def main() -> int:
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     lines = ["| samples | shards | scan: index s | scan: first batch s | cached: first batch s | "
-             "sidecar: first batch s | s3: first batch s | s3 cached: first batch s | index command s | "
+             "sidecar: first batch s | s3: first batch s | s3 cached: first batch s | s3 + set index: first batch s | "
+             "s3 + set index cached: first batch s | index command s | index command s3 s | "
              "webdataset: first batch s | RSS MB after imports -> peak (sidecar) |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     from tests.object_store import BUCKET, ObjectStore
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,8 +119,11 @@ def main() -> int:
     lines += ["", "Times in seconds from after the imports to the first batch of 256 (2 loader workers), each in a "
               "fresh process on this machine's CPUs. `index command`: `python -m launcher.shards index --no-checksum` "
               "(includes its own imports). `s3`: the same shards and index files in a SeaweedFS bucket on loopback, "
-              "an empty cache (the bucket is listed, every index file fetched, then the first shards); `s3 cached`: "
-              "a second process on the same machine (a requeued job): the listing, then the first shards."]
+              "an empty cache (the bucket is listed, every index file fetched and checked against its shard, then the "
+              "first shards); `s3 cached`: a second process on the same machine (a requeued job): the listing, then "
+              "the first shards. `s3 + set index`: after `python -m launcher.shards index --no-checksum s3://...` "
+              "(`index command s3`: it fetches every shard) also wrote one index object for the whole set: "
+              "the listing, that one object, the first shards; `cached`: the same machine again."]
     emit(lines, args.out)
     return 0
 
@@ -142,9 +147,16 @@ def measure_size(root: Path, n: int, store, bucket: str) -> str:
     remote = f"s3://{bucket}/scale{n}/{Path(pattern).name}"
     s3 = measure(remote, root / "s3-cache", "launcher", store.env)
     s3_cached = measure(remote, root / "s3-cache", "launcher", store.env)
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "launcher.shards", "index", "--no-checksum", remote], cwd=REPO,
+                   check=True, capture_output=True, env={**os.environ, **store.env})
+    index_command_s3 = time.perf_counter() - start
+    s3_set = measure(remote, root / "s3-set-cache", "launcher", store.env)
+    s3_set_cached = measure(remote, root / "s3-set-cache", "launcher", store.env)
     return (f"| {n:,} | {-(-n // PER_SHARD):,} | {scan['index_s']:.2f} | {scan['first_batch_s']:.2f} | "
             f"{cached['first_batch_s']:.2f} | {sidecar['first_batch_s']:.2f} | {s3['first_batch_s']:.2f} | "
-            f"{s3_cached['first_batch_s']:.2f} | {index_command:.1f} | {plain['first_batch_s']:.2f} | "
+            f"{s3_cached['first_batch_s']:.2f} | {s3_set['first_batch_s']:.2f} | {s3_set_cached['first_batch_s']:.2f} | "
+            f"{index_command:.1f} | {index_command_s3:.1f} | {plain['first_batch_s']:.2f} | "
             f"{sidecar['imported_rss_mb']:.0f} -> {sidecar['peak_rss_mb']:.0f} |")
 
 

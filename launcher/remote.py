@@ -108,33 +108,39 @@ class Remote:
     def sizes(self, urls: list[str]) -> dict[str, Optional[int]]:
         """Each URL's byte size, None where there is no such object, UNKNOWN_SIZE for pipe:.
         S3: one listing per folder (1,000 objects a request), not one request per shard."""
-        out: dict[str, Optional[int]] = {u: UNKNOWN_SIZE for u in urls if kind(u) == "pipe"}
+        return {url: size for url, (size, _) in self.listing(urls).items()}
+
+    def listing(self, urls: list[str]) -> dict[str, tuple[Optional[int], Optional[str]]]:
+        """Each URL's (size, ETag) as sizes() finds them; the ETag is None where the store gives
+        none (pipe:, an HTTP server without ETags). An unchanged ETag and size mean unchanged bytes."""
+        out: dict[str, tuple[Optional[int], Optional[str]]] = {u: (UNKNOWN_SIZE, None) for u in urls
+                                                               if kind(u) == "pipe"}
         s3_urls = [u for u in urls if kind(u) == "s3"]
         http_urls = [u for u in urls if kind(u) == "http"]
         if s3_urls:
-            out.update(self._retrying("list", s3_urls[0], lambda: self._s3_sizes(s3_urls)))
+            out.update(self._retrying("list", s3_urls[0], lambda: self._s3_listing(s3_urls)))
         if http_urls:
             with ThreadPoolExecutor(16) as pool:
-                for url, size in zip(http_urls, pool.map(
-                        lambda u: self._retrying("size", u, lambda: self._http_size(u)), http_urls)):
-                    out[url] = size
+                for url, found in zip(http_urls, pool.map(
+                        lambda u: self._retrying("size", u, lambda: self._http_head(u)), http_urls)):
+                    out[url] = found
         return out
 
-    def _s3_sizes(self, urls: list[str]) -> dict[str, Optional[int]]:
+    def _s3_listing(self, urls: list[str]) -> dict[str, tuple[Optional[int], Optional[str]]]:
         from botocore.exceptions import ClientError
 
         folders: dict[tuple[str, str], list[str]] = {}
         for url in urls:
             bucket, key = _bucket_key(url)
             folders.setdefault((bucket, key.rsplit("/", 1)[0] + "/" if "/" in key else ""), []).append(url)
-        out: dict[str, Optional[int]] = {}
+        out: dict[str, tuple[Optional[int], Optional[str]]] = {}
         for (bucket, folder), members in folders.items():
             prefix = os.path.commonprefix([_bucket_key(u)[1] for u in members])
             try:
                 listed = {}
                 for page in self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-                    listed.update({o["Key"]: o["Size"] for o in page.get("Contents", [])})
-                out.update({u: listed.get(_bucket_key(u)[1]) for u in members})
+                    listed.update({o["Key"]: (o["Size"], o.get("ETag")) for o in page.get("Contents", [])})
+                out.update({u: listed.get(_bucket_key(u)[1], (None, None)) for u in members})
             except ClientError as err:
                 if _s3_code(err) not in ("AccessDenied", "403"):
                     _raise_permanent_s3(err)
@@ -142,26 +148,27 @@ class Remote:
                     out[url] = self._s3_head(url)
         return out
 
-    def _s3_head(self, url: str) -> Optional[int]:
+    def _s3_head(self, url: str) -> tuple[Optional[int], Optional[str]]:
         from botocore.exceptions import ClientError
 
         bucket, key = _bucket_key(url)
         try:
-            return int(self.s3().head_object(Bucket=bucket, Key=key)["ContentLength"])
+            head = self.s3().head_object(Bucket=bucket, Key=key)
+            return int(head["ContentLength"]), head.get("ETag")
         except ClientError as err:
             if _s3_code(err) in ("404", "NoSuchKey", "NotFound"):
-                return None
+                return None, None
             _raise_permanent_s3(err)
 
-    def _http_size(self, url: str) -> Optional[int]:
+    def _http_head(self, url: str) -> tuple[Optional[int], Optional[str]]:
         try:
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
                                         timeout=self.options.timeout) as resp:
                 length = resp.headers.get("Content-Length")
-                return int(length) if length is not None else UNKNOWN_SIZE
+                return int(length) if length is not None else UNKNOWN_SIZE, resp.headers.get("ETag")
         except urllib.error.HTTPError as err:
             if err.code == 404:
-                return None
+                return None, None
             if err.code in (401, 403):
                 raise PermanentError(f"HTTP {err.code} {err.reason}") from None
             raise

@@ -18,7 +18,9 @@ with info.json is complete.
 Next to each shard goes its index, `<shard>.index.npz` (sample offsets, sizes, extensions,
 labels, the shard's size and SHA-256), so that a run starts without scanning the tars
 (launcher/data/index_files.py). `index PATTERN` writes the same for existing shards; a
-run without them scans once per machine and caches the result.
+run without them scans once per machine and caches the result. For s3:// shards, `index` also
+uploads one object with every shard's index and ETag (`shards-N-HASH.index.npz` in their folder),
+which a run reads in one request instead of one index file (and its checks) per shard.
 """
 
 from __future__ import annotations
@@ -289,10 +291,12 @@ def split_of(shard: Path) -> str:
 
 def index_main(argv: list[str]) -> int:
     """`python -m launcher.shards index PATTERN...`: write <shard>.index.npz next to each shard
-    (local files, or s3:// objects: each is fetched once, indexed and the index uploaded)."""
+    (local files, or s3:// objects: each is fetched once, indexed and the index uploaded, then one
+    index object for the whole set)."""
     import time
 
     from launcher.data import is_local
+    from launcher.data.index_files import set_index_url, write_set_index
     from launcher.remote import FetchOptions, Remote, kind, remote_url_of_index
 
     parser = argparse.ArgumentParser(prog="python -m launcher.shards index",
@@ -307,7 +311,13 @@ def index_main(argv: list[str]) -> int:
     store = Remote(FetchOptions(s3_endpoint=args.s3_endpoint))
     try:
         for pattern in args.patterns:
-            for url in expand_pattern(pattern):
+            urls = expand_pattern(pattern)
+            # For a set of s3:// shards, also one object with every index and each shard's ETag, listed
+            # before any is read (a shard replaced meanwhile then mismatches and is indexed on its own).
+            set_url = set_index_url(urls) if all(kind(u) == "s3" for u in urls) else None
+            listing = store.listing(urls) if set_url else {}
+            parts = []
+            for url in urls:
                 if is_local(url):
                     path = Path(url)
                     if not path.is_file():
@@ -325,6 +335,12 @@ def index_main(argv: list[str]) -> int:
                     raise LauncherError(f"'{url}': index files can be written for local shards and s3:// only; for "
                                         "http(s):// shards, index the files where they are served from.")
                 shards, samples = shards + 1, samples + len(index["labels"])
+                parts.append(index)
+            if set_url and all(etag for _, etag in listing.values()):
+                with tempfile.TemporaryDirectory() as tmp:
+                    write_set_index(urls, parts, [listing[u][1] for u in urls], Path(tmp) / "set.npz")
+                    store.upload(Path(tmp) / "set.npz", set_url)
+                print(f"{pattern}: one index for the {len(urls)} shards: {set_url}")
     except LauncherError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

@@ -279,7 +279,7 @@ def test_the_data_scale_benchmark_runs(tmp_path):
     result = run_cli(command("python benchmarks/data_scale.py") + ["--sizes", "1500", "--out", str(tmp_path / "d.md")])
     assert result.returncode == 0, result.stderr[-3000:]
     row = next(line for line in (tmp_path / "d.md").read_text().splitlines() if line.startswith("| 1,500 |"))
-    assert len(row.split("|")) == 13  # every column measured, the s3 ones included
+    assert len(row.split("|")) == 16  # every column measured, the s3 ones (with and without a set index) included
 
 
 def test_the_data_stream_benchmark_runs(tmp_path):

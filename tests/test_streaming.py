@@ -144,6 +144,57 @@ def test_remote_shards_without_index_files_are_indexed_once_per_machine_or_by_th
         index.cache.close()
 
 
+def test_the_index_command_writes_one_index_for_a_remote_set_read_by_a_cold_start_in_one_request(
+        digits20, object_store, tmp_path, monkeypatch, capsys):
+    """1,282 shards' index files and their checks cost a cold start seconds (data_scale.md): the
+    index command also writes one object for the whole set, with each shard's ETag; a fresh machine
+    reads it in one request, a warm one not at all, and a shard replaced since is indexed on its own."""
+    import launcher.data.index_files as index_files
+    from launcher.data.index_files import index_file_next_to, set_index_url
+    from launcher.remote import Remote
+    from launcher.shards import main
+
+    options = FetchOptions(s3_endpoint=object_store.endpoint)
+    store = Remote(options)
+    local = expand_pattern(digits20["train"])
+    pattern = object_store.s3_url("set", digits20["train"]).replace("{000000..000019}", "{000000..000003}")
+    urls = expand_pattern(pattern)
+    for path, url in zip(local, urls):
+        store.upload(Path(path), url)  # the shards alone: the index command writes the indexes
+    assert main(["index", pattern, "--s3-endpoint", object_store.endpoint]) == 0
+    assert f"one index for the 4 shards: {set_index_url(urls)}" in capsys.readouterr().out
+
+    requests = []
+    for method in ("read_small", "read_range"):
+        real = getattr(Remote, method)
+        monkeypatch.setattr(Remote, method, lambda self, url, *a, real=real: (requests.append(url), real(self, url, *a))[1])
+
+    def refuse(path, key, checksum=False):
+        raise AssertionError(f"scanned {path}")
+
+    monkeypatch.setattr(index_files, "scan_shard", refuse)
+
+    def labels_of(*shards: int) -> np.ndarray:
+        return np.concatenate([index_shards(local[i], "data.train").labels for i in shards])
+
+    cache = str(tmp_path / "cache")
+    for expected_requests in ([set_index_url(urls)], []):  # a fresh machine, then the same machine again
+        requests.clear()
+        index = index_shards(pattern, "data.train", cache_dir=cache, fetch=options)
+        index.cache.close()
+        assert requests == expected_requests
+        assert np.array_equal(index.labels, labels_of(0, 1, 2, 3))
+    # Shard 1 replaced by another one (with its own index file): its ETag no longer matches the set's.
+    store.upload(Path(local[5]), urls[1])
+    store.upload(index_file_next_to(Path(local[5])), urls[1] + ".index.npz")
+    requests.clear()
+    index = index_shards(pattern, "data.train", cache_dir=cache, fetch=options)
+    index.cache.close()
+    assert requests[0] == set_index_url(urls) and urls[1] + ".index.npz" in requests
+    assert set(requests) <= {set_index_url(urls), urls[1] + ".index.npz", urls[1]}  # its own index and its check
+    assert np.array_equal(index.labels, labels_of(0, 5, 2, 3))
+
+
 def test_bad_remote_input_is_a_clear_error(remote_digits20, object_store, digits20, tmp_path, capsys):
     info, client = remote_digits20, object_store.client()
     options = FetchOptions(s3_endpoint=object_store.endpoint, retries=1, retry_wait=0.1, timeout=5)

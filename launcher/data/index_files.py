@@ -21,7 +21,7 @@ import numpy as np
 from launcher import remote
 from launcher.errors import LauncherError
 from launcher.remote import FetchOptions
-from launcher.runlog import file_sha256
+from launcher.runlog import atomic_write_bytes, file_sha256
 from launcher.shard_cache import ShardCache
 
 IMAGE_EXTS = ("npy", "png", "jpg", "jpeg", "webp", "ppm", "bmp")
@@ -325,6 +325,64 @@ def load_shard_indexes(paths: list[Path], key: str, cache_dir: Optional[str]) ->
     return parts
 
 
+# ---------------------------------------------------------------- one index for a whole remote set
+
+SET_INDEX_VERSION = 1
+
+
+def set_index_url(urls: list[str]) -> Optional[str]:
+    """Where `launcher.shards index` puts the one index object of a whole remote shard set: in the
+    shards' common folder, named by a hash of their names relative to it, so that a run finds the
+    object of its own pattern (and only that) in one request. None for pipe: and local shards."""
+    if not urls or any(remote.kind(u) not in ("s3", "http") for u in urls):
+        return None
+    folder = os.path.commonprefix(urls).rsplit("/", 1)[0] + "/"
+    if folder.count("/") < 4:  # not below a bucket or a host (the shards share no folder)
+        return None
+    names = "\n".join(u[len(folder):] for u in urls)
+    return f"{folder}shards-{len(urls)}-{hashlib.sha256(names.encode()).hexdigest()[:16]}.index.npz"
+
+
+def write_set_index(urls: list[str], parts: list[dict[str, np.ndarray]], etags: list[str], target: Path) -> None:
+    """One file holding every shard's index and the ETag its object had when it was indexed."""
+    write_index_file({
+        "set_version": np.asarray(SET_INDEX_VERSION), "names": np.asarray([u.rsplit("/", 1)[1] for u in urls]),
+        "etags": np.asarray(etags), "counts": np.asarray([len(p["labels"]) for p in parts], dtype=np.int64),
+        "shard_bytes": np.asarray([int(p["shard_bytes"]) for p in parts], dtype=np.int64),
+        "sha256": np.asarray([str(p["sha256"]) for p in parts]),
+        **{k: np.concatenate([p[k] for p in parts]) for k in ("offsets", "sizes", "ext_codes", "labels")}}, target)
+
+
+def read_set_index(source, urls: list[str], listing: dict) -> dict[str, dict[str, np.ndarray]]:
+    """The shards' indexes from a set index file (a path or bytes), for the shards whose size and
+    ETag in the store are still those recorded when they were indexed (the same bytes, so the index
+    needs no other check); the others are left out and indexed one by one. BadIndex if the file
+    is not a set index of these shards."""
+    head = source[:64] if isinstance(source, bytes) else _head_of(source)
+    if not head.startswith(b"PK"):
+        raise BadIndex("it is not a set index file")
+    try:
+        with np.load(io.BytesIO(source) if isinstance(source, bytes) else source, allow_pickle=False) as npz:
+            raw = {k: npz[k] for k in npz.files}
+        names, counts = [str(n) for n in raw["names"]], raw["counts"].astype(np.int64)
+        if int(raw["set_version"]) != SET_INDEX_VERSION or names != [u.rsplit("/", 1)[1] for u in urls] or \
+                not (len(counts) == len(raw["etags"]) == len(raw["shard_bytes"]) == len(raw["sha256"]) == len(urls)):
+            raise BadIndex("it does not describe these shards")
+        ends = np.cumsum(counts)
+    except (OSError, KeyError, ValueError, TypeError, zipfile.BadZipFile, EOFError) as err:
+        raise BadIndex(f"it is not a readable set index ({type(err).__name__})") from None
+    out = {}
+    for i, url in enumerate(urls):
+        size, etag = listing[url]
+        if etag is None or etag != str(raw["etags"][i]) or size != int(raw["shard_bytes"][i]):
+            continue  # changed since the index command ran (or no ETag to tell): indexed on its own
+        start = int(ends[i] - counts[i])
+        out[url] = _checked_index({"version": np.asarray(INDEX_VERSION), "shard_bytes": raw["shard_bytes"][i],
+                                   "sha256": raw["sha256"][i], **{k: raw[k][start:int(ends[i])] for k in
+                                                                 ("offsets", "sizes", "ext_codes", "labels")}})
+    return out
+
+
 def remote_shard_indexes(urls: list[str], key: str, cache_dir: Optional[str],
                          options: FetchOptions) -> tuple[list[dict[str, np.ndarray]], ShardCache]:
     """Every remote shard's index, and the cache that will fetch the shards. An index comes from
@@ -333,7 +391,8 @@ def remote_shard_indexes(urls: list[str], key: str, cache_dir: Optional[str],
     from concurrent.futures import ThreadPoolExecutor
 
     store = remote.Remote(options)
-    sizes = store.sizes(urls)
+    listing = store.listing(urls)
+    sizes = {url: size for url, (size, _) in listing.items()}
     absent = [u for u in urls if sizes[u] is None]
     if absent:
         raise LauncherError(
@@ -370,11 +429,14 @@ def remote_shard_indexes(urls: list[str], key: str, cache_dir: Optional[str],
             raise _mismatch(key, url, index_url, problem, url)
         return index
 
-    parts = [cached(u) for u in urls]
+    # The set's one index object (the index command writes it), from this machine's cache or in
+    # one request: 1,282 shards start in a second instead of 1,282 index files and their checks.
+    from_set = from_set_index(urls, listing, store, cache_dir)
+    parts = [from_set.get(u) or cached(u) for u in urls]
     if any(p is None for p in parts):
         with _machine_lock(cache_dir):
-            missing = [i for i, u in enumerate(urls) if cached(u) is None]
-            for i in set(range(len(urls))) - set(missing):
+            missing = [i for i, u in enumerate(urls) if u not in from_set and cached(u) is None]
+            for i in set(range(len(urls))) - set(missing) - {i for i, u in enumerate(urls) if u in from_set}:
                 parts[i] = cached(urls[i])
             with ThreadPoolExecutor(16) as pool:
                 found = list(pool.map(from_store, [urls[i] for i in missing]))
@@ -393,6 +455,36 @@ def remote_shard_indexes(urls: list[str], key: str, cache_dir: Optional[str],
     cache = ShardCache(urls, [int(p["shard_bytes"]) for p in parts], [str(p["sha256"]) for p in parts], key,
                        store, _cache_root(cache_dir), options.cache_limit, options.prefetch_shards)
     return parts, cache
+
+
+def from_set_index(urls: list[str], listing: dict, store: remote.Remote,
+                   cache_dir: Optional[str]) -> dict[str, dict[str, np.ndarray]]:
+    """The shards' indexes found in their set index: this machine's copy when it still covers every
+    shard, else the store's (kept for next time). {} when there is none or it is unusable (then
+    every shard is indexed on its own, as without one)."""
+    url = set_index_url(urls)
+    if url is None:
+        return {}
+    target = _cached_index_file(url, cache_dir)
+    try:
+        found = read_set_index(target, urls, listing) if target.exists() else {}
+    except BadIndex:
+        found = {}
+    if len(found) == len(urls):
+        return found
+    data = store.read_small(url)
+    if data is None:
+        return found
+    try:
+        found = read_set_index(data, urls, listing)
+    except BadIndex:
+        return {}  # a foreign or damaged object under that name: the per-shard index files decide
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write_bytes(target, data)
+    except OSError:
+        pass  # a read-only cache: fetched again next time
+    return found
 
 
 def _fetch_and_scan(store: remote.Remote, url: str, size: int, key: str, cache_dir: Optional[str]) -> dict:

@@ -149,10 +149,12 @@ class DataSection(Section):
     fetch_retry_wait: float = Field(1.0, ge=0.0, description="seconds before the first retry")
     fetch_timeout: float = Field(60.0, gt=0.0, description="seconds a remote connection or read may stall")
     augment: AugmentSection = Field(default_factory=AugmentSection)
-    augment_on: Literal["loader", "device"] = Field(
-        "loader", description="where training augmentation runs: loader (per sample, in the loader workers) or "
-                              "device (crop_padding, hflip, random_erasing and normalisation on the whole batch on "
-                              "the training device; refused with other ops)")
+    augment_on: Literal["auto", "loader", "device"] = Field(
+        "auto", description="where training augmentation runs: device (crop_padding, hflip, random_erasing and "
+                            "normalisation on the whole batch on the training device; refused with other ops), loader "
+                            "(per sample, in the loader workers), or auto: device when every op of data.augment has a "
+                            "batched form, else loader; a run directory keeps the path its run started with")
+    _augment_reason: str = ""  # why auto chose the path it did (--check says it)
 
     @model_validator(mode="after")
     def _device_augmentation_has_batched_ops(self):
@@ -340,7 +342,9 @@ MISSING = object()
 def schema_default(dotted: str) -> Any:
     """The default of a recipe key such as 'train.tf32' in JSON form, or MISSING (required,
     unknown, or inside a free-form mapping). A recipe saved by an older launcher lacks the keys
-    added since; they count as set to this."""
+    added since; they count as set to this (or to what those runs did: BEFORE_THE_KEY)."""
+    if dotted in BEFORE_THE_KEY:
+        return BEFORE_THE_KEY[dotted]
     from pydantic_core import to_jsonable_python
 
     model: type[BaseModel] = Recipe
@@ -484,8 +488,50 @@ def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "re
     if recipe.train.compile is not None and recipe.distributed.strategy == "deepspeed":
         raise LauncherError(f"Recipe {source}: train.compile runs with distributed.strategy=ddp only; DeepSpeed's "
                             "engine is not compiled by this launcher yet. Drop train.compile, or train with ddp.")
+    _resolve_augment_on(recipe)
     validate_plugins(recipe)  # plugin options are typed too, and combinations are checked
     return recipe
+
+
+def _resolve_augment_on(recipe: Recipe) -> None:
+    """data.augment_on: auto -> device when every op has a batched form, else loader. A run
+    directory that already ran keeps its path (its recipe.yaml says which; one written before the
+    key existed ran on the loader), so that an upgrade does not change a run's augmentation draws
+    mid-run. The resolved recipe (recipe.yaml, checkpoints, --check) holds the path taken."""
+    data = recipe.data
+    if data.augment_on != "auto":
+        return
+    from launcher.data.augment import BatchAugment
+
+    missing = BatchAugment.unbatched_ops(data.augment)
+    started = _augment_on_of_the_run(recipe.run_dir)
+    if missing:
+        data.augment_on, data._augment_reason = "loader", f"data.augment.{missing[0]} has no batched form"
+    elif started is not None:
+        data.augment_on, data._augment_reason = started, f"the run in {recipe.run_dir} started on the {started}"
+    else:
+        data.augment_on, data._augment_reason = "device", "every op of data.augment has a batched form"
+
+
+def _augment_on_of_the_run(run_dir: Path) -> Optional[str]:
+    """'loader' or 'device' for a run directory that holds a run (its recipe.yaml, else its newest
+    checkpoint's recipe), else None."""
+    from launcher.runlog import checkpoints_dir
+
+    metas = sorted(checkpoints_dir(run_dir).glob("step-*/meta.json"), reverse=True)[:1]
+    for source in [run_dir / "recipe.yaml", *metas]:
+        try:
+            saved = yaml.safe_load(source.read_text(encoding="utf-8"))  # JSON is YAML too
+            saved = saved["recipe"] if source.name == "meta.json" else saved
+            value = saved["data"].get("augment_on", BEFORE_THE_KEY["data.augment_on"])
+        except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+            continue
+        return value if value in ("loader", "device") else None
+    return None
+
+
+# Keys whose default is not what runs saved before the key existed ran with (schema_default).
+BEFORE_THE_KEY = {"data.augment_on": "loader"}
 
 
 def _data_settings_from_pretrained_cfg(recipe: Recipe) -> None:

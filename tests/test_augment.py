@@ -7,6 +7,8 @@ where a resumed run starts."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -181,5 +183,44 @@ def test_device_augmentation_with_an_op_it_lacks_is_refused_and_check_names_the_
                  "~data.augment.rotation"]) == 0
     assert "# training augmentation runs on the device: data.augment_on: device" in capsys.readouterr().out
     assert main(["--check", str(REPO / "recipes" / "digits.yaml"), *base]) == 0
-    assert "runs on the loader: per sample in the loader workers: data.augment.rotation has no batched form" \
-        in capsys.readouterr().out
+    assert "runs on the loader: per sample in the loader workers (data.augment_on: auto, data.augment.rotation " \
+           "has no batched form)" in capsys.readouterr().out
+
+
+def test_augment_on_auto_takes_the_device_when_every_op_is_batched_and_a_run_keeps_its_path(digits, tmp_path):
+    """The default: whole batches on the device when every op has a batched form, else the loader.
+    A run directory keeps the path its run started with (an upgrade does not change a run's draws
+    mid-run): one written before the key existed ran on the loader, and its checkpoints resume."""
+    import yaml
+
+    from launcher.recipe import schema_default
+    from plugins.checkpoint import recipe_differences
+
+    def resolved(run_dir: Path, augment: dict) -> str:
+        raw = small_recipe(digits, run_dir)
+        raw["data"]["augment"] = augment
+        return validate_recipe(raw).data.augment_on
+
+    assert resolved(tmp_path / "a", {"crop_padding": 2, "hflip": 0.5, "random_erasing": 0.25}) == "device"
+    assert resolved(tmp_path / "b", {}) == "device"  # normalisation alone
+    assert resolved(tmp_path / "c", {"crop_padding": 2, "rotation": 10}) == "loader"
+    # A run that started before the key existed: its recipe.yaml lacks it; it ran on the loader.
+    old_run = tmp_path / "old"
+    old_run.mkdir()
+    saved = small_recipe(digits, old_run)
+    saved["data"]["augment"] = {"crop_padding": 2}
+    (old_run / "recipe.yaml").write_text(yaml.safe_dump(saved))
+    current = small_recipe(digits, old_run)
+    current["data"]["augment"] = {"crop_padding": 2}
+    recipe = validate_recipe(current)
+    assert recipe.data.augment_on == "loader" and schema_default("data.augment_on") == "loader"
+    saved_resolved = {**recipe.to_dict(), "data": {k: v for k, v in recipe.to_dict()["data"].items()
+                                                   if k != "augment_on"}}
+    assert recipe_differences(saved_resolved, recipe.to_dict()) == []  # its checkpoints resume
+    # Switching paths mid-run is refused (the draws differ): the checkpoint check names the key.
+    current["data"]["augment_on"] = "device"
+    assert recipe_differences(saved_resolved, validate_recipe(current).to_dict()) == [
+        "data.augment_on: 'loader' -> 'device'"]
+    # A run that started on the device keeps it.
+    (old_run / "recipe.yaml").write_text(yaml.safe_dump({**saved, "data": {**saved["data"], "augment_on": "device"}}))
+    assert resolved(old_run, {"crop_padding": 2}) == "device"

@@ -194,9 +194,10 @@ def pixel_normals(keys: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
 def augment_path(data) -> tuple[str, str]:
     """Where the recipe's training augmentation runs ("device" or "loader") and why, for the run
     and for --check. data.augment_on: device is refused at load when an op has no batched form."""
-    missing = BatchAugment.unbatched_ops(data.augment)
+    ops = "crop, flip, erasing and normalisation on the whole batch"
+    if data._augment_reason:  # chosen by data.augment_on: auto
+        where = ops if data.augment_on == "device" else "per sample in the loader workers"
+        return data.augment_on, f"{where} (data.augment_on: auto, {data._augment_reason})"
     if data.augment_on == "device":
-        return "device", "data.augment_on: device (crop, flip, erasing and normalisation on the whole batch)"
-    if missing:
-        return "loader", f"per sample in the loader workers: data.augment.{missing[0]} has no batched form"
-    return "loader", "per sample in the loader workers (data.augment_on: loader, the default)"
+        return "device", f"data.augment_on: device ({ops})"
+    return "loader", "per sample in the loader workers (data.augment_on: loader)"

@@ -8,11 +8,12 @@ EXTRAS ?= dev
 
 .PHONY: setup demo test test-fast test-gpu gpu-check bench clean
 
-# Re-installs only when pyproject.toml changes.
+# Re-installs only when pyproject.toml changes. --no-compile: pip would byte-compile every file of
+# torch & co. (about a minute here); Python compiles the modules a run imports when it imports them.
 $(VENV)/.installed-$(EXTRAS): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet --progress-bar off -e ".[$(EXTRAS)]"
+	$(PY) -m pip install --quiet --progress-bar off --no-compile -e ".[$(EXTRAS)]"
 	touch $@
 
 # The demo needs the core dependencies only (not DeepSpeed, ONNX, SeaweedFS... of the dev
@@ -23,7 +24,7 @@ $(VENV)/.installed-core: pyproject.toml
 	else \
 		test -x $(PY) || $(PYTHON) -m venv $(VENV); \
 		$(PY) -m pip install --quiet --upgrade pip; \
-		$(PY) -m pip install --quiet --progress-bar off -e . && touch $@; \
+		$(PY) -m pip install --quiet --progress-bar off --no-compile -e . && touch $@; \
 	fi
 
 setup: $(VENV)/.installed-$(EXTRAS)

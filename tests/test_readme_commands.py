@@ -51,6 +51,7 @@ README_COMMANDS = {
     "python -m launcher.shards index 'data/other/train-{000000..000999}.tar'": ("test", "tests/test_data.py::test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first_use"),
     "python benchmarks/ladder.py --out benchmarks/results/ladder_fashion.md": ("test", "tests/test_readme_commands.py::test_the_ladder_benchmark_runs_and_continues_where_it_stopped"),
     "python benchmarks/data_scale.py": ("test", "tests/test_readme_commands.py::test_the_data_scale_benchmark_runs"),
+    "python benchmarks/startup.py --baseline 308766b": ("test", "tests/test_readme_commands.py::test_the_startup_benchmark_runs"),
     "make gpu-check": ("test", "tests/test_readme_commands.py::test_make_gpu_check_runs"),
     "python benchmarks/loader_imagenet.py": ("test", "tests/test_readme_commands.py::test_the_imagenet_loader_benchmark_runs"),
     "python benchmarks/augment_speed.py": ("test", "tests/test_readme_commands.py::test_the_augment_speed_benchmark_runs"),
@@ -280,6 +281,19 @@ def test_the_data_scale_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     row = next(line for line in (tmp_path / "d.md").read_text().splitlines() if line.startswith("| 1,500 |"))
     assert len(row.split("|")) == 16  # every column measured, the s3 ones (with and without a set index) included
+
+
+def test_the_startup_benchmark_runs(tmp_path):
+    """Every command of the start-up table, once, here and at a baseline commit (HEAD, in a git
+    worktree, when this checkout is a git repository)."""
+    argv = command("python benchmarks/startup.py --baseline 308766b")
+    in_git = (REPO / ".git").exists()
+    argv = argv[:-1] + ["HEAD"] if in_git else argv[:-2]
+    result = run_cli([*argv, "--repeats", "1", "--out", str(tmp_path / "s.md")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line for line in (tmp_path / "s.md").read_text().splitlines() if line.startswith("| `")]
+    columns = 2 if in_git else 1
+    assert len(rows) == 6 and all(float(cell) > 0 for row in rows for cell in row.split("|")[2:2 + columns])
 
 
 def test_the_data_stream_benchmark_runs(tmp_path):

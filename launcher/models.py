@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 
 from launcher.errors import LauncherError, did_you_mean
+from launcher.model_names import WRN_SIZES
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -140,9 +141,8 @@ def _make_wrn(depth: int, width: int):
     return entrypoint
 
 
-for _depth in (10, 16, 22, 28, 40):
-    for _width in (1, 2, 4, 8, 10, 12):
-        globals()[f"wrn{_depth}_{_width}"] = register_model(_make_wrn(_depth, _width))
+for _depth, _width in WRN_SIZES:
+    globals()[f"wrn{_depth}_{_width}"] = register_model(_make_wrn(_depth, _width))
 
 
 def create_model(section) -> nn.Module:

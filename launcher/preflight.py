@@ -4,9 +4,6 @@ hours to fail on a misspelled model name or a missing shard)."""
 
 from __future__ import annotations
 
-import hashlib
-import importlib.metadata
-import os
 from pathlib import Path
 
 from launcher.errors import LauncherError, did_you_mean
@@ -53,37 +50,16 @@ def preflight(recipe) -> list[str]:
 def check_model_name(name: str) -> None:
     """Raise on a model name timm does not know (a pretrained tag, `name.tag`, is allowed).
 
-    Importing timm takes 6 s here, longer than the rest of --check, so the names it knew when a
-    check last imported it are kept in a cache file per timm version (timm's own models and the
-    launcher's WideResNets, not models a plugin registers): a name found there is known without
-    the import; any other name is asked of timm itself."""
-    arch = name.split(".", 1)[0]
-    cache = _model_names_file()
-    try:
-        if arch in cache.read_text().split():
-            return
-    except OSError:
-        pass
+    Importing timm takes 6 s here, longer than the rest of --check: the launcher's WideResNets and
+    the names timm's model files register are known without it (launcher/model_names.py); any
+    other name (a deprecated alias, a model a plugin registers, a misspelling) is asked of timm."""
+    from launcher.model_names import known_without_timm
+
+    if name.split(".", 1)[0] in known_without_timm():
+        return
     import timm
 
     import launcher.models  # noqa: F401  (registers the WideResNets with timm)
 
     if not timm.is_model(name):
         raise LauncherError(f"Unknown model '{name}' (model.name).{did_you_mean(name, timm.list_models())}")
-    names = [n for n in timm.list_models()
-             if timm.models.model_entrypoint(n).__module__.startswith(("timm.", "launcher."))]
-    try:
-        from launcher.runlog import atomic_write_text
-
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(cache, "\n".join(names) + "\n")
-    except OSError:
-        pass  # a read-only home: every check imports timm, as before
-
-
-def _model_names_file() -> Path:
-    """$XDG_CACHE_HOME/launcher/models/timm-VERSION-HASH.txt, HASH from launcher/models.py (its
-    WideResNets are in the list)."""
-    ours = hashlib.sha256((Path(__file__).parent / "models.py").read_bytes()).hexdigest()[:12]
-    base = Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "launcher" / "models"
-    return base / f"timm-{importlib.metadata.version('timm')}-{ours}.txt"

@@ -66,11 +66,11 @@ def test_bad_input_from_the_real_command_has_no_traceback(digits, tmp_path):
     assert "Traceback" not in result.stderr and "does not exist" in result.stderr
 
 
-def test_list_plugins_option_errors_and_check_answer_without_torch_or_timm(digits, tmp_path):
-    """`--list-plugins` and a bad plugin option answer without importing torch, timm or
-    accelerate (plugins import them on first use: launcher/lazy.py); `--check` too, once timm's
-    model names are cached (the first check imports timm to learn them; a name not in the cache
-    is still asked of timm, so a misspelt one is still refused)."""
+def test_list_plugins_option_errors_and_check_answer_without_torch_or_timm(digits):
+    """`--list-plugins`, a bad plugin option and `--check` answer without importing torch, timm or
+    accelerate: plugins import them on first use (launcher/lazy.py), and --check knows timm's model
+    names from its source files (launcher/model_names.py). A name not found there is asked of timm,
+    so a misspelt one is still refused."""
     recipe = str(REPO / "recipes" / "digits.yaml")
     check = ["--check", recipe, f"data.train={digits['train']}", f"data.val={digits['val']}"]
 
@@ -80,16 +80,23 @@ def test_list_plugins_option_errors_and_check_answer_without_torch_or_timm(digit
                 "print('codes:', codes, 'loaded:', sorted(m for m in ('torch', 'timm', 'accelerate', 'webdataset') "
                 "if m in sys.modules))\n")
         # Without the tests' own plugin module (conftest names it; it imports torch).
-        result = run_cli([sys.executable, "-c", code], env={"XDG_CACHE_HOME": str(tmp_path / "cache"), "LAUNCHER_PLUGINS": ""})
+        result = run_cli([sys.executable, "-c", code], env={"LAUNCHER_PLUGINS": ""})
         return result.stdout + result.stderr
 
-    first = probe(check)
-    assert "codes: [0] loaded: ['timm', 'torch']" in first, first
-    out = probe(["--list-plugins"], [recipe, "plugins.ema.decay=abc"], check)
-    assert "codes: [0, 2, 0] loaded: []" in out, out
+    out = probe(["--list-plugins"], [recipe, "plugins.ema.decay=abc"], check, [*check, "model.name=wrn16_1"])
+    assert "codes: [0, 2, 0, 0] loaded: []" in out, out
     assert "Plugin 'ema' options are invalid: 'decay' = 'abc'" in out and "recipe OK" in out
     out = probe([*check, "model.name=wrn10_1x"])
     assert "Unknown model 'wrn10_1x' (model.name). Did you mean" in out and "codes: [2]" in out, out
+
+
+def test_the_model_names_read_from_timms_source_are_timms_registry():
+    """--check's model names without importing timm: exactly timm's registry, and the WideResNets."""
+    import timm
+
+    from launcher.model_names import known_without_timm
+
+    assert known_without_timm() == set(timm.list_models()) | set(timm.list_models("wrn*"))
 
 
 def test_check_prints_the_resolved_recipe(digits, capsys):

@@ -293,7 +293,7 @@ def test_the_startup_benchmark_runs(tmp_path):
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [line for line in (tmp_path / "s.md").read_text().splitlines() if line.startswith("| `")]
     columns = 2 if in_git else 1
-    assert len(rows) == 6 and all(float(cell) > 0 for row in rows for cell in row.split("|")[2:2 + columns])
+    assert len(rows) == 5 and all(float(cell) > 0 for row in rows for cell in row.split("|")[2:2 + columns])
 
 
 def test_the_data_stream_benchmark_runs(tmp_path):

@@ -139,7 +139,9 @@ def the_stream(recipe, uint8: bool):
     index = index_shards(data.train, "data.train", data.cache_dir)
     plan = EpochPlan(tuple(int(n) for n in index.shard_sizes), global_batch=data.batch_size, streams=1,
                      world_size=1, seed=recipe.seed, shuffle=data.shuffle, window=data.shuffle_window)
-    transform = ImageTransform(data, recipe.model.in_chans, train=True, normalize_on_device=uint8)
+    # The path the launcher takes for this recipe (data.augment_on: auto picks the device for flips).
+    transform = ImageTransform(data, recipe.model.in_chans, train=True, normalize_on_device=uint8,
+                               batched=data.augment_on == "device")
     return TrainStream(index, plan, transform, epoch=0, rank=0), transform
 
 

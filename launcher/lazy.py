@@ -13,11 +13,14 @@ import types
 
 
 class LazyModule(types.ModuleType):
-    """Stands for the module of its name; every attribute read is answered by the real module,
-    imported the first time."""
+    """Stands for the module of its name; an attribute read is answered by the real module,
+    imported the first time, and kept here, so that later reads (torch.* in a training step) are
+    plain attribute reads, not import-system lookups."""
 
     def __getattr__(self, attr: str):
-        return getattr(importlib.import_module(self.__name__), attr)
+        value = getattr(importlib.import_module(self.__name__), attr)
+        setattr(self, attr, value)
+        return value
 
 
 def lazy(name: str) -> types.ModuleType:

@@ -12,7 +12,6 @@ import pickle
 from pathlib import Path
 from typing import Callable, Iterable
 
-
 from launcher.errors import LauncherError
 from launcher.lazy import lazy
 

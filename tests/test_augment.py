@@ -221,6 +221,6 @@ def test_augment_on_auto_takes_the_device_when_every_op_is_batched_and_a_run_kee
     current["data"]["augment_on"] = "device"
     assert recipe_differences(saved_resolved, validate_recipe(current).to_dict()) == [
         "data.augment_on: 'loader' -> 'device'"]
-    # A run that started on the device keeps it.
+    # An op without a batched form takes the loader even in a run that started on the device.
     (old_run / "recipe.yaml").write_text(yaml.safe_dump({**saved, "data": {**saved["data"], "augment_on": "device"}}))
-    assert resolved(old_run, {"crop_padding": 2}) == "device"
+    assert resolved(old_run, {"crop_padding": 2, "rotation": 5}) == "loader"

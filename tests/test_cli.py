@@ -94,9 +94,19 @@ def test_the_model_names_read_from_timms_source_are_timms_registry():
     """--check's model names without importing timm: exactly timm's registry, and the WideResNets."""
     import timm
 
+    import launcher.models  # noqa: F401  (registers the WideResNets)
     from launcher.model_names import known_without_timm
 
-    assert known_without_timm() == set(timm.list_models()) | set(timm.list_models("wrn*"))
+    assert known_without_timm() == set(timm.list_models())
+
+
+@pytest.mark.parametrize("pattern", ["a/train-{000000..000003}.tar", "s3://b/x-{0..2}.tar::s3://b/y-{a,b}.tar",
+                                     "plain.tar", "pipe:cat d/{1..2}.tar"])
+def test_shard_patterns_expand_as_webdataset_expands_them(pattern):
+    """expand_pattern skips importing webdataset (and torch) for patterns without `$`: same result."""
+    from webdataset.shardlists import expand_urls
+
+    assert expand_pattern(pattern) == list(expand_urls(pattern))
 
 
 def test_check_prints_the_resolved_recipe(digits, capsys):

@@ -435,9 +435,9 @@ def remote_shard_indexes(urls: list[str], key: str, cache_dir: Optional[str],
     parts = [from_set.get(u) or cached(u) for u in urls]
     if any(p is None for p in parts):
         with _machine_lock(cache_dir):
-            missing = [i for i, u in enumerate(urls) if u not in from_set and cached(u) is None]
-            for i in set(range(len(urls))) - set(missing) - {i for i, u in enumerate(urls) if u in from_set}:
-                parts[i] = cached(urls[i])
+            # Another process may have indexed some while this one waited for the lock.
+            parts = [p if p is not None else cached(u) for p, u in zip(parts, urls)]
+            missing = [i for i, p in enumerate(parts) if p is None]
             with ThreadPoolExecutor(16) as pool:
                 found = list(pool.map(from_store, [urls[i] for i in missing]))
             unindexed = [i for i, index in zip(missing, found) if index is None]

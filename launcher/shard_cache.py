@@ -251,8 +251,10 @@ class ShardCache:
         with self._cond:
             if self._error is None:
                 self._error = message
-                try:
-                    (self.dir / FAILED).write_text(message)
+                try:  # written then renamed: a worker that sees the file reads the whole message
+                    tmp = self.dir / f".{FAILED}.tmp{os.getpid()}"
+                    tmp.write_text(message)
+                    os.replace(tmp, self.dir / FAILED)
                 except OSError:
                     pass
             self._cond.notify_all()

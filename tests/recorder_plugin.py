@@ -123,6 +123,7 @@ class Recorder(Plugin):
                                     "evals": self.evals, "hooks": self.hooks,
                                     "compute_dtype": getattr(self, "compute_dtype", None),
                                     "engine_config": getattr(ctx.model, "_config", None) and {
+                                        "zero_stage": ctx.model.zero_optimization_stage(),
                                         "gradient_accumulation_steps": ctx.model.gradient_accumulation_steps(),
                                         "train_micro_batch_size_per_gpu":
                                             ctx.model.train_micro_batch_size_per_gpu()},

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import shutil
 import sys
 from pathlib import Path
 
@@ -251,7 +252,8 @@ def test_the_augment_speed_benchmark_runs(tmp_path):
 
 def test_the_ladder_benchmark_runs_and_continues_where_it_stopped(tmp_path):
     """benchmarks/ladder.py on IDX files in the real format (random images), 2 steps a run: a
-    cumulative rung and one alone, then a rerun with one more seed trains only the new seed's runs."""
+    cumulative rung and one alone, then a rerun with one more seed trains only the new seed's runs,
+    and a rerun without the run directories trains nothing (the record next to the report)."""
     from tests.test_data import fake_idx_folder
 
     fake_idx_folder(tmp_path / "idx", n_train=40, n_val=12)
@@ -273,6 +275,13 @@ def test_the_ladder_benchmark_runs_and_continues_where_it_stopped(tmp_path):
     assert second.returncode == 0, second.stderr[-3000:]
     assert second.stdout.count("[ladder] ") == 3 and "seed 0:" not in second.stdout  # finished runs are read
     assert {p: p.read_bytes() for p in runs.glob("*/seed0/metrics.jsonl")} == done
+    assert all(row.split("|")[7].strip() == "2" for row in out.read_text().splitlines() if row.startswith("| + l"))
+    # The run directories gone (another machine, a new sitting): the finished runs' record next to
+    # the report keeps them, and nothing is trained again.
+    assert {r["seed"] for r in json.loads(out.with_suffix(".json").read_text())["runs"]} == {0, 1}
+    shutil.rmtree(runs)
+    third = run_cli(base + ["--seeds", "0", "1"], timeout=900)
+    assert third.returncode == 0 and "[ladder] " not in third.stdout, third.stderr[-3000:]
     assert all(row.split("|")[7].strip() == "2" for row in out.read_text().splitlines() if row.startswith("| + l"))
 
 

@@ -140,8 +140,9 @@ def run_result(run_dir: Path) -> dict | None:
     last = [r for r in rows if "val/top1" in r][-1]
     shipped = next(k for k in SHIPPED if k in last)
     timing = run_dir / "ladder_time.json"
-    seconds = json.loads(timing.read_text())["seconds"] if timing.exists() else None
-    return {"metric": shipped, "top1": last[shipped], "plain_top1": last["val/top1"], "seconds": seconds,
+    times = json.loads(timing.read_text()) if timing.exists() else {}
+    return {"metric": shipped, "top1": last[shipped], "plain_top1": last["val/top1"], "seconds": times.get("seconds"),
+            "cpu_seconds": times.get("cpu_seconds"),
             "step": last["step"]}
 
 
@@ -235,11 +236,16 @@ def main() -> int:
                     continue
                 recipe = load_recipe(REPO / ladder.recipe, data + overrides + [
                     "run.progress=false", f"seed={seed}", f"run.dir={run_dir}"])
-                start = time.perf_counter()
+                start, cpu_start = time.perf_counter(), time.process_time()
                 train(recipe)  # resumes from run_dir's checkpoint when an earlier ladder was stopped in it
                 timing = run_dir / "ladder_time.json"
-                before = json.loads(timing.read_text())["seconds"] if timing.exists() else 0.0
-                timing.write_text(json.dumps({"seconds": before + time.perf_counter() - start}) + "\n")
+                # Wall and process CPU time (all threads; the recipe's loader runs in the process), summed
+                # over the sittings a run took. The CPU time is the one compared: it does not grow when
+                # something else shares the machine.
+                before = json.loads(timing.read_text()) if timing.exists() else {}
+                timing.write_text(json.dumps({
+                    "seconds": before.get("seconds", 0.0) + time.perf_counter() - start,
+                    "cpu_seconds": before.get("cpu_seconds", 0.0) + time.process_time() - cpu_start}) + "\n")
                 result = result_of(record, run_dir, name, seed, overrides + ladder.setting())
                 print(f"[ladder] {ladder.rungs[index].name:20s} seed {seed}: {result['metric']} "
                       f"{result['top1']:.4f} in {result['seconds']:.0f} s", flush=True)
@@ -271,22 +277,25 @@ def report(ladder: Ladder, runs: Path, record: Record, rung_numbers: list[int], 
         return f"{statistics.mean(values):.2f} ± {std:.2f}"
 
     base_top1 = statistics.mean(100 * r["top1"] for r in rows[0][1]) if rows[0][0] is ladder.rungs[0] else None
-    base_time = statistics.mean(r["seconds"] for r in rows[0][1] if r["seconds"]) if base_top1 is not None else None
+    base_times = [r["cpu_seconds"] for r in rows[0][1] if r.get("cpu_seconds")]
+    base_time = statistics.mean(base_times) if base_top1 is not None and base_times else None
     lines = [f"# The practitioners' ladder: {ladder.about}", "",
              "Rungs marked + add one trick to the rung above (cumulative); the others are tried alone on the",
              "baseline. Top-1 is the final validation accuracy of the model one would ship (the metric",
              "column: EMA and TTA where they are on), mean ± standard deviation over the seeds.", "",
-             "| rung | adds | metric | top-1 % | plain model top-1 % | vs baseline (points) | seeds | wall time per run | "
+             "| rung | adds | metric | top-1 % | plain model top-1 % | vs baseline (points) | seeds | CPU time per run | "
              "vs baseline |", "|---|---|---|---|---|---|---|---|---|"]
     for rung, results in rows:
         top1 = [100 * r["top1"] for r in results]
-        secs = [r["seconds"] for r in results if r["seconds"]]
+        secs = [r["cpu_seconds"] for r in results if r.get("cpu_seconds")]
         delta = f"{statistics.mean(top1) - base_top1:+.2f}" if base_top1 is not None else "-"
         time_cell = f"{statistics.mean(secs):.0f} s" if secs else "-"
         ratio = f"{statistics.mean(secs) / base_time:.2f}x" if secs and base_time else "-"
         lines.append(f"| {rung.name} | {rung.adds} | {results[0]['metric']} | {mean_std(top1)} | "
                      f"{mean_std([100 * r['plain_top1'] for r in results])} | {delta} | {len(results)} | {time_cell} | "
                      f"{ratio} |")
+    lines += ["", "CPU time: the training process's CPU seconds (all its threads), which unlike wall time do not "
+              "grow when something else shares the machine; a run stopped and resumed counts its last sitting only."]
     import torch
 
     from launcher.recipe import load_recipe

@@ -3,10 +3,20 @@
     distributed: {strategy: ddp}                                   # default
     distributed: {strategy: deepspeed, zero_stage: 3, offload: optimizer}
     distributed: {strategy: deepspeed, deepspeed_config: ds.json}  # a DeepSpeed JSON file
+    distributed: {strategy: fsdp}                                  # PyTorch FSDP2 (fully_shard)
 
-Both run through Accelerate and the same `accelerate launch` command (one or many
+All run through Accelerate and the same `accelerate launch` command (one or many
 machines, GPUs with NCCL or CPUs with gloo); the recipe, not the launch flags, decides
 the strategy, so a checkpoint always knows what wrote it.
+
+FSDP is PyTorch's own FSDP2 (torch.distributed.fsdp.fully_shard), applied here rather than
+through Accelerate's FSDP plugin: Accelerate leaves a CPU run as plain multi-CPU DDP whatever
+its FSDP settings, and the same code path on CPUs (the tests) and GPUs is the one that is
+tested. What Accelerate's FSDP2 support does at prepare is done here the same way: repeated
+blocks and then the root are sharded, and the optimizer's parameters are swapped for the
+sharded ones (its state is still empty). Weights are gathered for EMA and for each
+model.safetensors; checkpoints are sharded with torch.distributed.checkpoint (each rank
+writes its shard; DCP reshards on load, so a run resumes on another process count).
 
 DeepSpeed's engine owns backward and the optimizer step: `engine.backward` reduces (ZeRO
 2/3: reduce-scatters) the gradients, and at the last micro-batch of a step `engine.step`
@@ -227,6 +237,10 @@ class DataParallel:
     def __init__(self, accelerator):
         self.accelerator = accelerator
 
+    def prepare(self, model, optimizer):
+        """accelerator.prepare: DDP wraps the model (DeepSpeed builds its engine)."""
+        return self.accelerator.prepare(model, optimizer)
+
     def micro_batch_context(self, model, first: bool, last: bool):
         return nullcontext() if last else self.accelerator.no_sync(model)
 
@@ -260,6 +274,186 @@ class DataParallel:
 
         load_model(self.accelerator.unwrap_model(model), str(folder / "model.safetensors"))
         optimizer.load_state_dict(optimizer_state)
+
+
+class FullyShardedDataParallel(DataParallel):
+    """PyTorch FSDP2 (see the module docstring): parameters, gradients and optimizer state
+    sharded over the ranks; each block's parameters all-gathered for its forward and backward."""
+
+    def __init__(self, accelerator, recipe):
+        super().__init__(accelerator)
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            # One process without a launcher: FSDP still needs a (one-rank) process group.
+            backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+        self.reshard_after_forward = recipe.distributed.fsdp_sharding == "full"
+
+    def prepare(self, model, optimizer):
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.fsdp import fully_shard
+
+        names = {id(p): n for n, p in model.named_parameters()}
+        mesh = init_device_mesh(self.accelerator.device.type, (self.accelerator.num_processes,))
+        for block in reversed(repeated_blocks(model)):  # inner blocks before the ones holding them
+            fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        fully_shard(model, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        # fully_shard replaced the parameters by sharded ones (DTensors): the optimizer, built by
+        # the recipe on the plain model, takes them instead (same names, nothing stepped yet).
+        sharded = dict(model.named_parameters())
+        for group in optimizer.param_groups:
+            group["params"] = [sharded[names[id(p)]] for p in group["params"]]
+        if self.accelerator.mixed_precision != "no":
+            # As Accelerate's prepare does for DDP: the model's outputs in fp32, so that the loss and
+            # what plugins compute from the logits (distillation's logits / T) are not rounded to bf16.
+            from accelerate.utils import convert_outputs_to_fp32
+
+            model.forward = convert_outputs_to_fp32(model.forward)
+        return model, self.accelerator.prepare(optimizer)
+
+    def micro_batch_context(self, model, first: bool, last: bool):
+        # Gradients are reduce-scattered at the step's last micro-batch only; BatchNorm buffers
+        # come from rank 0 before the step's first forward, as under DDP (FSDP never does it).
+        if first and self.accelerator.num_processes > 1:
+            broadcast_buffers(model)
+        model.set_requires_gradient_sync(last)
+        return nullcontext()
+
+    @property
+    def lockstep_eval(self) -> bool:
+        # Each forward all-gathers the parameters: every rank must run as many.
+        return self.accelerator.num_processes > 1
+
+    def full_state_dict(self, model) -> dict[str, torch.Tensor]:
+        """The full fp32 weights on every rank (an all-gather: every rank calls it)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))
+        return {k: v.detach() for k, v in state.items()}
+
+    def save_full_weights(self, model, path: Path) -> None:
+        state = self.full_state_dict(model)
+        if self.accelerator.is_main_process:
+            save_state_dict(state, path)
+
+    def save_checkpoint(self, model, optimizer, folder: Path) -> Optional[dict]:
+        """The gathered fp32 weights (model.safetensors) and a sharded checkpoint of the model and
+        optimizer in folder/fsdp (torch.distributed.checkpoint: each rank writes its shard)."""
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        self.save_full_weights(model, folder / "model.safetensors")
+        model_state, optimizer_state = get_state_dict(model, _inner(optimizer))
+        dcp.save({"model": model_state, "optimizer": optimizer_state}, checkpoint_id=str(folder / "fsdp"))
+        return None
+
+    def load_checkpoint(self, model, optimizer, folder: Path, optimizer_state: Optional[dict],
+                        saved_world_size: int) -> None:
+        """DCP reads the shards this rank needs, whatever the number of ranks that wrote them."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+        model_state, optimizer_state = get_state_dict(model, _inner(optimizer))  # the layout to read into
+        state = {"model": model_state, "optimizer": optimizer_state}
+        load_sharded(state, folder / "fsdp")
+        set_state_dict(model, _inner(optimizer), model_state_dict=state["model"],
+                       optim_state_dict=state["optimizer"])
+
+
+# What a checkpoint's DCP metadata (.metadata, a pickle) may name: DCP's own data classes, sizes,
+# dtypes and a path; constructing them runs no code of the file's choosing.
+DCP_METADATA_GLOBALS = {("pathlib", "PosixPath"), ("pathlib", "WindowsPath"), ("torch", "Size"),
+                        ("torch.serialization", "_get_layout"), ("torch.distributed.checkpoint.filesystem", "_StorageInfo")}
+
+
+def load_sharded(state: dict, path: Path) -> None:
+    """dcp.load into `state` through safe_dcp_loading; a refusal on any rank is raised as it is
+    (DCP wraps the ranks' errors in a CheckpointException, a BaseException)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader, planner = safe_dcp_loading(path)
+    try:
+        dcp.load(state, storage_reader=reader, planner=planner)
+    except CheckpointException as err:
+        refused = next((exc for exc, _ in err.failures.values() if isinstance(exc, LauncherError)), None)
+        if refused is not None:
+            raise refused from None
+        raise LauncherError(f"Could not read the sharded checkpoint in {path}: {err}") from None
+
+
+def safe_dcp_loading(path: Path):
+    """A reader and planner for dcp.load that refuse code in a checkpoint. torch's own read the
+    .metadata file with pickle.load and non-tensor entries with torch.load(weights_only=False), so
+    a tampered checkpoint could run anything; these allow DCP's data classes and tensors only.
+    Written by hand: torch.distributed.checkpoint has no safe-loading option (torch 2.14)."""
+    import pickle
+
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    def refuse(what: str, why: str) -> LauncherError:
+        return LauncherError(
+            f"Refusing to load '{what}': it holds pickled objects other than tensors and torch.distributed."
+            f"checkpoint's own types ({why}), and loading it could run code. If you did not write this "
+            "checkpoint, do not trust it; resume from another one or start afresh.")
+
+    class MetadataUnpickler(pickle.Unpickler):
+        def find_class(self, module, name):
+            allowed = ((module, name) in DCP_METADATA_GLOBALS or module == "torch.distributed.checkpoint.metadata"
+                       or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+            if not allowed:
+                raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+            return super().find_class(module, name)
+
+    class SafeReader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            metadata_file = Path(self.path) / ".metadata"
+            try:
+                with open(metadata_file, "rb") as f:
+                    metadata = MetadataUnpickler(f).load()
+            except pickle.UnpicklingError as err:
+                raise refuse(str(metadata_file), str(err)) from None
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    class SafePlanner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value):
+            # DefaultLoadPlanner.load_bytes with weights_only=True.
+            from torch.distributed.checkpoint._traverse import set_element
+
+            try:
+                loaded = torch.load(value, weights_only=True)
+            except pickle.UnpicklingError as err:
+                raise refuse(f"{path} ({read_item.dest_index.fqn})", str(err).splitlines()[0]) from None
+            if self.flatten_state_dict:
+                set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], loaded)
+            else:
+                self.state_dict[read_item.dest_index.fqn] = loaded
+
+    return SafeReader(str(path)), SafePlanner()
+
+
+def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """FSDP's units besides the root: the members of every Sequential / ModuleList that holds
+    two or more modules of one class with parameters (timm's and our blocks and stages: ViT's
+    blocks, ResNet's and WRN's stages and their blocks, ConvNeXt's stages and blocks), outer
+    ones first."""
+    blocks = []
+    for module in model.modules():
+        if isinstance(module, (torch.nn.Sequential, torch.nn.ModuleList)):
+            members = [m for m in module.children() if any(True for _ in m.parameters())]
+            if len(members) >= 2 and len({type(m) for m in members}) == 1:
+                blocks += members
+    return blocks
+
+
+def _inner(optimizer):
+    """The torch optimizer inside Accelerate's wrapper."""
+    return getattr(optimizer, "optimizer", optimizer)
 
 
 class DeepSpeedZeRO(DataParallel):
@@ -398,4 +592,6 @@ def free_port() -> int:
 def make_strategy(accelerator, recipe):
     if recipe.distributed.strategy == "deepspeed":
         return DeepSpeedZeRO(accelerator, recipe)
+    if recipe.distributed.strategy == "fsdp":
+        return FullyShardedDataParallel(accelerator, recipe)
     return DataParallel(accelerator)

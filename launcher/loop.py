@@ -7,13 +7,13 @@ The plugin hooks (launcher.registry.HOOKS) are called at the points marked H bel
 each in recipe order. Notify hooks return nothing; transform hooks return their value.
 
     options  = H accelerator_options(ctx, {cpu, ...})     # amp sets mixed_precision; DeepSpeed's config
-    accelerator = Accelerator(**options); ctx.strategy   # DDP or DeepSpeed ZeRO (launcher/distributed.py)
+    accelerator = Accelerator(**options); ctx.strategy   # DDP, DeepSpeed ZeRO or FSDP (launcher/distributed.py)
     index the shards, build the model (seeded)
     groups = H param_groups(ctx, weight-decay groups)     # discriminative LRs
     optimizer (timm) over the groups, schedule (timm), criterion
     H setup(ctx)                                         # may wrap the model
     ctx.criterion = H criterion(ctx, cross_entropy)      # label smoothing, focal loss, in recipe order
-    model, optimizer = accelerator.prepare(model, optimizer)
+    model, optimizer = ctx.strategy.prepare(model, optimizer)   # accelerator.prepare; FSDP shards here
     train.compile: model.compile() in place (state_dict keys stay plain)
     H after_prepare(ctx)                                 # resume sets ctx.epoch/step here
     for epoch in epochs:
@@ -89,7 +89,7 @@ class RunContext:
 
     recipe: Any
     accelerator: Any = None
-    strategy: Any = None  # launcher.distributed: DataParallel or DeepSpeedZeRO
+    strategy: Any = None  # launcher.distributed: DataParallel, DeepSpeedZeRO or FullyShardedDataParallel
     model: Optional[nn.Module] = None  # the prepared (possibly DDP-wrapped) model
     optimizer: Optional[torch.optim.Optimizer] = None
     scheduler: Any = None  # a timm scheduler, stepped per optimizer step
@@ -368,7 +368,7 @@ def _train(ctx: RunContext) -> None:
     ctx.scheduler = create_schedule(recipe.schedule, ctx.optimizer, recipe.train.epochs, ctx.steps_per_epoch)
     plugins.call("setup", ctx)
     ctx.criterion = plugins.chain("criterion", ctx, cross_entropy)
-    ctx.model, ctx.optimizer = accelerator.prepare(ctx.model, ctx.optimizer)
+    ctx.model, ctx.optimizer = ctx.strategy.prepare(ctx.model, ctx.optimizer)  # DDP wraps, FSDP shards
     if recipe.train.compile is not None:  # after the plugins' setup: EMA copies the plain model
         compile_in_place(ctx.model, recipe.train.compile)
     set_seed(recipe.seed + ctx.rank)  # dropout and other draws differ per rank

@@ -263,14 +263,18 @@ class ScheduleSection(Section):
 class DistributedSection(Section):
     """How the processes share the work (see launcher/distributed.py and the README's table)."""
 
-    strategy: Literal["ddp", "deepspeed"] = Field(
-        "ddp", description="ddp: every rank holds the whole model (Accelerate's DDP); deepspeed: ZeRO through Accelerate")
+    strategy: Literal["ddp", "deepspeed", "fsdp"] = Field(
+        "ddp", description="ddp: every rank holds the whole model (Accelerate's DDP); deepspeed: ZeRO through Accelerate; "
+                           "fsdp: PyTorch's FSDP2 (parameters, gradients and optimizer state sharded)")
     zero_stage: Optional[Literal[0, 1, 2, 3]] = Field(
         None, description="deepspeed: 0 none, 1 shard optimizer state, 2 + gradients, 3 + parameters (default 2)")
     offload: Literal["none", "optimizer", "optimizer_and_params"] = Field(
         "none", description="deepspeed: keep optimizer state (and with ZeRO-3 parameters) in CPU memory")
     deepspeed_config: Optional[str] = Field(
         None, description="deepspeed: a DeepSpeed JSON file; the recipe fills batch size, accumulation and precision")
+    fsdp_sharding: Literal["full", "grad_op"] = Field(
+        "full", description="fsdp: full resharding of the parameters after each block's forward (least memory), or "
+                            "grad_op: keep them gathered until the backward (one all-gather less a step)")
     failure_timeout: float = Field(
         60.0, gt=0.0, description="seconds after which the other ranks stop when one rank died or failed")
 
@@ -282,6 +286,9 @@ class DistributedSection(Section):
             if given:
                 raise ValueError(f"distributed.{given[0]} applies to strategy deepspeed only: set "
                                  "distributed.strategy=deepspeed, or remove it")
+        if self.strategy != "fsdp" and self.fsdp_sharding != "full":
+            raise ValueError("distributed.fsdp_sharding applies to strategy fsdp only: set distributed.strategy=fsdp, "
+                             "or remove it")
         stage = self.stage
         if self.offload == "optimizer" and stage == 0:
             raise ValueError("distributed.offload=optimizer needs zero_stage 1, 2 or 3 (stage 0 keeps no "
@@ -485,9 +492,10 @@ def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "re
     recipe._name = name
     if recipe.model.pretrained or recipe.model.name.startswith(("hf-hub:", "hf_hub:")):
         _data_settings_from_pretrained_cfg(recipe)
-    if recipe.train.compile is not None and recipe.distributed.strategy == "deepspeed":
-        raise LauncherError(f"Recipe {source}: train.compile runs with distributed.strategy=ddp only; DeepSpeed's "
-                            "engine is not compiled by this launcher yet. Drop train.compile, or train with ddp.")
+    if recipe.train.compile is not None and recipe.distributed.strategy != "ddp":
+        what = "DeepSpeed's engine is" if recipe.distributed.strategy == "deepspeed" else "FSDP models are"
+        raise LauncherError(f"Recipe {source}: train.compile runs with distributed.strategy=ddp only; {what} "
+                            "not compiled by this launcher yet. Drop train.compile, or train with ddp.")
     _resolve_augment_on(recipe)
     validate_plugins(recipe)  # plugin options are typed too, and combinations are checked
     return recipe

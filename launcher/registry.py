@@ -219,12 +219,14 @@ def parse_options(name: str, raw: Optional[dict]) -> PluginOptions:
 # launcher/distributed.py, because a recipe's precision is a plugin's to set (amp): asking it
 # from distributed.py made the two modules import each other.
 PRECISIONS = ("fp32", "bf16", "fp16")
-# Columns of the support table: DDP, DeepSpeed ZeRO stages.
-STRATEGIES = ("ddp", "zero0", "zero1", "zero2", "zero3")
+# Columns of the support table: DDP, DeepSpeed ZeRO stages, FSDP.
+STRATEGIES = ("ddp", "zero0", "zero1", "zero2", "zero3", "fsdp")
 
 
 def strategy_key(recipe) -> str:
-    """'ddp', or 'zero0'..'zero3' under DeepSpeed: the columns of the support table."""
+    """'ddp', 'fsdp', or 'zero0'..'zero3' under DeepSpeed: the columns of the support table."""
+    if recipe.distributed.strategy == "fsdp":
+        return "fsdp"
     stage = recipe.distributed.stage
     return "ddp" if stage is None else f"zero{stage}"
 
@@ -271,7 +273,7 @@ def validate_plugins(recipe) -> None:
                                     "Swap the two entries.")
         refused = refusal(cls, strategy, precision)
         if refused:
-            where = f"{strategy.replace('zero', 'DeepSpeed ZeRO-')} with {precision}"
+            where = f"{strategy.replace('zero', 'DeepSpeed ZeRO-').replace('fsdp', 'FSDP')} with {precision}"
             raise LauncherError(f"Plugin '{name}' cannot run under {where}: {refused}. Remove plugins.{name}, "
                                 "or choose another distributed.strategy / zero_stage.")
         reason = cls.check_recipe(recipe, parsed[name])
@@ -356,7 +358,7 @@ def describe_plugins() -> str:
 def support_table() -> str:
     """The README's plugin x strategy x precision table, from the plugins' own declarations
     (refused_under, notes_under, precision): `python -m launcher --support-table`."""
-    titles = {"ddp": "DDP", **{s: f"ZeRO-{s[-1]}" for s in STRATEGIES if s.startswith("zero")}}
+    titles = {"ddp": "DDP", "fsdp": "FSDP", **{s: f"ZeRO-{s[-1]}" for s in STRATEGIES if s.startswith("zero")}}
     lines = ["| plugin | " + " | ".join(titles[s] for s in STRATEGIES) + " |",
              "|---|" + "---|" * len(STRATEGIES)]
     footnotes: list[str] = []
@@ -366,13 +368,17 @@ def support_table() -> str:
             footnotes.append(text)
         return f"[{footnotes.index(text) + 1}]"
 
-    for name, cls in sorted(discover().items()):
-        if name.startswith(("test_", "bench_")) or not cls.__module__.startswith("plugins."):
-            continue
-        sets_precision = cls.precision.__func__ is not Plugin.precision.__func__
+    plugins = {name: cls for name, cls in sorted(discover().items())
+               if not name.startswith(("test_", "bench_")) and cls.__module__.startswith("plugins.")}
+    setters = [cls for cls in plugins.values() if cls.precision.__func__ is not Plugin.precision.__func__]
+    # A precision the plugins that set it (amp) refuse under a strategy runs nowhere there.
+    reachable = {strategy: [p for p in PRECISIONS if p == "fp32" or any(refusal(c, strategy, p) is None for c in setters)]
+                 for strategy in STRATEGIES}
+    for name, cls in plugins.items():
+        sets_precision = cls in setters
         cells = []
         for strategy in STRATEGIES:
-            runs = [p for p in PRECISIONS if not (sets_precision and p == "fp32")
+            runs = [p for p in reachable[strategy] if not (sets_precision and p == "fp32")
                     and refusal(cls, strategy, p) is None]
             refused = {refusal(cls, strategy, p) for p in PRECISIONS if refusal(cls, strategy, p)}
             marks = [footnote(f"`{name}`: refused: {r}") for r in sorted(refused)]

@@ -36,7 +36,9 @@ class MixedPrecision(Plugin):
         dtype: Literal["bf16", "fp16"] = Field("bf16", description="bf16, or fp16 with loss scaling")
 
     notes_under = {"deepspeed": "DeepSpeed's bf16/fp16 sections: weights in that dtype, fp32 master weights; "
-                                "fp16 needs a GPU (DeepSpeed's CPU backend has no loss scaling)"}
+                                "fp16 needs a GPU (DeepSpeed's CPU backend has no loss scaling)",
+                  "fsdp": "autocast over fp32 sharded weights, as under DDP (not FSDP2's MixedPrecisionPolicy yet)"}
+    refused_under = {"fsdp/fp16": "fp16's loss scaling over FSDP's sharded gradients is not tested yet; use bf16"}
 
     @classmethod
     def precision(cls, options) -> str:

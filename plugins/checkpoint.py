@@ -234,7 +234,9 @@ class Checkpoint(Plugin):
 
     resumes_runs = True
     notes_under = {"deepspeed": "DeepSpeed's checkpoint format inside each checkpoint, plus consolidated fp32 "
-                                "model.safetensors; resumes on the same number of processes"}
+                                "model.safetensors; resumes on the same number of processes",
+                   "fsdp": "each rank writes its shard (torch.distributed.checkpoint), plus gathered fp32 "
+                           "model.safetensors; resumes on any number of processes"}
 
     @classmethod
     def check_run_dir(cls, recipe, options, run_dir) -> Optional[str]:

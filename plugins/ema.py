@@ -12,7 +12,7 @@ keeps its own copy; nothing swaps weights in place.
 
 The average is taken of the full fp32 weights from the strategy (ctx.strategy.
 full_state_dict): under DDP the model's own tensors; under DeepSpeed with bf16/fp16 the fp32
-master weights, and under ZeRO-3 those gathered from their shards on every rank (one
+master weights, and under ZeRO-3 and FSDP those gathered from their shards on every rank (one
 all-gather of the model per update: raise `every` to amortise it). Every rank keeps the
 full average, as under DDP.
 """
@@ -36,7 +36,8 @@ class ExponentialMovingAverage(Plugin):
         warmup_power: float = Field(2 / 3, gt=0.0)
         every: int = Field(1, ge=1, description="update every N optimizer steps")
 
-    notes_under = {"zero3": "gathers the sharded fp32 weights at each update (one all-gather of the model)"}
+    notes_under = {"zero3": "gathers the sharded fp32 weights at each update (one all-gather of the model)",
+                   "fsdp": "gathers the sharded fp32 weights at each update (one all-gather of the model)"}
 
     ema = None
 

@@ -53,7 +53,8 @@ class GradientAccumulation(Plugin):
         self.k = options.micro_batches
         self.settled = options.mode == "fixed"
 
-    notes_under = {"deepspeed": "mode fixed only: micro_batches becomes DeepSpeed's gradient_accumulation_steps"}
+    notes_under = {"deepspeed": "mode fixed only: micro_batches becomes DeepSpeed's gradient_accumulation_steps",
+                   "fsdp": "mode fixed only; gradients are reduce-scattered at the step's last micro-batch"}
 
     @classmethod
     def check_recipe(cls, recipe, options):
@@ -67,6 +68,9 @@ class GradientAccumulation(Plugin):
             if given not in ("auto", options.micro_batches):
                 return (f"micro_batches={options.micro_batches} but the DeepSpeed config sets "
                         f"gradient_accumulation_steps={given}; they must agree (remove it from the JSON file)")
+        if recipe.distributed.strategy == "fsdp" and options.mode == "auto":
+            return ("mode auto retries a step that ran out of memory, which is not tested under FSDP yet; set "
+                    "mode: fixed with micro_batches")
         if options.micro_batches > recipe.data.batch_size:
             return (f"micro_batches={options.micro_batches} is more than data.batch_size={recipe.data.batch_size}; "
                     "data.batch_size is the batch per optimizer step, which grad_accum splits")

@@ -31,7 +31,8 @@ class GradientClipping(Plugin):
         norm_type: float = Field(2.0, gt=0.0, description="the p of the p-norm")
         value: Optional[float] = Field(None, gt=0.0, description="clip each gradient entry to [-value, value]")
 
-    notes_under = {"deepspeed": "max_norm (2-norm) only, as DeepSpeed's gradient_clipping"}
+    notes_under = {"deepspeed": "max_norm (2-norm) only, as DeepSpeed's gradient_clipping",
+                   "fsdp": "max_norm (2-norm) only, over the sharded gradients"}
 
     @classmethod
     def check_recipe(cls, recipe, options):
@@ -40,6 +41,9 @@ class GradientClipping(Plugin):
         if recipe.distributed.strategy == "deepspeed" and (options.value is not None or options.norm_type != 2.0):
             return ("under DeepSpeed only 2-norm clipping (max_norm, norm_type 2) exists, as DeepSpeed's "
                     "gradient_clipping; remove value / norm_type")
+        if recipe.distributed.strategy == "fsdp" and (options.value is not None or options.norm_type != 2.0):
+            return ("under FSDP only 2-norm clipping (max_norm, norm_type 2) is tested so far (over the sharded "
+                    "gradients); remove value / norm_type, or train with ddp")
         return None
 
     last_norm = None

@@ -60,9 +60,10 @@ class LayerLR(Plugin):
 
     @classmethod
     def check_recipe(cls, recipe, options):
-        if options.freeze_epochs and recipe.distributed.strategy == "deepspeed":
-            return ("freeze_epochs switches requires_grad during the run, but DeepSpeed fixes the trained parameters "
-                    "when the engine is built; use lrs only, or strategy ddp")
+        if options.freeze_epochs and recipe.distributed.strategy in ("deepspeed", "fsdp"):
+            owner = "DeepSpeed fixes" if recipe.distributed.strategy == "deepspeed" else "FSDP's sharding fixes"
+            return (f"freeze_epochs switches requires_grad during the run, but {owner} the trained parameters "
+                    "when the model is wrapped; use lrs only, or strategy ddp")
         if options.lrs is not None and any(lr <= 0 for lr in options.lrs):
             return f"lrs must be positive, got {options.lrs}"
         if options.freeze_epochs and options.freeze_epochs >= recipe.train.epochs:
@@ -70,7 +71,8 @@ class LayerLR(Plugin):
                     f"{recipe.train.epochs}); use fewer.")
         return None
 
-    notes_under = {"deepspeed": "lrs only (freeze_epochs is refused: the engine fixes the trained parameters)"}
+    notes_under = {"deepspeed": "lrs only (freeze_epochs is refused: the engine fixes the trained parameters)",
+                   "fsdp": "lrs only (freeze_epochs is refused: the sharding fixes the trained parameters)"}
 
     def __init__(self, options):
         super().__init__(options)

@@ -19,6 +19,9 @@ Equivalence on the CPU (gloo), with the tolerances and why:
   each micro-batch (another summation order, ~4e-7), which a BatchNorm model with
   micro-batches of 16 amplifies to 1e-1 in 23 steps; DDP reducing every micro-batch moves
   as far (measured, README 'Multi-node and DeepSpeed').
+- FSDP2 vs DDP, 2 ranks: the same sums of two terms, so they agree bit for bit without SAM or
+  clipping (checked to the DDP tolerance); SAM's and clipping's norms over sharded gradients
+  are formed in another order (1.5e-8 after 4 steps).
 """
 
 from __future__ import annotations
@@ -360,6 +363,101 @@ def test_deepspeed_accumulation_steps_follow_the_plugin_and_match_ddp(digits, tm
 
 
 @pytest.mark.slow
+def test_fsdp_matches_ddp_with_ema_label_smoothing_and_a_sharded_checkpoint_resume(digits, tmp_path, ddp_reference):
+    """FSDP2 on 2 ranks, BatchNorm model, stopped at step 10 and resumed from its sharded (DCP)
+    checkpoint, against the uninterrupted DDP run: the same sums of two terms, so the weights and
+    the EMA agree (bit for bit here; checked to the DDP tolerance)."""
+    recipe = write(tmp_path, "fsdp", zero_recipe(digits, tmp_path / "run", "fsdp"))
+    first = run_cli([*accelerate_cmd(2), "launcher", str(recipe), "train.max_steps=10"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    checkpoint = tmp_path / "run" / "checkpoints" / "step-00000010"
+    files = set(json.loads((checkpoint / "meta.json").read_text())["files"])
+    # Each rank wrote its own shard (torch.distributed.checkpoint), checksummed like every other file.
+    assert {"fsdp/__0_0.distcp", "fsdp/__1_0.distcp", "fsdp/.metadata", "model.safetensors"} <= files
+    second = run_cli([*accelerate_cmd(2), "launcher", str(recipe)])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "(step 10, epoch 0" in second.stdout
+
+    run = tmp_path / "run"
+    assert_close_losses(train_losses(run), train_losses(ddp_reference))
+    assert_close_weights(weights(run), weights(ddp_reference))
+    assert_close_weights(weights(run, "ema.safetensors"), weights(ddp_reference, "ema.safetensors"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp_with_sam_clipping_accumulation_layer_lrs_and_distillation_matches_ddp(digits, tmp_path, ddp_reference,
+                                                                                   precision):
+    """The plugins that touch gradients, weights or logits, together, 4 steps, FSDP vs DDP
+    (GroupNorm model). fp32 with SAM and clipping, whose gradient norms are taken over sharded
+    gradients (DTensors) and so formed in another order: after 4 steps the weights agree to 1e-6
+    (measured 1.5e-8; a norm over one rank's shard only is off by about 40% at the first step;
+    over a whole epoch SAM amplifies the rounding to 1e-3, so the comparison stops early). bf16
+    (autocast) without the norms: equal (measured bit for bit; before the model's outputs were
+    returned in fp32 as Accelerate does for DDP, distillation's logits / T was rounded to bf16
+    and the loss moved by 6e-5 at the second step)."""
+    plugins = {"grad_accum": {"micro_batches": 2}, "layer_lr": {"lrs": [0.01, 0.05]},
+               "distill": {"checkpoint": str(ddp_reference), "alpha": 0.5}}
+    if precision == "fp32":
+        plugins.update({"sam": {"rho": 0.05}, "grad_clip": {"max_norm": 1.0}, "nan_guard": {}})
+    else:
+        plugins = {"amp": {"dtype": "bf16"}, **plugins}
+    model = {"name": "wrn10_1", "num_classes": 10, "kwargs": {"norm_layer": "groupnorm"}}
+    runs = {}
+    for strategy in ("ddp", "fsdp"):
+        raw = small_recipe(digits, tmp_path / strategy, model=model, train={"epochs": 1, "max_steps": 4},
+                           run={"dir": str(tmp_path / strategy), "log_every": 1, "progress": False},
+                           data={"val": None}, plugins=plugins, distributed={"strategy": strategy})
+        result = run_cli([*accelerate_cmd(2), "launcher", str(write(tmp_path, strategy, raw))])
+        assert result.returncode == 0, result.stderr[-3000:]
+        runs[strategy] = tmp_path / strategy
+    assert_close_losses(train_losses(runs["fsdp"]), train_losses(runs["ddp"]), {"rel": 1e-6})
+    assert_close_weights(weights(runs["fsdp"]), weights(runs["ddp"]), dict(atol=1e-6, rtol=1e-5))
+
+
+@pytest.mark.slow
+def test_an_fsdp_checkpoint_resumes_on_another_number_of_processes(digits, tmp_path):
+    """Written by 2 FSDP ranks (batch 32 each) at step 10, resumed by 1 process (batch 64: the
+    same global batch): torch.distributed.checkpoint reshards on load, and the run ends where
+    one uninterrupted process (DDP's path) ends, to the 1-vs-2-process tolerance (GroupNorm:
+    the same arithmetic up to the order of sums). Evaluation on 237 images in batches of 118
+    gives the ranks 1 and 2 batches: the rank with fewer repeats a forward pass (uncounted),
+    since FSDP's forward passes are collectives."""
+    model = {"name": "wrn10_1", "num_classes": 10, "kwargs": {"norm_layer": "groupnorm"}}
+    data = {"val": digits["train"].replace("{000000..000003}", "{000003..000003}"), "eval_batch_size": 118}
+    plugins = {"checkpoint": {"every_epochs": 1}, "tta": {"flip": False, "shift": 1}}
+    sharded = write(tmp_path, "fsdp", small_recipe(digits, tmp_path / "fsdp", model=model, data=data, plugins=plugins,
+                                                  distributed={"strategy": "fsdp"}))
+    first = run_cli([*accelerate_cmd(2), "launcher", str(sharded), "train.max_steps=10"])
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["val_tta/samples"] for r in rows if "val_tta/samples" in r] == [237]
+    second = run_cli([sys.executable, "-m", "launcher", str(sharded), "data.batch_size=64"])
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert "resumed from" in second.stdout and "(step 10, epoch 0" in second.stdout
+    plain = write(tmp_path, "one", small_recipe(digits, tmp_path / "one", model=model, data={**data, "batch_size": 64},
+                                                plugins=plugins))
+    reference = run_cli([sys.executable, "-m", "launcher", str(plain)])
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    assert_close_losses(train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "one"))
+    assert_close_weights(weights(tmp_path / "fsdp"), weights(tmp_path / "one"))
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"plugins": {"amp": {"dtype": "fp16"}}}, "Plugin 'amp' cannot run under FSDP with fp16"),
+    ({"plugins": {"layer_lr": {"freeze_epochs": 1}}}, "freeze_epochs switches requires_grad"),
+    ({"train": {"epochs": 2, "compile": {}}}, "train.compile runs with distributed.strategy=ddp only; FSDP"),
+    ({"distributed": {"strategy": "ddp", "fsdp_sharding": "grad_op"}}, "fsdp_sharding applies to strategy fsdp"),
+])
+def test_what_fsdp_does_not_run_is_refused_with_the_reason(digits, tmp_path, changes, message):
+    raw = small_recipe(digits, tmp_path, train={"epochs": 2}, distributed={"strategy": "fsdp"})
+    for key, value in changes.items():
+        raw[key] = {**raw.get(key, {}), **value}
+    with pytest.raises(LauncherError, match=message):
+        validate_recipe(raw)
+
+
+@pytest.mark.slow
 def test_deepspeed_bf16_keeps_bf16_weights_casts_inputs_and_saves_fp32(digits, tmp_path):
     raw = small_recipe(digits, tmp_path / "run", train={"epochs": 1, "max_steps": 10}, data={"val": None},
                        plugins={"amp": {"dtype": "bf16"}, "recorder": {"trace": False}},
@@ -487,3 +585,32 @@ def assert_deepspeed_pickles_are_loaded_safely(checkpoint: Path, tmp_path: Path)
         with pytest.raises(LauncherError, match="Refusing to load .*could run code"):
             engine.checkpoint_engine.load(states)
     assert "load" not in vars(engine.checkpoint_engine) and not marker.exists()
+
+
+def test_a_tampered_fsdp_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
+    """torch.distributed.checkpoint reads .metadata with pickle.load and non-tensor entries with
+    torch.load(weights_only=False); launcher.distributed.load_sharded reads real checkpoints and
+    refuses code in either place."""
+    import pickle
+
+    import torch.distributed.checkpoint as dcp
+
+    from launcher.distributed import load_sharded
+    from tests.test_checkpoint import _Evil
+
+    state = {"model": {"w": torch.arange(6.0)}, "optimizer": {"param_groups": [{"lr": 0.1, "params": ["w"]}]}}
+    dcp.save(state, checkpoint_id=str(tmp_path / "good"))
+    target = {"model": {"w": torch.zeros(6)}, "optimizer": {"param_groups": [{"lr": 0.0, "params": []}]}}
+    load_sharded(target, tmp_path / "good")
+    assert torch.equal(target["model"]["w"], torch.arange(6.0)) and target["optimizer"]["param_groups"][0]["lr"] == 0.1
+
+    marker = tmp_path / "pwned"
+    dcp.save({"model": {"w": torch.arange(6.0)}, "extra": _Evil(marker)}, checkpoint_id=str(tmp_path / "bytes"))
+    assert not marker.exists()
+    with pytest.raises(LauncherError, match="Refusing to load .*could run code"):
+        load_sharded({"model": {"w": torch.zeros(6)}, "extra": None}, tmp_path / "bytes")
+    with (tmp_path / "good" / ".metadata").open("wb") as f:
+        pickle.dump(_Evil(marker), f)
+    with pytest.raises(LauncherError, match="Refusing to load .*metadata.*could run code"):
+        load_sharded(target, tmp_path / "good")
+    assert not marker.exists()

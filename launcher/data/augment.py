@@ -103,20 +103,21 @@ class BatchAugment:
         flip = u[:, 2] < self.flip
         erase = np.zeros((n, 5), dtype=np.int64)  # on, top, left, h, w
         if self.erase:
+            # timm's: of 10 attempts, the first whose rectangle fits is used (all drawn at once here).
+            attempts = u[:, 4:].reshape(n, ERASE_ATTEMPTS, 4)
             area = height * width
-            on = u[:, 3] < self.erase
-            found = np.zeros(n, dtype=bool)
-            for attempt in range(ERASE_ATTEMPTS):  # timm's: the first attempt that fits is used
-                a, b, c, d = (u[:, 4 + 4 * attempt + k] for k in range(4))
-                target = (self.erase_area[0] + (self.erase_area[1] - self.erase_area[0]) * a) * area
-                aspect = np.exp(self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * b)
-                h, w = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
-                fits = on & ~found & (w < width) & (h < height)
-                erase[fits, 0] = 1
-                erase[fits, 1] = np.floor(c[fits] * (height - h[fits] + 1))
-                erase[fits, 2] = np.floor(d[fits] * (width - w[fits] + 1))
-                erase[fits, 3], erase[fits, 4] = h[fits], w[fits]
-                found |= fits
+            target = (self.erase_area[0] + (self.erase_area[1] - self.erase_area[0]) * attempts[..., 0]) * area
+            aspect = np.exp(self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * attempts[..., 1])
+            h, w = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
+            fits = (w < width) & (h < height)
+            first = fits.argmax(1)  # the first fitting attempt (0 when none fits: then `on` is False)
+            rows = np.arange(n)
+            on = (u[:, 3] < self.erase) & fits[rows, first]
+            h, w, c, d = h[rows, first], w[rows, first], attempts[rows, first, 2], attempts[rows, first, 3]
+            erase[:, 0] = on
+            erase[:, 1] = np.where(on, np.floor(c * (height - h + 1)), 0)
+            erase[:, 2] = np.where(on, np.floor(d * (width - w + 1)), 0)
+            erase[:, 3], erase[:, 4] = np.where(on, h, 0), np.where(on, w, 0)
         return {"crop": torch.from_numpy(np.stack([top, left], 1).astype(np.int64)),
                 "flip": torch.from_numpy(flip), "erase": torch.from_numpy(erase),
                 "key": torch.from_numpy((keys >> np.uint64(33)).astype(np.int64))}  # 31 bits: noise seed
@@ -153,14 +154,18 @@ class BatchAugment:
             return out
         n, c, h, w = out.shape
         device = out.device
+        chosen = erase[:, 0].nonzero().squeeze(1)  # the erased samples only
+        top, left, eh, ew = (erase[chosen, k, None] for k in range(1, 5))
         ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
-        top, left, eh, ew = (erase[:, k, None] for k in range(1, 5))
-        inside = (((ys >= top) & (ys < top + eh))[:, :, None] & ((xs >= left) & (xs < left + ew))[:, None, :])
-        sample, pixel = (inside & erase[:, 0, None, None].bool()).view(n, -1).nonzero(as_tuple=True)
-        position = (torch.arange(c, device=device)[:, None] * (h * w) + pixel).reshape(-1)  # every channel
-        sample = sample.repeat(c)
-        out = out.contiguous().clone()
-        out.view(n, -1)[sample, position] = normals_at(key[sample], position)
+        inside = ((ys >= top) & (ys < top + eh))[:, :, None] & ((xs >= left) & (xs < left + ew))[:, None, :]
+        which, pixel = inside.view(len(chosen), -1).nonzero(as_tuple=True)
+        # (C, pixels): every channel of each erased pixel, broadcast rather than repeated.
+        position = torch.arange(c, device=device)[:, None] * (h * w) + pixel
+        hashed = _hash32(key[chosen] & _M32)[which]  # each sample's key hashed once, not once a pixel
+        out = out.contiguous()  # fresh from normalize: written in place
+        # scatter_, not index assignment: the positions are distinct, and it is 6x faster on the CPU.
+        out.view(-1).scatter_(0, (chosen[which] * (c * h * w) + position).view(-1),
+                              _normals(hashed, position).view(-1))
         return out
 
 
@@ -178,9 +183,12 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 def normals_at(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
     """Standard normal values, each a function of its sample's key and its position (c*H*W + y*W
     + x) only: Box-Muller on two hashed 24-bit uniforms, in float32."""
-    base = _hash32(keys & _M32)
-    u1 = ((_hash32(base ^ (2 * positions)) >> 8) + 1).float() * (1.0 / (1 << 24))  # (0, 1]
-    u2 = (_hash32(base ^ (2 * positions + 1)) >> 8).float() * (1.0 / (1 << 24))  # [0, 1)
+    return _normals(_hash32(keys & _M32), positions)
+
+
+def _normals(hashed_keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    u1 = ((_hash32(hashed_keys ^ (2 * positions)) >> 8) + 1).float() * (1.0 / (1 << 24))  # (0, 1]
+    u2 = (_hash32(hashed_keys ^ (2 * positions + 1)) >> 8).float() * (1.0 / (1 << 24))  # [0, 1)
     return torch.sqrt(-2.0 * torch.log(u1)) * torch.cos((2.0 * math.pi) * u2)
 
 

@@ -1,4 +1,4 @@
-"""Multi-node and DeepSpeed (launcher/distributed.py, launcher/watchdog.py).
+"""Multi-node, DeepSpeed and FSDP (launcher/distributed.py, launcher/watchdog.py).
 
 Equivalence on the CPU (gloo), with the tolerances and why:
 - 1 process (batch 64) vs 2 processes (2 x 32) vs 2 "nodes" (two `accelerate launch`
@@ -18,7 +18,7 @@ Equivalence on the CPU (gloo), with the tolerances and why:
   plugin's k) vs DDP, GroupNorm model: same tolerance. GroupNorm because ZeRO-2/3 reduce
   each micro-batch (another summation order, ~4e-7), which a BatchNorm model with
   micro-batches of 16 amplifies to 1e-1 in 23 steps; DDP reducing every micro-batch moves
-  as far (measured, README 'Multi-node and DeepSpeed').
+  as far (measured, README 'Multi-node, DeepSpeed and FSDP').
 - FSDP2 vs DDP, 2 ranks: the same sums of two terms, so they agree bit for bit without SAM or
   clipping (checked to the DDP tolerance); SAM's and clipping's norms over sharded gradients
   are formed in another order (1.5e-8 after 4 steps).

@@ -126,7 +126,7 @@ def test_deepspeed_keys_need_the_deepspeed_strategy(digits, tmp_path):
                                                       "offload": "optimizer_and_params"})
     with pytest.raises(LauncherError, match="needs zero_stage 3"):
         validate_recipe(raw)
-    raw = small_recipe(digits, tmp_path, distributed={"strategy": "fsdp"})
+    raw = small_recipe(digits, tmp_path, distributed={"strategy": "horovod"})
     with pytest.raises(LauncherError, match="distributed.strategy"):
         validate_recipe(raw)
     recipe = validate_recipe(small_recipe(digits, tmp_path, distributed={"strategy": "deepspeed"}))
@@ -441,6 +441,35 @@ def test_an_fsdp_checkpoint_resumes_on_another_number_of_processes(digits, tmp_p
     assert reference.returncode == 0, reference.stderr[-3000:]
     assert_close_losses(train_losses(tmp_path / "fsdp"), train_losses(tmp_path / "one"))
     assert_close_weights(weights(tmp_path / "fsdp"), weights(tmp_path / "one"))
+
+
+@pytest.mark.slow
+def test_the_plugins_that_are_not_refused_run_together_under_fsdp(digits, tmp_path):
+    """Every plugin the table marks as running under FSDP that the comparisons above do not
+    cover, at once (fp32: bf16 is compared with DDP above), with evaluation on unequal rank
+    shares and progressive resizing changing the input size mid-run."""
+    from launcher.registry import discover, refusal
+
+    plugins = {
+        "weight_init": {}, "progressive_resize": {"sizes": [12, 16], "epochs": [0, 1]},
+        "balanced_sampling": {"power": 0.5}, "mixup": {"mixup_alpha": 0.2, "cutmix_alpha": 0.0},
+        "focal_loss": {"gamma": 2.0}, "ema": {"decay": 0.9}, "tta": {"flip": False, "shift": 1},
+        "early_stopping": {"patience": 3}, "checkpoint": {"every_epochs": 1}, "report": {}, "csv_log": {},
+        "tensorboard": {},
+    }
+    assert all(refusal(discover()[name], "fsdp", "fp32") is None for name in plugins)
+    raw = small_recipe(digits, tmp_path / "run", train={"epochs": 2},
+                       data={"val": digits["train"].replace("{000000..000003}", "{000003..000003}"),
+                             "eval_batch_size": 118}, plugins=plugins, distributed={"strategy": "fsdp"})
+    result = run_cli([*accelerate_cmd(2), "launcher", str(write(tmp_path, "all", raw))], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run = tmp_path / "run"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    last = [r for r in rows if "val/top1" in r][-1]
+    assert last["step"] == 46 and last["val/samples"] == last["val_ema_tta/samples"] == 237
+    assert last["val/top1"] > 0.5  # it learned (chance is 0.1)
+    assert (run / "final" / "ema.safetensors").is_file() and (run / "report" / "report.json").is_file()
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
 
 
 @pytest.mark.parametrize("changes, message", [

@@ -173,13 +173,15 @@ def slurm_runs(cluster, digits, tmp_path_factory):
     """The long scenarios run side by side (the test cluster's nodes hold several jobs, and most of
     each scenario is waiting for Slurm): the same recipe as an uninterrupted 2-node job and a local
     2-process run (the reference), interrupted by the time-limit warning, by `scancel
-    --signal=USR1`, cancelled for good; and a DeepSpeed ZeRO-3 recipe on 2 nodes. Each test checks its own scenario: `.result()` raises
-    what failed in it."""
+    --signal=USR1`, cancelled for good; and a DeepSpeed ZeRO-3 and an FSDP recipe on 2 nodes. Each test checks
+    its own scenario: `.result()` raises what failed in it."""
     tmp = tmp_path_factory.mktemp("slurm")
     recipe = recipe_file(digits, tmp, "ref")
     (tmp / "zero3").mkdir()
     zero3 = recipe_file(digits, tmp / "zero3", "zero3", epochs=2,
                         distributed={"strategy": "deepspeed", "zero_stage": 3})
+    (tmp / "fsdp").mkdir()
+    fsdp = recipe_file(digits, tmp / "fsdp", "fsdp", epochs=2, distributed={"strategy": "fsdp"})
     scenarios = {
         "reference": lambda: on_two_nodes_and_locally(recipe, tmp, "30"),
         "time_limit": lambda: interrupted_then_resumed(tmp, recipe, "time_limit", shorten_time_limit),
@@ -187,6 +189,7 @@ def slurm_runs(cluster, digits, tmp_path_factory):
             tmp, recipe, "scancel", lambda job_id: subprocess.run(["scancel", "--signal=USR1", job_id], check=True)),
         "cancel": lambda: cancelled_for_good(tmp, recipe),
         "zero3": lambda: on_two_nodes_and_locally(zero3, tmp / "zero3", "10"),
+        "fsdp": lambda: on_two_nodes_and_locally(fsdp, tmp / "fsdp", "10"),
     }
     with ThreadPoolExecutor(len(scenarios)) as pool:
         runs = {name: pool.submit(scenario) for name, scenario in scenarios.items()}
@@ -273,6 +276,18 @@ def test_deepspeed_zero3_on_two_nodes_matches_a_local_run(slurm_runs):
     assert {f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)} <= {
         p.name for p in (run / "checkpoints" / "step-00000046" / "deepspeed").iterdir()}
     assert weights(run) == weights(tmp / "zero3" / "local_run")
+
+
+def test_fsdp_on_two_nodes_matches_a_local_run(slurm_runs):
+    """The recipe picks FSDP; the same sbatch script runs it on 2 nodes, each rank writing its
+    shard of every checkpoint."""
+    tmp, runs = slurm_runs
+    runs["fsdp"].result()
+    run = tmp / "fsdp" / "slurm_run"
+    assert json.loads((run / "manifest.json").read_text())["world_size"] == 2
+    assert {"__0_0.distcp", "__1_0.distcp", ".metadata"} <= {
+        p.name for p in (run / "checkpoints" / "step-00000046" / "fsdp").iterdir()}
+    assert weights(run) == weights(tmp / "fsdp" / "local_run")
 
 
 def test_a_sweep_makes_one_run_directory_per_value(cluster, digits, tmp_path):

@@ -294,8 +294,10 @@ def report(ladder: Ladder, runs: Path, record: Record, rung_numbers: list[int], 
         lines.append(f"| {rung.name} | {rung.adds} | {results[0]['metric']} | {mean_std(top1)} | "
                      f"{mean_std([100 * r['plain_top1'] for r in results])} | {delta} | {len(results)} | {time_cell} | "
                      f"{ratio} |")
-    lines += ["", "CPU time: the training process's CPU seconds (all its threads), which unlike wall time do not "
-              "grow when something else shares the machine; a run stopped and resumed counts its last sitting only."]
+    lines += ["", "CPU time: the training process's CPU seconds (all its threads); a run stopped and resumed counts its "
+              "last sitting only. It is no clean cost measure on a shared machine either (torch's threads spin while "
+              "they wait, and caches are shared): runs that shared the machine cost more. For the cost of each trick "
+              "see plugin_cost_cpu.md."]
     import torch
 
     from launcher.recipe import load_recipe

@@ -447,7 +447,8 @@ def test_an_fsdp_checkpoint_resumes_on_another_number_of_processes(digits, tmp_p
 def test_the_plugins_that_are_not_refused_run_together_under_fsdp(digits, tmp_path):
     """Every plugin the table marks as running under FSDP that the comparisons above do not
     cover, at once (fp32: bf16 is compared with DDP above), with evaluation on unequal rank
-    shares and progressive resizing changing the input size mid-run."""
+    shares and progressive resizing changing the input size mid-run; with fsdp_sharding grad_op
+    (the other tests shard fully)."""
     from launcher.registry import discover, refusal
 
     plugins = {
@@ -460,7 +461,8 @@ def test_the_plugins_that_are_not_refused_run_together_under_fsdp(digits, tmp_pa
     assert all(refusal(discover()[name], "fsdp", "fp32") is None for name in plugins)
     raw = small_recipe(digits, tmp_path / "run", train={"epochs": 2},
                        data={"val": digits["train"].replace("{000000..000003}", "{000003..000003}"),
-                             "eval_batch_size": 118}, plugins=plugins, distributed={"strategy": "fsdp"})
+                             "eval_batch_size": 118}, plugins=plugins,
+                       distributed={"strategy": "fsdp", "fsdp_sharding": "grad_op"})
     result = run_cli([*accelerate_cmd(2), "launcher", str(write(tmp_path, "all", raw))], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     run = tmp_path / "run"

@@ -226,18 +226,22 @@ def test_a_second_run_in_the_same_run_directory_is_refused_while_the_first_runs(
     assert status(run)["state"] == "finished"
 
 
+def killed_after_a_checkpoint_and_relaunched(recipe: Path, run: Path, log: Path) -> None:
+    """2 processes, SIGKILL a second after the first checkpoint, then the same command to the end."""
+    proc = start([*accelerate_cmd(2), "launcher", str(recipe)], log)
+    assert wait_for(lambda: checkpoints(run), proc)
+    time.sleep(1.0)
+    kill(proc)
+    finish([*accelerate_cmd(2), "launcher", str(recipe)], log)
+
+
 def test_two_processes_killed_and_relaunched_give_the_same_model(digits, tmp_path):
     """DDP, then FSDP, each killed with SIGKILL after a checkpoint and relaunched: the same
     weights and metrics as an uninterrupted DDP run, every sample once per epoch."""
     recipe, straight = write_recipe(digits, tmp_path, "straight")
     finish([*accelerate_cmd(2), "launcher", str(recipe)], tmp_path / "straight.log")
     recipe, run = write_recipe(digits, tmp_path, "killed")
-    log = tmp_path / "killed.log"
-    proc = start([*accelerate_cmd(2), "launcher", str(recipe)], log)
-    assert wait_for(lambda: checkpoints(run), proc)
-    time.sleep(1.0)
-    kill(proc)
-    finish([*accelerate_cmd(2), "launcher", str(recipe)], log)
+    killed_after_a_checkpoint_and_relaunched(recipe, run, tmp_path / "killed.log")
     assert_same_run(straight, run)
     assert_each_sample_once_per_epoch(trained_ids(run, 2))
     # FSDP, killed and relaunched from its sharded checkpoint: the uninterrupted DDP run's weights
@@ -246,11 +250,7 @@ def test_two_processes_killed_and_relaunched_give_the_same_model(digits, tmp_pat
     raw = yaml.safe_load(recipe.read_text())
     recipe.write_text(yaml.safe_dump({**raw, "distributed": {"strategy": "fsdp"}}))
     log = tmp_path / "fsdp-killed.log"
-    proc = start([*accelerate_cmd(2), "launcher", str(recipe)], log)
-    assert wait_for(lambda: checkpoints(run), proc)
-    time.sleep(1.0)
-    kill(proc)
-    finish([*accelerate_cmd(2), "launcher", str(recipe)], log)
+    killed_after_a_checkpoint_and_relaunched(recipe, run, log)
     assert "resumed from" in log.read_text()
     from safetensors.torch import load_file
 

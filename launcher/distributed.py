@@ -12,9 +12,10 @@ the strategy, so a checkpoint always knows what wrote it.
 FSDP is PyTorch's own FSDP2 (torch.distributed.fsdp.fully_shard), applied here rather than
 through Accelerate's FSDP plugin: Accelerate leaves a CPU run as plain multi-CPU DDP whatever
 its FSDP settings, and the same code path on CPUs (the tests) and GPUs is the one that is
-tested. What Accelerate's FSDP2 support does at prepare is done here the same way: repeated
-blocks and then the root are sharded, and the optimizer's parameters are swapped for the
-sharded ones (its state is still empty). Weights are gathered for EMA and for each
+tested. What Accelerate's FSDP2 support does at prepare is done here the same way: the units
+(repeated blocks, or size-based) and then the root are sharded with the recipe's mesh, mixed
+precision and offload policies, and the optimizer's parameters are swapped for the sharded
+ones (its state is still empty). Weights are gathered for EMA and for each
 model.safetensors; checkpoints are sharded with torch.distributed.checkpoint (each rank
 writes its shard; DCP reshards on load, so a run resumes on another process count).
 
@@ -278,7 +279,7 @@ class DataParallel:
 
 class FullyShardedDataParallel(DataParallel):
     """PyTorch FSDP2 (see the module docstring): parameters, gradients and optimizer state
-    sharded over the ranks; each block's parameters all-gathered for its forward and backward."""
+    sharded over the ranks; each unit's parameters all-gathered for its forward and backward."""
 
     def __init__(self, accelerator, recipe):
         super().__init__(accelerator)
@@ -288,17 +289,52 @@ class FullyShardedDataParallel(DataParallel):
             # One process without a launcher: FSDP still needs a (one-rank) process group.
             backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-        self.reshard_after_forward = recipe.distributed.fsdp_sharding == "full"
+        self.options = recipe.distributed
+
+    def mesh_shape(self) -> tuple[int, ...]:
+        """(shard,) for full and grad_op; (replicate, shard) for hybrid (shard within a machine) and
+        no_shard (shard over 1 rank: FSDP2 has no NO_SHARD, a 1-wide shard dimension is it)."""
+        world = self.accelerator.num_processes
+        sharding = self.options.fsdp_sharding
+        if sharding == "no_shard":
+            return (world, 1)
+        if sharding == "hybrid":
+            per_machine = int(os.environ.get("LOCAL_WORLD_SIZE", world))
+            if world % per_machine:
+                raise LauncherError(f"distributed.fsdp_sharding=hybrid needs the same number of processes on every "
+                                    f"machine ({world} in all, {per_machine} on this one).")
+            return (world // per_machine, per_machine)
+        return (world,)
 
     def prepare(self, model, optimizer):
         from torch.distributed.device_mesh import init_device_mesh
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
+        options = self.options
         names = {id(p): n for n, p in model.named_parameters()}
-        mesh = init_device_mesh(self.accelerator.device.type, (self.accelerator.num_processes,))
-        for block in reversed(repeated_blocks(model)):  # inner blocks before the ones holding them
-            fully_shard(block, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
-        fully_shard(model, mesh=mesh, reshard_after_forward=self.reshard_after_forward)
+        shape = self.mesh_shape()
+        mesh = init_device_mesh(self.accelerator.device.type, shape,
+                                mesh_dim_names=("shard",) if len(shape) == 1 else ("replicate", "shard"))
+        units = size_based_units(model, options.fsdp_min_params or 10 ** 8) if options.fsdp_wrap == "size" \
+            else repeated_blocks(model)
+        if options.fsdp_activation_checkpointing:
+            checkpoint_activations(innermost(units))
+        policy = MixedPrecisionPolicy()
+        if self.accelerator.mixed_precision == "bf16" and options.fsdp_mixed_precision == "policy":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        offload = CPUOffloadPolicy(pin_memory=self.accelerator.device.type == "cuda") if options.fsdp_cpu_offload \
+            else OffloadPolicy()
+        shard = dict(mesh=mesh, reshard_after_forward=options.fsdp_sharding != "grad_op", mp_policy=policy,
+                     offload_policy=offload)
+        if policy.param_dtype is not None:
+            # BatchNorm keeps fp32 weights (its kernels refuse bf16 weights with fp32 running
+            # statistics): each is its own unit without the policy, as FSDP1's MixedPrecision does
+            # by default (_module_classes_to_ignore).
+            for norm in [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]:
+                fully_shard(norm, **{**shard, "mp_policy": MixedPrecisionPolicy()})
+        for unit in reversed(units):  # inner units before the ones holding them
+            fully_shard(unit, **shard)
+        fully_shard(model, **shard)
         # fully_shard replaced the parameters by sharded ones (DTensors): the optimizer, built by
         # the recipe on the plain model, takes them instead (same names, nothing stepped yet).
         sharded = dict(model.named_parameters())
@@ -449,6 +485,74 @@ def repeated_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
             if len(members) >= 2 and len({type(m) for m in members}) == 1:
                 blocks += members
     return blocks
+
+
+def size_based_units(model: torch.nn.Module, min_params: int) -> list[torch.nn.Module]:
+    """fsdp_wrap=size: the modules FSDP1's auto-wrap picks with torch's size_based_auto_wrap_policy
+    (a module becomes a unit when its parameters not already in a unit below it reach min_params;
+    ModuleList/ModuleDict never, MultiheadAttention's insides never). FSDP2 has no auto-wrap, so
+    FSDP1's walk (_recursive_wrap) is repeated here; each decision is torch's policy function.
+    Outer units first, as repeated_blocks returns them."""
+    from torch.distributed.fsdp.wrap import size_based_auto_wrap_policy as policy
+
+    units: list[torch.nn.Module] = []
+
+    def walk(module: torch.nn.Module) -> int:
+        """The parameter count of `module`'s subtree that ends up in units."""
+        total = sum(p.numel() for p in module.parameters())
+        if not policy(module, recurse=True, nonwrapped_numel=total, min_num_params=min_params):
+            return 0
+        wrapped = sum(walk(child) for child in module.children())
+        if module is not model and policy(module, recurse=False, nonwrapped_numel=total - wrapped,
+                                          min_num_params=min_params):
+            units.append(module)
+            return total
+        return wrapped
+
+    walk(model)
+    return units[::-1]
+
+
+def innermost(units: list[torch.nn.Module]) -> list[torch.nn.Module]:
+    """The units that hold no other unit: activation checkpointing recomputes each once."""
+    ids = {id(u) for u in units}
+    return [u for u in units if not any(id(m) in ids for m in u.modules() if m is not u)]
+
+
+def checkpoint_activations(blocks: list[torch.nn.Module]) -> None:
+    """fsdp_activation_checkpointing: each block's forward runs under torch.utils.checkpoint
+    (non-reentrant; its parameter names stay as they are, unlike torch's checkpoint_wrapper).
+    FSDP's hooks stay outside the recomputed region, so the parameters are gathered for the
+    recomputation as for the backward. The recomputed forward leaves BatchNorm's running
+    statistics as they were: torch's checkpoint would update them a second time."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    for block in blocks:
+        forward = block.forward
+        norms = [m for m in block.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+        block.forward = functools.wraps(forward)(functools.partial(
+            checkpoint, forward, use_reentrant=False,
+            context_fn=lambda norms=norms: (nullcontext(), batchnorm_statistics_frozen(norms))))
+
+
+@contextmanager
+def batchnorm_statistics_frozen(norms: list[torch.nn.Module]):
+    """BatchNorm in training mode, normalising with the batch's statistics as before, but leaving
+    its running statistics and batch count unchanged (momentum 0: running = 1 * running + 0 * batch).
+    Written by hand: torch.utils.checkpoint has no option for it."""
+    saved = [(m, m.momentum, m.num_batches_tracked.clone() if m.num_batches_tracked is not None else None)
+             for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum, count in saved:
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 def _inner(optimizer):

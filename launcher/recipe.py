@@ -272,9 +272,28 @@ class DistributedSection(Section):
         "none", description="deepspeed: keep optimizer state (and with ZeRO-3 parameters) in CPU memory")
     deepspeed_config: Optional[str] = Field(
         None, description="deepspeed: a DeepSpeed JSON file; the recipe fills batch size, accumulation and precision")
-    fsdp_sharding: Literal["full", "grad_op"] = Field(
-        "full", description="fsdp: full resharding of the parameters after each block's forward (least memory), or "
-                            "grad_op: keep them gathered until the backward (one all-gather less a step)")
+    fsdp_sharding: Literal["full", "grad_op", "hybrid", "no_shard"] = Field(
+        "full", description="fsdp: full: shard over all ranks, resharding after each unit's forward (least memory); "
+                            "grad_op: keep the gathered parameters until the backward (one all-gather less a step); "
+                            "hybrid: shard within each machine, replicate across machines (HSDP); "
+                            "no_shard: replicate on every rank (DDP's memory, FSDP's code path)")
+    fsdp_wrap: Literal["blocks", "size"] = Field(
+        "blocks", description="fsdp: the units sharded besides the root: blocks (the members of every Sequential/"
+                              "ModuleList of >= 2 modules of one class) or size (every module holding >= "
+                              "fsdp_min_params parameters not already in a unit, as torch's size-based policy)")
+    fsdp_min_params: Optional[int] = Field(
+        None, ge=1, description="fsdp_wrap=size: the parameter count that makes a module a unit (default 100M, "
+                                "torch's and Accelerate's)")
+    fsdp_activation_checkpointing: bool = Field(
+        False, description="fsdp: recompute each innermost unit's forward in the backward instead of keeping "
+                           "its activations (less memory, about a third more compute)")
+    fsdp_cpu_offload: bool = Field(
+        False, description="fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory; the "
+                           "optimizer steps on the CPU (FSDP2's CPUOffloadPolicy)")
+    fsdp_mixed_precision: Literal["policy", "autocast"] = Field(
+        "policy", description="fsdp with amp bf16: policy: FSDP2's MixedPrecisionPolicy (bf16 parameters gathered "
+                              "and computed, gradients reduced in fp32), plus autocast; autocast: autocast over the "
+                              "fp32 shards only (bit for bit DDP's arithmetic)")
     failure_timeout: float = Field(
         60.0, gt=0.0, description="seconds after which the other ranks stop when one rank died or failed")
 
@@ -286,9 +305,15 @@ class DistributedSection(Section):
             if given:
                 raise ValueError(f"distributed.{given[0]} applies to strategy deepspeed only: set "
                                  "distributed.strategy=deepspeed, or remove it")
-        if self.strategy != "fsdp" and self.fsdp_sharding != "full":
-            raise ValueError("distributed.fsdp_sharding applies to strategy fsdp only: set distributed.strategy=fsdp, "
-                             "or remove it")
+        if self.strategy != "fsdp":
+            changed = [k for k in self.model_fields_set if k.startswith("fsdp_")
+                       and getattr(self, k) != type(self).model_fields[k].default]
+            if changed:
+                raise ValueError(f"distributed.{sorted(changed)[0]} applies to strategy fsdp only: set "
+                                 "distributed.strategy=fsdp, or remove it")
+        if self.fsdp_min_params is not None and self.fsdp_wrap != "size":
+            raise ValueError("distributed.fsdp_min_params applies to fsdp_wrap=size only: set distributed.fsdp_wrap="
+                             "size, or remove it")
         stage = self.stage
         if self.offload == "optimizer" and stage == 0:
             raise ValueError("distributed.offload=optimizer needs zero_stage 1, 2 or 3 (stage 0 keeps no "

@@ -37,7 +37,9 @@ class MixedPrecision(Plugin):
 
     notes_under = {"deepspeed": "DeepSpeed's bf16/fp16 sections: weights in that dtype, fp32 master weights; "
                                 "fp16 needs a GPU (DeepSpeed's CPU backend has no loss scaling)",
-                  "fsdp": "autocast over fp32 sharded weights, as under DDP (not FSDP2's MixedPrecisionPolicy yet)"}
+                  "fsdp": "bf16: FSDP2's MixedPrecisionPolicy (bf16 weights gathered, fp32 gradient reduction, "
+                          "BatchNorm in fp32) plus autocast; distributed.fsdp_mixed_precision=autocast: autocast over "
+                          "the fp32 shards, as under DDP"}
     refused_under = {"fsdp/fp16": "fp16's loss scaling over FSDP's sharded gradients is not tested yet; use bf16"}
 
     @classmethod

@@ -384,35 +384,71 @@ def test_fsdp_matches_ddp_with_ema_label_smoothing_and_a_sharded_checkpoint_resu
     stopped_resumed_and_compared(recipe, tmp_path / "run", ddp_reference, check_checkpoint=sharded)
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_fsdp_with_sam_clipping_accumulation_layer_lrs_and_distillation_matches_ddp(digits, tmp_path, ddp_reference,
-                                                                                   precision):
-    """The plugins that touch gradients, weights or logits, together, 4 steps, FSDP vs DDP
-    (GroupNorm model). fp32 with SAM and clipping, whose gradient norms are taken over sharded
-    gradients (DTensors) and so formed in another order: after 4 steps the weights agree to 1e-6
-    (measured 1.5e-8; a norm over one rank's shard only is off by about 40% at the first step;
-    over a whole epoch SAM amplifies the rounding to 1e-3, so the comparison stops early). bf16
-    (autocast) without the norms: equal (measured bit for bit; before the model's outputs were
-    returned in fp32 as Accelerate does for DDP, distillation's logits / T was rounded to bf16
-    and the loss moved by 6e-5 at the second step)."""
+# The FSDP options against DDP (same plugins, same precision): fp32 with SAM and clipping on the
+# GroupNorm WRN; bf16 on the BatchNorm one (FSDP's bf16 policy leaves BatchNorm in fp32).
+FSDP_OPTION_LEGS = {
+    "fp32": ("fp32", {}),
+    "fp32-no_shard-size_wrap-checkpointing-offload": (
+        "fp32", {"fsdp_sharding": "no_shard", "fsdp_wrap": "size", "fsdp_min_params": 2000,
+                 "fsdp_activation_checkpointing": True, "fsdp_cpu_offload": True}),
+    "bf16-autocast": ("bf16", {"fsdp_mixed_precision": "autocast"}),
+    "bf16-policy-checkpointing": ("bf16", {"fsdp_activation_checkpointing": True}),
+}
+
+
+@pytest.fixture(scope="module")
+def ddp_runs_by_precision(digits, tmp_path_factory, ddp_reference):
+    """The DDP side of the FSDP comparisons, one run per precision, made when first asked for."""
+    runs = {}
+
+    def get(precision: str) -> tuple[Path, dict]:
+        if precision not in runs:
+            tmp_path = tmp_path_factory.mktemp(f"ddp_{precision}")
+            raw = fsdp_comparison_recipe(digits, tmp_path / "run", precision, ddp_reference, {"strategy": "ddp"})
+            result = run_cli([*accelerate_cmd(2), "launcher", str(write(tmp_path, "ddp", raw))])
+            assert result.returncode == 0, result.stderr[-3000:]
+            runs[precision] = tmp_path / "run"
+        return runs[precision]
+
+    return get
+
+
+def fsdp_comparison_recipe(digits, run_dir: Path, precision: str, teacher: Path, distributed: dict) -> dict:
     plugins = {"grad_accum": {"micro_batches": 2}, "layer_lr": {"lrs": [0.01, 0.05]},
-               "distill": {"checkpoint": str(ddp_reference), "alpha": 0.5}}
+               "distill": {"checkpoint": str(teacher), "alpha": 0.5}}
+    model = {"name": "wrn10_1", "num_classes": 10}
     if precision == "fp32":
         plugins.update({"sam": {"rho": 0.05}, "grad_clip": {"max_norm": 1.0}, "nan_guard": {}})
+        model["kwargs"] = {"norm_layer": "groupnorm"}
     else:
         plugins = {"amp": {"dtype": "bf16"}, **plugins}
-    model = {"name": "wrn10_1", "num_classes": 10, "kwargs": {"norm_layer": "groupnorm"}}
-    runs = {}
-    for strategy in ("ddp", "fsdp"):
-        raw = small_recipe(digits, tmp_path / strategy, model=model, train={"epochs": 1, "max_steps": 4},
-                           run={"dir": str(tmp_path / strategy), "log_every": 1, "progress": False},
-                           data={"val": None}, plugins=plugins, distributed={"strategy": strategy})
-        result = run_cli([*accelerate_cmd(2), "launcher", str(write(tmp_path, strategy, raw))])
-        assert result.returncode == 0, result.stderr[-3000:]
-        runs[strategy] = tmp_path / strategy
-    assert_close_losses(train_losses(runs["fsdp"]), train_losses(runs["ddp"]), {"rel": 1e-6})
-    assert_close_weights(weights(runs["fsdp"]), weights(runs["ddp"]), dict(atol=1e-6, rtol=1e-5))
+    return small_recipe(digits, run_dir, model=model, train={"epochs": 1, "max_steps": 4},
+                        run={"dir": str(run_dir), "log_every": 1, "progress": False},
+                        data={"val": None}, plugins=plugins, distributed=distributed)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("leg", FSDP_OPTION_LEGS)
+def test_fsdp_with_sam_clipping_accumulation_layer_lrs_and_distillation_matches_ddp(digits, tmp_path, ddp_reference,
+                                                                                   ddp_runs_by_precision, leg):
+    """The plugins that touch gradients, weights or logits, together, 4 steps, FSDP vs DDP, with
+    the FSDP options. fp32 with SAM and clipping, whose gradient norms are taken over sharded
+    gradients (DTensors) and so formed in another order: after 4 steps the weights agree to 1e-6
+    (measured 1.5e-8; a norm over one rank's shard only is off by about 40% at the first step;
+    over a whole epoch SAM amplifies the rounding to 1e-3, so the comparison stops early); the
+    same with no_shard (FSDP2's replicate-only mesh), size-based units, activation checkpointing
+    and CPU offload at once. bf16 without the norms: equal, with autocast over fp32 shards and
+    with FSDP2's bf16 MixedPrecisionPolicy (+ activation checkpointing): its convolutions get bf16
+    weights, which autocast would give them too (measured bit for bit; before the model's outputs
+    were returned in fp32 as Accelerate does for DDP, distillation's logits / T was rounded to bf16
+    and the loss moved by 6e-5 at the second step)."""
+    precision, options = FSDP_OPTION_LEGS[leg]
+    raw = fsdp_comparison_recipe(digits, tmp_path / "fsdp", precision, ddp_reference, {"strategy": "fsdp", **options})
+    result = run_cli([*accelerate_cmd(2), "launcher", str(write(tmp_path, "fsdp", raw))])
+    assert result.returncode == 0, result.stderr[-3000:]
+    ddp = ddp_runs_by_precision(precision)
+    assert_close_losses(train_losses(tmp_path / "fsdp"), train_losses(ddp), {"rel": 1e-6})
+    assert_close_weights(weights(tmp_path / "fsdp"), weights(ddp), dict(atol=1e-6, rtol=1e-5))
 
 
 @pytest.mark.slow
@@ -479,6 +515,9 @@ def test_the_plugins_that_are_not_refused_run_together_under_fsdp(digits, tmp_pa
     ({"plugins": {"layer_lr": {"freeze_epochs": 1}}}, "freeze_epochs switches requires_grad"),
     ({"train": {"epochs": 2, "compile": {}}}, "train.compile runs with distributed.strategy=ddp only; FSDP"),
     ({"distributed": {"strategy": "ddp", "fsdp_sharding": "grad_op"}}, "fsdp_sharding applies to strategy fsdp"),
+    ({"distributed": {"strategy": "ddp", "fsdp_activation_checkpointing": True}},
+     "fsdp_activation_checkpointing applies to strategy fsdp"),
+    ({"distributed": {"fsdp_min_params": 1000}}, "fsdp_min_params applies to fsdp_wrap=size"),
 ])
 def test_what_fsdp_does_not_run_is_refused_with_the_reason(digits, tmp_path, changes, message):
     raw = small_recipe(digits, tmp_path, train={"epochs": 2}, distributed={"strategy": "fsdp"})
@@ -645,3 +684,146 @@ def test_a_tampered_fsdp_checkpoint_is_refused_and_its_code_never_runs(tmp_path)
     with pytest.raises(LauncherError, match="Refusing to load .*metadata.*could run code"):
         load_sharded(target, tmp_path / "good")
     assert not marker.exists()
+
+
+# ------------------------------------------------------------------ FSDP options in one process
+
+@pytest.fixture
+def one_rank_fsdp(digits):
+    """FullyShardedDataParallel on a one-rank process group (the strategy makes it in a process
+    that has none), built from a recipe's distributed section; the group is removed afterwards."""
+    import types
+
+    import torch.distributed as dist
+
+    from launcher.distributed import FullyShardedDataParallel
+
+    def make(mixed_precision="no", **options):
+        recipe = validate_recipe(small_recipe(digits, Path("unused"), distributed={"strategy": "fsdp", **options}))
+        accelerator = types.SimpleNamespace(device=torch.device("cpu"), num_processes=1,
+                                            mixed_precision=mixed_precision, prepare=lambda optimizer: optimizer)
+        return FullyShardedDataParallel(accelerator, recipe)
+
+    yield make
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _trained_against_a_plain_copy(strategy, model, steps=3, bf16=False):
+    """The model prepared by `strategy` and a plain copy, trained side by side on the same batches
+    (SGD with momentum); returns (the strategy's full state dict, the copy's, activation bytes kept
+    for the backward per step by the prepared model, by the copy)."""
+    import copy
+
+    plain = copy.deepcopy(model)
+    optimizers = [torch.optim.SGD(m.parameters(), lr=0.1, momentum=0.9) for m in (model, plain)]
+    prepared, optimizers[0] = strategy.prepare(model, optimizers[0])
+    generator = torch.Generator().manual_seed(0)
+    kept = [0, 0]
+    for _ in range(steps):
+        x, y = torch.randn(8, 3, 16, 16, generator=generator), torch.randint(0, 10, (8,), generator=generator)
+        for i, (m, optimizer) in enumerate(zip((prepared, plain), optimizers)):
+            def pack(t, i=i):
+                kept[i] += t.numel() * t.element_size()
+                return t
+
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), \
+                    torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                loss = torch.nn.functional.cross_entropy(m(x).float(), y)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+    return strategy.full_state_dict(prepared), plain.state_dict(), kept[0] / steps, kept[1] / steps
+
+
+def _wrn(**kwargs):
+    import timm
+
+    import launcher.models  # noqa: F401  (registers the WideResNets with timm)
+
+    torch.manual_seed(0)
+    return timm.create_model("wrn10_1", num_classes=10, **kwargs)
+
+
+def test_fsdp_activation_checkpointing_keeps_a_fifth_of_the_activations_and_trains_the_same(one_rank_fsdp):
+    """fsdp_activation_checkpointing recomputes each block's forward in the backward: the
+    activations kept per step drop (measured 2.3 MB -> 0.43 MB) and the training is the same bit
+    for bit, BatchNorm's running statistics included (torch's checkpoint alone updates them twice
+    per step: the recomputed forward is a second training-mode forward)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    ours, plain, kept, plain_kept = _trained_against_a_plain_copy(
+        one_rank_fsdp(fsdp_activation_checkpointing=True), _wrn())
+    assert kept < 0.3 * plain_kept
+    assert ours.keys() == plain.keys() and any("running_mean" in k for k in ours)
+    for key in ours:
+        assert torch.equal(ours[key], plain[key]), key
+    # Without it, FSDP alone keeps what the plain model keeps.
+    strategy = one_rank_fsdp()
+    model = _wrn()
+    *_, kept, plain_kept = _trained_against_a_plain_copy(strategy, model, steps=1)
+    assert kept == plain_kept and sum(isinstance(m, FSDPModule) for m in model.modules()) == 4  # 3 stages + root
+
+
+def test_fsdp_size_based_wrap_picks_what_torchs_fsdp1_policy_wraps(one_rank_fsdp):
+    """fsdp_wrap=size: the units are the modules FSDP1's auto-wrap walk (torch's _recursive_wrap,
+    the reference: FSDP1 itself needs an accelerator) wraps with torch's size_based_auto_wrap_policy
+    and the same min_num_params, and training is unchanged."""
+    import functools
+
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.fsdp.wrap import _recursive_wrap, size_based_auto_wrap_policy
+
+    strategy = one_rank_fsdp(fsdp_wrap="size", fsdp_min_params=2000)
+    model = _wrn()
+    ours, plain, *_ = _trained_against_a_plain_copy(strategy, model, steps=2)
+    for key in ours:
+        assert torch.equal(ours[key], plain[key]), key
+    units = sorted(name for name, m in model.named_modules() if isinstance(m, FSDPModule) and name)
+    reference, wrapped = _wrn(), []
+    _recursive_wrap(reference, functools.partial(size_based_auto_wrap_policy, min_num_params=2000),
+                    wrapper_cls=lambda module: wrapped.append(module) or module, ignored_modules=set(),
+                    ignored_params=set(), only_wrap_children=True)
+    names = {id(m): name for name, m in reference.named_modules()}
+    assert len(units) >= 4 and units == sorted(names[id(m)] for m in wrapped)
+
+
+@pytest.mark.parametrize("mode, gathered", [("policy", torch.bfloat16), ("autocast", torch.float32)])
+def test_fsdp_mixed_precision_gathers_bf16_weights_under_its_policy(one_rank_fsdp, mode, gathered):
+    """With amp bf16, fsdp_mixed_precision=policy (FSDP2's MixedPrecisionPolicy) hands the layers
+    bf16 weights (half the all-gather), autocast the fp32 shards; BatchNorm keeps fp32 weights
+    either way. On this model the arithmetic is autocast's in both (its convolutions and the head
+    run in bf16 under autocast anyway), so the weights after 3 steps are those of a plain model
+    under autocast, bit for bit."""
+    model = _wrn()
+    seen = {}
+
+    def record(module, args, name):
+        seen.setdefault((type(module).__name__, name), module.weight.dtype)
+
+    for name, module in model.named_modules():
+        if isinstance(module, (torch.nn.Conv2d, torch.nn.BatchNorm2d)):
+            module.register_forward_pre_hook(lambda m, args, name=name: record(m, args, name))
+    ours, plain, *_ = _trained_against_a_plain_copy(one_rank_fsdp(mixed_precision="bf16", fsdp_mixed_precision=mode),
+                                                    model, bf16=True)
+    convs = {n: d for (kind, n), d in seen.items() if kind == "Conv2d"}
+    norms = {n: d for (kind, n), d in seen.items() if kind == "BatchNorm2d"}
+    assert convs and set(convs.values()) == {gathered}
+    assert norms and set(norms.values()) == {torch.float32}
+    for key in ours:
+        assert ours[key].dtype == plain[key].dtype and torch.equal(ours[key], plain[key]), key
+
+
+def test_fsdp_sharding_options_make_their_meshes(one_rank_fsdp, monkeypatch):
+    """full and grad_op shard over every rank; hybrid shards within a machine and replicates across
+    machines; no_shard replicates (a shard dimension of 1)."""
+    strategy = one_rank_fsdp(fsdp_sharding="hybrid")
+    strategy.accelerator.num_processes = 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert strategy.mesh_shape() == (2, 4)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
+    with pytest.raises(LauncherError, match="same number of processes on every machine"):
+        strategy.mesh_shape()
+    for sharding, shape in (("full", (8,)), ("grad_op", (8,)), ("no_shard", (8, 1))):
+        strategy.options = strategy.options.model_copy(update={"fsdp_sharding": sharding})
+        assert strategy.mesh_shape() == shape

@@ -193,3 +193,31 @@ def test_device_augmentation_on_cuda_equals_the_cpu():
     difference = (gpu[erased] - cpu[erased]).abs().max().item()
     print(f"[gpu] device augmentation, erasing noise CUDA vs CPU: largest difference {difference:.2e}")
     assert difference <= 1e-5
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_fsdp_on_gpus_with_cpu_offload_and_checkpointing_follows_ddp(digits, tmp_path, precision):
+    """FSDP2 on 1-2 GPUs with what only a GPU exercises: CPUOffloadPolicy (shards, gradients and the
+    optimizer step on the CPU, pinned memory, the compute on the GPU; on CPU ranks it is a no-op)
+    and, in bf16, the MixedPrecisionPolicy over NCCL, with activation checkpointing, EMA and a
+    checkpoint, against DDP on the same GPUs: fp32 within the GPU tolerance, bf16 on the same curve."""
+    gpus = min(torch.cuda.device_count(), 2)
+    model = GROUPNORM if precision == "fp32" else {"name": "wrn10_1", "num_classes": 10}
+    plugins = {"ema": {"decay": 0.9}, "checkpoint": {"every_epochs": 1}}
+    if precision == "bf16":
+        plugins["amp"] = {"dtype": "bf16"}
+    fsdp = {"strategy": "fsdp", "fsdp_cpu_offload": True, "fsdp_activation_checkpointing": True}
+    runs = {}
+    for name, distributed in (("ddp", {"strategy": "ddp"}), ("fsdp", fsdp)):
+        raw = small_recipe(digits, tmp_path / name, model=model, data={"batch_size": 64 // gpus},
+                           train={"epochs": 3 if precision == "bf16" else 1, **EXACT_FP32}, plugins=plugins,
+                           distributed=distributed)
+        runs[name] = launch(tmp_path, name, raw, gpus)
+    compare(f"DDP vs FSDP (CPU offload, activation checkpointing) {precision} on {gpus} GPU(s)",
+            runs["ddp"], runs["fsdp"])
+    if precision == "fp32":
+        assert_close_fp32(runs["ddp"], runs["fsdp"])
+        assert_close_weights(weights(runs["ddp"], "ema.safetensors"), weights(runs["fsdp"], "ema.safetensors"),
+                             GPU_WEIGHT_TOL)
+    else:
+        assert_same_curve_bf16(runs["ddp"], runs["fsdp"])

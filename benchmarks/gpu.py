@@ -14,6 +14,8 @@ In one process, on one device, on the same synthetic raw-uint8 shards:
   (c) whether two deterministic runs, the launcher and the plain loop, end with bit-identical weights;
   (d) loader-only images/s (the launcher's workers, CIFAR-style augmentation) against the training
       images/s, and the time to an epoch's first batch with workers forked for it and persistent;
+  (e) with CUDA: FSDP (full sharding, bf16 policy, with and without activation checkpointing)
+      against DDP on every GPU (up to 8): ViT-B/16 images/s and peak memory per rank;
 and writes it all, with the device name and versions, as markdown.
 """
 
@@ -287,6 +289,23 @@ def run_gpu_tests(timeout: int) -> list[str]:
     return [f"- {line}" for line in measured + summary] or ["- (no output)"]
 
 
+def fsdp_against_ddp(timeout: int) -> list[str]:
+    """(e) benchmarks/fsdp_memory.py --gpus N: ViT-B images/s and peak memory, FSDP vs DDP."""
+    gpus = torch.cuda.device_count()
+    if not gpus:
+        return ["- skipped: needs CUDA GPUs (the CPU measurement is benchmarks/results/fsdp_memory_cpu.md)"]
+    out = Path(tempfile.mkdtemp(prefix="fsdp-gpu-")) / "fsdp.md"
+    try:
+        result = subprocess.run([sys.executable, str(REPO / "benchmarks" / "fsdp_memory.py"), "--gpus", str(min(gpus, 8)),
+                                 "--steps", "25", "--out", str(out)], cwd=REPO, capture_output=True, text=True,
+                                timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return [f"- TIMED OUT after {timeout} s"]
+    if result.returncode != 0 or not out.is_file():
+        return ["- FAILED:", "", "```", *result.stderr.splitlines()[-15:], "```"]
+    return out.read_text().splitlines()[2:]  # without its own heading
+
+
 def versions() -> str:
     import accelerate
     import timm
@@ -312,6 +331,7 @@ def main() -> int:
     parser.add_argument("--compile-backend", default=None, help="default inductor (tiny: aot_eager)")
     parser.add_argument("--no-tests", action="store_true", help="skip (a), tests/test_gpu.py")
     parser.add_argument("--test-timeout", type=int, default=200, help="seconds for (a)")
+    parser.add_argument("--fsdp-timeout", type=int, default=240, help="seconds for (e)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -385,8 +405,9 @@ def main() -> int:
               "", "## (d) Does loading keep up? (raw uint8 shards, pad-4 crop + flip, loader only)", "",
               "| config | loader images/s | best training images/s | ratio | keeps up | first batch, workers forked s "
               "| first batch, persistent workers s |",
-              "|---|---|---|---|---|---|---|", *loader_rows,
-              "", f"Whole check: {time.perf_counter() - started:.0f} s."]
+              "|---|---|---|---|---|---|---|", *loader_rows, ""]
+    lines += ["## (e) FSDP vs DDP: ViT-B/16 at 224 px, bf16, AdamW (benchmarks/fsdp_memory.py --gpus N)", "",
+              *fsdp_against_ddp(args.fsdp_timeout), "", f"Whole check: {time.perf_counter() - started:.0f} s."]
     emit(lines, args.out)
     return 0
 

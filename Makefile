@@ -39,11 +39,16 @@ demo: $(VENV)/.installed-core data/digits/info.json
 		--mixed_precision no --dynamo_backend no -m launcher recipes/digits.yaml $(RUN_ARGS)
 
 # A whole-suite limit too (tests have their own, pyproject.toml): a process that hangs after the
-# tests, at exit, fails the run instead of holding CI until its own limit (90 min; the suite took
-# 61 min on CI and 67 on this 2-core machine on 2026-12-04, before the FSDP tests added about 5:
-# 85 min leaves room for a slow day and still fails first; the suite must shrink, not the margin).
+# tests, at exit, fails the run instead of holding CI until its own limit (90 min). One test at a
+# time the suite took 67 min on this 2-core machine (2026-12-04); on 2 workers 55 min with other
+# work sharing the machine. 85 min leaves room for a slow day and still fails first; the suite
+# must shrink, not the margin.
+# TEST_WORKERS: pytest-xdist workers, each taking whole test files (--dist loadfile), so a file's
+# module fixtures (the Slurm cluster, shared reference runs) are built once. Much of a test's time
+# is spent waiting (for ranks to start, checkpoints, Slurm) with a core idle: 2 workers fill it.
+TEST_WORKERS ?= 2
 test: setup
-	timeout -k 30 5100 $(PY) -m pytest -q -ra --durations=25 tests
+	timeout -k 30 5100 $(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests

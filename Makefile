@@ -46,9 +46,11 @@ demo: $(VENV)/.installed-core data/digits/info.json
 # TEST_WORKERS: pytest-xdist workers, each taking whole test files (--dist loadfile), so a file's
 # module fixtures (the Slurm cluster, shared reference runs) are built once. Much of a test's time
 # is spent waiting (for ranks to start, checkpoints, Slurm) with a core idle: 2 workers fill it.
+# --no-loadscope-reorder: files go out in collection order, the longest first (tests/conftest.py),
+# not xdist's default of the most tests first.
 TEST_WORKERS ?= 2
 test: setup
-	timeout -k 30 5100 $(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile tests
+	timeout -k 30 5100 $(PY) -m pytest -q -ra --durations=25 -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder tests
 
 test-fast: setup
 	$(PY) -m pytest -q -ra -m "not slow" tests

@@ -33,7 +33,18 @@ def pytest_unconfigure(config):
         shutil.rmtree(os.environ["LAUNCHER_CACHE_DIR"], ignore_errors=True)
 
 
+# The longest test files first: `make test` hands whole files to 2 xdist workers in collection
+# order, so a long file started last would run alone at the end while the other worker idles.
+LONGEST_FILES_FIRST = ("test_slurm.py", "test_readme_commands.py", "test_distributed.py", "test_kill_resume.py",
+                       "test_streaming.py", "test_checkpoint.py", "test_fast_paths.py", "test_multiprocess.py")
+
+
 def pytest_collection_modifyitems(config, items):
+    def rank(item) -> int:
+        name = item.path.name
+        return LONGEST_FILES_FIRST.index(name) if name in LONGEST_FILES_FIRST else len(LONGEST_FILES_FIRST)
+
+    items.sort(key=rank)  # stable: the order inside a file, and of the other files, is kept
     if torch.cuda.is_available():
         return
     skip = pytest.mark.skip(reason="needs a CUDA GPU")

@@ -286,7 +286,7 @@ class DistributedSection(Section):
                                 "torch's and Accelerate's)")
     fsdp_activation_checkpointing: bool = Field(
         False, description="fsdp: recompute each innermost unit's forward in the backward instead of keeping "
-                           "its activations (less memory, about a third more compute)")
+                           "its activations (less memory; one more forward pass of each unit a step)")
     fsdp_cpu_offload: bool = Field(
         False, description="fsdp: keep the sharded parameters, gradients and optimizer state in CPU memory; the "
                            "optimizer steps on the CPU (FSDP2's CPUOffloadPolicy)")

@@ -237,7 +237,9 @@ def test_cancel_checkpoints_and_stops_for_good(slurm_runs):
     assert "SIGTERM received (scancel or preemption)" in log and "not requeueing" in log
     assert "Traceback" not in log and "SignalException" not in log
     again = run_cli([sys.executable, "-m", "launcher.slurm", "cancel", str(run_dir)])
-    assert again.returncode == 0 and "is CANCELLED; nothing to cancel" in again.stdout
+    # Slurm forgets a finished job after MinJobAge: on a busy machine the second cancel may come later.
+    assert again.returncode == 0 and re.search(r"(is CANCELLED|is unknown to Slurm now); nothing to cancel",
+                                               again.stdout), again.stdout
 
 
 def test_time_limits_in_slurm_forms():

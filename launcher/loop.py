@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from launcher.distributed import broadcast_buffers, initial_accelerator_options, make_accelerator, make_strategy
+from launcher.distributed import initial_accelerator_options, make_accelerator, make_strategy
 from launcher.console import Console
 from launcher.data import (Batch, EpochPlan, EvalStream, PersistentWorkers, ShardIndex, TrainStream, batches,
                            fetch_options, index_shards, on_device)
@@ -73,6 +73,7 @@ from launcher.optim import create_optimizer, create_schedule, default_param_grou
 from launcher.registry import PluginSet, build_plugins
 from launcher.runlog import (MetricsLog, RunDirLock, check_writable_run_dir, final_weights, manifest, metrics_file,
                             start_run_dir, write_status)
+from launcher.strategy import broadcast_buffers
 from launcher.transforms import ImageTransform
 from launcher.watchdog import RankWatchdog
 
@@ -89,7 +90,7 @@ class RunContext:
 
     recipe: Any
     accelerator: Any = None
-    strategy: Any = None  # launcher.distributed: DataParallel, DeepSpeedZeRO or FullyShardedDataParallel
+    strategy: Any = None  # DataParallel (launcher/strategy.py), DeepSpeedZeRO or FullyShardedDataParallel
     model: Optional[nn.Module] = None  # the prepared (possibly DDP-wrapped) model
     optimizer: Optional[torch.optim.Optimizer] = None
     scheduler: Any = None  # a timm scheduler, stepped per optimizer step

@@ -330,7 +330,7 @@ class DistributedSection(Section):
             return None
         if self.zero_stage is not None:
             return self.zero_stage
-        from launcher.distributed import read_deepspeed_json
+        from launcher.deepspeed_zero import read_deepspeed_json
 
         return int(read_deepspeed_json(self.deepspeed_config).get("zero_optimization", {}).get("stage", 2))
 

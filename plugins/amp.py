@@ -8,7 +8,7 @@ On the CPU both are emulated on most processors (slow): meant for GPUs, and for 
 GPU recipe on a laptop.
 
 Under DeepSpeed the precision maps to DeepSpeed's bf16/fp16 sections instead (launcher/
-distributed.py): the engine keeps the weights in that dtype with fp32 master weights in the
+deepspeed_zero.py): the engine keeps the weights in that dtype with fp32 master weights in the
 optimizer, and does its own fp16 loss scaling (GPU only: DeepSpeed's CPU backend has none).
 
 Hooks: accelerator_options (sets mixed_precision), setup (CPU fp16: the scaler),

@@ -17,9 +17,10 @@ What a checkpoint holds (checkpoints/step-NNNNNNNN/):
   meta.json           step, epoch, position in the epoch, the data plan, the recipe and its
                       hash, metrics.jsonl rows to keep, the size and SHA-256 of each file, and
                       the SHA-256 of its own content (meta_sha256: an edited meta.json is skipped)
-The strategy writes and reads the weights and optimizer state (launcher/distributed.py:
-save_checkpoint / load_checkpoint), the run context its progress (RunContext.progress_state);
-this plugin decides when and where, and makes it atomic and verified.
+The strategy writes and reads the weights and optimizer state (save_checkpoint /
+load_checkpoint in launcher/strategy.py, deepspeed_zero.py, fsdp.py), the run context its
+progress (RunContext.progress_state); this plugin decides when and where, and makes it atomic
+and verified.
 The data position needs no worker state: what a step reads, and every augmentation draw,
 is a function of (seed, epoch, step) (see launcher/data/), so resuming seeks straight to
 the next step, whatever the number of loader workers.
@@ -30,7 +31,7 @@ checkpoint as the newest complete one; a checkpoint whose files do not match met
 (truncated, corrupted) is skipped with a warning naming the file. A failed write (a full
 disk) stops the run loudly and keeps the previous checkpoints. Loading never unpickles
 code (safetensors, JSON and torch.load(weights_only=True); DeepSpeed's files too, through
-launcher.distributed.safe_deepspeed_loading).
+launcher.deepspeed_zero.safe_deepspeed_loading).
 
 Signals: on SIGTERM or SIGUSR1 every rank finishes its current step, a checkpoint is
 written, and the process exits with status 75 (EX_TEMPFAIL: relaunch to continue). Ctrl-C
@@ -181,7 +182,7 @@ def _unsafe_pickle(path: Path) -> Optional[str]:
 
     allowed = []
     if "deepspeed" in path.parts:
-        from launcher.distributed import deepspeed_checkpoint_types
+        from launcher.deepspeed_zero import deepspeed_checkpoint_types
 
         allowed = deepspeed_checkpoint_types()
     try:

@@ -53,6 +53,13 @@ class Recorder(Plugin):
 
     def after_prepare(self, ctx):
         self._trace("after_prepare")
+        # Under FSDP: the device mesh the parameters are sharded over and the number of FSDP units.
+        from torch.distributed.fsdp import FSDPModule
+        from torch.distributed.tensor import DTensor
+
+        first = next(ctx.model.parameters())
+        self.fsdp = isinstance(first, DTensor) and {
+            "mesh": list(first.device_mesh.shape), "units": sum(isinstance(m, FSDPModule) for m in ctx.model.modules())}
         self.allreduce_calls, self.allreduce_per_step = 0, []
         if self.options.count_allreduce and isinstance(ctx.model, torch.nn.parallel.DistributedDataParallel):
             from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
@@ -128,6 +135,7 @@ class Recorder(Plugin):
                                         "train_micro_batch_size_per_gpu":
                                             ctx.model.train_micro_batch_size_per_gpu()},
                                     "allreduce_per_step": self.allreduce_per_step,
+                                    "fsdp": getattr(self, "fsdp", None),
                                     "shards_read": sorted({str(p) for p in self._shards(ctx)}),
                                     "weights": self._weights(ctx)}))
 

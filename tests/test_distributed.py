@@ -1,4 +1,5 @@
-"""Multi-node, DeepSpeed and FSDP (launcher/distributed.py, launcher/watchdog.py).
+"""Multi-node, DeepSpeed and FSDP (launcher/distributed.py, deepspeed_zero.py,
+fsdp.py, watchdog.py).
 
 Equivalence on the CPU (gloo), with the tolerances and why:
 - 1 process (batch 64) vs 2 processes (2 x 32) vs 2 "nodes" (two `accelerate launch`
@@ -134,7 +135,7 @@ def test_deepspeed_keys_need_the_deepspeed_strategy(digits, tmp_path):
 
 
 def test_a_deepspeed_json_file_is_checked_against_the_recipe(digits, tmp_path):
-    from launcher.distributed import deepspeed_config, finish_deepspeed_config
+    from launcher.deepspeed_zero import deepspeed_config, finish_deepspeed_config
 
     def recipe_with(config, **distributed):
         path = tmp_path / "ds.json"
@@ -449,6 +450,7 @@ def test_fsdp_with_sam_clipping_accumulation_layer_lrs_and_distillation_matches_
     and the loss moved by 6e-5 at the second step)."""
     precision, options = FSDP_OPTION_LEGS[leg]
     raw = fsdp_comparison_recipe(digits, tmp_path / "fsdp", precision, ddp_reference, {"strategy": "fsdp", **options})
+    raw["plugins"]["recorder"] = {"trace": False}  # the mesh and units the options made
     recipe = write(tmp_path, "fsdp", raw)
     if options.get("fsdp_sharding") == "hybrid":  # 4 ranks of batch 16: the same global batches
         for status, output, _ in run_nodes(node_commands(recipe, free_port(), ["data.batch_size=16"], processes=4)):
@@ -456,6 +458,17 @@ def test_fsdp_with_sam_clipping_accumulation_layer_lrs_and_distillation_matches_
     else:
         result = run_cli([*accelerate_cmd(2), "launcher", str(recipe)])
         assert result.returncode == 0, result.stderr[-3000:]
+    # The options took effect: equal results alone would also come from options silently ignored.
+    from launcher.fsdp import size_based_units
+
+    sharding = options.get("fsdp_sharding", "full")
+    fsdp = json.loads((tmp_path / "fsdp" / "recorder-rank0.json").read_text())["fsdp"]
+    assert fsdp["mesh"] == {"full": [2], "no_shard": [2, 1], "hybrid": [2, 2]}[sharding]
+    if options.get("fsdp_wrap") == "size":  # GroupNorm model: no BatchNorm units
+        assert fsdp["units"] == 1 + len(size_based_units(_wrn(norm_layer="groupnorm"), options["fsdp_min_params"]))
+    else:  # 3 stages + the root, + each BatchNorm under the bf16 policy (WRN-10-1 has 7)
+        policy = precision == "bf16" and options.get("fsdp_mixed_precision") != "autocast"
+        assert fsdp["units"] == 4 + (7 if policy else 0)
     ddp = ddp_runs_by_precision(precision)
     assert_close_losses(train_losses(tmp_path / "fsdp"), train_losses(ddp), {"rel": 1e-6})
     assert_close_weights(weights(tmp_path / "fsdp"), weights(ddp), dict(atol=1e-5, rtol=1e-4))
@@ -640,7 +653,7 @@ def assert_deepspeed_pickles_are_loaded_safely(checkpoint: Path, tmp_path: Path)
     import shutil
     from types import SimpleNamespace
 
-    from launcher.distributed import safe_deepspeed_loading
+    from launcher.deepspeed_zero import safe_deepspeed_loading
     from launcher.errors import LauncherError
     from plugins.checkpoint import verify
     from tests.test_checkpoint import _Evil, resign
@@ -669,13 +682,13 @@ def assert_deepspeed_pickles_are_loaded_safely(checkpoint: Path, tmp_path: Path)
 
 def test_a_tampered_fsdp_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
     """torch.distributed.checkpoint reads .metadata with pickle.load and non-tensor entries with
-    torch.load(weights_only=False); launcher.distributed.load_sharded reads real checkpoints and
+    torch.load(weights_only=False); launcher.fsdp.load_sharded reads real checkpoints and
     refuses code in either place."""
     import pickle
 
     import torch.distributed.checkpoint as dcp
 
-    from launcher.distributed import load_sharded
+    from launcher.fsdp import load_sharded
     from tests.test_checkpoint import _Evil
 
     state = {"model": {"w": torch.arange(6.0)}, "optimizer": {"param_groups": [{"lr": 0.1, "params": ["w"]}]}}
@@ -706,7 +719,7 @@ def one_rank_fsdp(digits):
 
     import torch.distributed as dist
 
-    from launcher.distributed import FullyShardedDataParallel
+    from launcher.fsdp import FullyShardedDataParallel
 
     def make(mixed_precision="no", **options):
         recipe = validate_recipe(small_recipe(digits, Path("unused"), distributed={"strategy": "fsdp", **options}))

@@ -24,7 +24,7 @@ class Accel:
 
 
 def plain_strategy():
-    from launcher.distributed import DataParallel
+    from launcher.strategy import DataParallel
 
     return DataParallel(Accel)
 

@@ -41,7 +41,7 @@ def sgd_steps(k, batches, momentum=0.9):
     model = mlp()
     import types
 
-    from launcher.distributed import DataParallel
+    from launcher.strategy import DataParallel
 
     accelerator = Accelerator(cpu=True)
     ddp = types.SimpleNamespace(distributed=types.SimpleNamespace(strategy="ddp", stage=None))

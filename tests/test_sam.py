@@ -50,7 +50,7 @@ def launcher_sam_step(model, x, y, lr, **options):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    from launcher.distributed import DataParallel
+    from launcher.strategy import DataParallel
 
     accelerator = Accelerator(cpu=True)
     ctx = RunContext(recipe=None, accelerator=accelerator, strategy=DataParallel(accelerator), model=model,

@@ -150,22 +150,25 @@ class DataSection(Section):
     fetch_timeout: float = Field(60.0, gt=0.0, description="seconds a remote connection or read may stall")
     augment: AugmentSection = Field(default_factory=AugmentSection)
     augment_on: Literal["auto", "loader", "device"] = Field(
-        "auto", description="where training augmentation runs: device (crop_padding, hflip, random_erasing and "
-                            "normalisation on the whole batch on the training device; refused with other ops), loader "
-                            "(per sample, in the loader workers), or auto: device when every op of data.augment has a "
-                            "batched form, else loader; a run directory keeps the path its run started with")
+        "auto", description="where training augmentation runs: device (the ops and normalisation on the whole batch "
+                            "on the training device; refused with an op that has no batched form: a timm "
+                            "auto_augment string), loader (per sample, in the loader workers), or auto: device when "
+                            "every op of data.augment has a batched form and random_resized_crop is off (photos differ "
+                            "in size), else loader; a run directory keeps the path its run started with")
     _augment_reason: str = ""  # why auto chose the path it did (--check says it)
 
     @model_validator(mode="after")
     def _device_augmentation_has_batched_ops(self):
         if self.augment_on == "device":
             from launcher.data.augment import BATCHED_OPS, BatchAugment
+            from launcher.data.augment_policy import POLICIES
 
             missing = BatchAugment.unbatched_ops(self.augment)
             if missing:
-                raise ValueError(f"data.augment_on=device: data.augment.{missing[0]} has no batched form (batched: "
-                                 f"{', '.join(BATCHED_OPS)}). Set data.augment_on=loader, or drop "
-                                 f"data.augment.{missing[0]}")
+                raise ValueError(f"data.augment_on=device: data.augment.{missing[0]} has no batched form"
+                                 f"{_which(self)} "
+                                 f"(batched: {', '.join(BATCHED_OPS)}; auto_augment: {', '.join(POLICIES)}). Set "
+                                 f"data.augment_on=loader, or drop data.augment.{missing[0]}")
         return self
 
     @field_validator("cache_limit")
@@ -537,13 +540,24 @@ def _resolve_augment_on(recipe: Recipe) -> None:
     from launcher.data.augment import BatchAugment
 
     missing = BatchAugment.unbatched_ops(data.augment)
+    photos = BatchAugment.loader_by_default(data.augment)
     started = _augment_on_of_the_run(recipe.run_dir)
     if missing:
-        data.augment_on, data._augment_reason = "loader", f"data.augment.{missing[0]} has no batched form"
+        data.augment_on, data._augment_reason = "loader", f"data.augment.{missing[0]} has no batched form{_which(data)}"
+    elif photos:
+        data.augment_on, data._augment_reason = "loader", (
+            f"data.augment.{photos[0]} cuts photos of differing sizes per sample; data.augment_on=device batches it "
+            "when the images are all one size")
     elif started is not None:
         data.augment_on, data._augment_reason = started, f"the run in {recipe.run_dir} started on the {started}"
     else:
         data.augment_on, data._augment_reason = "device", "every op of data.augment has a batched form"
+
+
+def _which(data) -> str:
+    """' (a timm string)' when the unbatched op is auto_augment, else ''."""
+    value = data.augment.auto_augment
+    return f" ('{value}' is a timm string)" if value and value not in TORCHVISION_AUGMENT else ""
 
 
 def _augment_on_of_the_run(run_dir: Path) -> Optional[str]:

@@ -90,7 +90,7 @@ class ImageTransform:
             )
         self.size, self.in_chans = image_size or data.image_size, in_chans
         self._settings = (data, in_chans, train, normalize_on_device, batched)
-        # data.augment_on: device: the loader only decodes; crop, flip, erasing and normalisation run
+        # data.augment_on: device: the loader only decodes; the augmentation and normalisation run
         # on the whole batch where it lands (launcher/data/augment.py), with parameters drawn here.
         self.batch_augment = None
         if train and batched:
@@ -102,9 +102,10 @@ class ImageTransform:
         # The geometry first: what the model's input is cut from. Other images are squashed to size.
         ops, self.squash = [], True
         if train and aug.random_resized_crop:
-            ops.append(v2.RandomResizedCrop(self.size, scale=aug.scale, ratio=aug.ratio,
-                                            interpolation=self.interpolation, antialias=True))
-            self.squash = False
+            if self.batch_augment is None:
+                ops.append(v2.RandomResizedCrop(self.size, scale=aug.scale, ratio=aug.ratio,
+                                                interpolation=self.interpolation, antialias=True))
+            self.squash = False  # batched: cropped from the decoded image where the batch lands
         elif not train and data.crop_pct is not None:
             # timm's eval transform: the shorter side to floor(size / crop_pct), then the center.
             ops += [v2.Resize(math.floor(self.size / data.crop_pct), interpolation=self.interpolation, antialias=True),

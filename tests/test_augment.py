@@ -1,4 +1,4 @@
-"""data.augment_on: device: crop, flip, random erasing and normalisation on whole batches.
+"""data.augment_on: device: the augmentation and normalisation on whole batches.
 
 Given the same parameters, the batched ops equal torchvision's and timm's per-sample ops bit for
 bit; the parameters are distributed as torchvision's and timm's draws are; each sample's draws
@@ -118,12 +118,17 @@ def _augmented(index, plan, transform, epoch=0, start_step=0, rank=0, num_worker
     return out
 
 
+# every op with a batched form but the resized crop (its own test below)
+EVERY_OP = {"crop_padding": 2, "hflip": 0.5, "rotation": 10, "color_jitter": 0.4, "auto_augment": "cifar10",
+            "random_erasing": 0.5}
+
+
 def test_each_samples_augmentation_depends_on_its_key_only(digits, tmp_path):
     """1 or 2 ranks, 0 or 2 loader workers, a stream started mid-epoch: the same sample gets the
     same augmented pixels; another epoch gets other draws."""
     recipe = validate_recipe(small_recipe(digits, tmp_path, data={
         **small_recipe(digits, tmp_path)["data"], "augment_on": "device",
-        "augment": {"crop_padding": 2, "hflip": 0.5, "random_erasing": 0.5}}))
+        "augment": EVERY_OP}))
     transform = ImageTransform(recipe.data, 3, train=True, batched=True)
     assert transform.batch_augment is not None and transform.erase is None
     index = index_shards(recipe.data.train, "t")
@@ -154,7 +159,7 @@ def test_a_run_with_device_augmentation_resumes_exactly(digits, tmp_path):
     def recipe(run, max_steps, on="device"):
         raw = small_recipe(digits, run, train={"epochs": 2, "max_steps": max_steps},
                            plugins={"checkpoint": {"every_steps": 10}})
-        raw["data"].update(augment_on=on, augment={"crop_padding": 2, "hflip": 0.5, "random_erasing": 0.5})
+        raw["data"].update(augment_on=on, augment=EVERY_OP)
         return validate_recipe(raw)
 
     train(recipe(tmp_path / "straight", 50))
@@ -174,17 +179,20 @@ def test_device_augmentation_with_an_op_it_lacks_is_refused_and_check_names_the_
     from tests.conftest import REPO
 
     raw = small_recipe(digits, tmp_path)
-    raw["data"].update(augment_on="device", augment={"crop_padding": 2, "rotation": 10})
-    with pytest.raises(LauncherError, match=r"data.augment_on=device: data.augment.rotation has no batched form .*"
+    raw["data"].update(augment_on="device", augment={"crop_padding": 2, "auto_augment": "rand-m9-mstd0.5"})
+    with pytest.raises(LauncherError, match=r"data.augment_on=device: data.augment.auto_augment has no batched form "
+                                            r"\('rand-m9-mstd0.5' is a timm string\) .*cifar10.*"
                                             r"Set data.augment_on=loader"):
         validate_recipe(raw)
     base = [f"data.train={digits['train']}", f"data.val={digits['val']}"]
-    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), *base, "data.augment_on=device",
-                 "~data.augment.rotation"]) == 0
+    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), *base, "data.augment_on=device"]) == 0
     assert "# training augmentation runs on the device: data.augment_on: device" in capsys.readouterr().out
-    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), *base]) == 0
-    assert "runs on the loader: per sample in the loader workers (data.augment_on: auto, data.augment.rotation " \
-           "has no batched form)" in capsys.readouterr().out
+    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), *base]) == 0  # crop + rotation: batched
+    assert "runs on the device: augmentation and normalisation on the whole batch (data.augment_on: auto, every " \
+           "op of data.augment has a batched form)" in capsys.readouterr().out
+    assert main(["--check", str(REPO / "recipes" / "digits.yaml"), *base, "data.augment.auto_augment=original"]) == 0
+    assert "runs on the loader: per sample in the loader workers (data.augment_on: auto, data.augment.auto_augment " \
+           "has no batched form ('original' is a timm string))" in capsys.readouterr().out
 
 
 def test_augment_on_auto_takes_the_device_when_every_op_is_batched_and_a_run_keeps_its_path(digits, tmp_path):
@@ -203,7 +211,10 @@ def test_augment_on_auto_takes_the_device_when_every_op_is_batched_and_a_run_kee
 
     assert resolved(tmp_path / "a", {"crop_padding": 2, "hflip": 0.5, "random_erasing": 0.25}) == "device"
     assert resolved(tmp_path / "b", {}) == "device"  # normalisation alone
-    assert resolved(tmp_path / "c", {"crop_padding": 2, "rotation": 10}) == "loader"
+    assert resolved(tmp_path / "c", {"crop_padding": 2, "auto_augment": "rand-m9-mstd0.5"}) == "loader"
+    assert resolved(tmp_path / "d", {"rotation": 10, "color_jitter": 0.4, "auto_augment": "trivialaugment"}) == "device"
+    # A resized crop cuts photos of differing sizes: auto leaves it on the loader, device is allowed.
+    assert resolved(tmp_path / "e", {"random_resized_crop": True}) == "loader"
     # A run that started before the key existed: its recipe.yaml lacks it; it ran on the loader.
     old_run = tmp_path / "old"
     old_run.mkdir()
@@ -223,4 +234,169 @@ def test_augment_on_auto_takes_the_device_when_every_op_is_batched_and_a_run_kee
         "data.augment_on: 'loader' -> 'device'"]
     # An op without a batched form takes the loader even in a run that started on the device.
     (old_run / "recipe.yaml").write_text(yaml.safe_dump({**saved, "data": {**saved["data"], "augment_on": "device"}}))
-    assert resolved(old_run, {"crop_padding": 2, "rotation": 5}) == "loader"
+    assert resolved(old_run, {"crop_padding": 2, "auto_augment": "original"}) == "loader"
+
+
+def _through_policy(transform, image, steps):
+    """torchvision's per-sample policy op (the call its forward() makes) for each (op, magnitude)."""
+    for op, magnitude in steps:
+        image = transform._apply_image_or_video_transform(image, op, magnitude, interpolation=transform.interpolation,
+                                                          fill=transform._fill)
+    return image
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_rotation_jitter_policies_and_resized_crops_equal_torchvisions_per_sample_ops(channels):
+    """Given each sample's parameters: rotation, colour jitter (its own order and factors) and the
+    five policies equal torchvision's per-sample kernels bit for bit; the resized crop is within one
+    grey level (torchvision resizes uint8 in fixed point), for crops that upscale and that shrink."""
+    from launcher.data.augment import color_jitter, resized_crops, rotations
+    from launcher.data.augment_policy import BatchPolicy
+
+    n, size = 96, 32
+    mean, std = MEAN[:channels], STD[:channels]
+    generator = torch.Generator().manual_seed(channels)
+    images = torch.randint(0, 256, (n, channels, size, size), dtype=torch.uint8, generator=generator)
+    keys = sample_keys(3, 1, np.arange(n))
+
+    params = BatchAugment(AugmentSection(rotation=40), size, mean, std).params(keys, size, size)
+    expected = torch.stack([F.rotate(images[i], float(params["angle"][i]), fill=0) for i in range(n)])
+    assert torch.equal(rotations(images, params["angle"]), expected)
+
+    draws = BatchAugment(AugmentSection(color_jitter=0.5), size, mean, std).params(keys, size, size)["jitter"]
+    assert len({tuple(row) for row in draws[:, :3].tolist()}) == 6  # every order occurs
+    kernels = (F.adjust_brightness, F.adjust_contrast, F.adjust_saturation)
+    expected = []
+    for i in range(n):
+        image = images[i]
+        for which in draws[i, :3].long().tolist():
+            image = kernels[which](image, float(draws[i, 3 + which]))
+        expected.append(image)
+    assert torch.equal(color_jitter(images, draws), torch.stack(expected))
+
+    for name in ("cifar10", "imagenet", "svhn", "randaugment", "trivialaugment"):
+        policy = BatchPolicy(name)
+        params = BatchAugment(AugmentSection(auto_augment=name), size, mean, std).params(keys, size, size)
+        steps = [[(policy.ops[op], magnitude) for op, magnitude in zip(ops, magnitudes) if op >= 0]
+                 for ops, magnitudes in zip(params["policy_op"].tolist(), params["policy_magnitude"].tolist())]
+        expected = torch.stack([_through_policy(policy.transform, images[i], steps[i]) for i in range(n)])
+        assert torch.equal(policy.apply(images, params), expected), name
+
+    # resized crops from images of the output's size (upscaling) and from larger ones (some shrink)
+    for height, width in [(size, size), (48, 40)]:
+        source = torch.randint(0, 256, (n, channels, height, width), dtype=torch.uint8, generator=generator)
+        boxes = BatchAugment(AugmentSection(random_resized_crop=True), size, mean, std).params(
+            keys, height, width)["resized_crop"]
+        expected = torch.stack([F.resized_crop(source[i], *boxes[i].tolist(), [size, size], antialias=True)
+                                for i in range(n)])
+        difference = (resized_crops(source, boxes, size).int() - expected.int()).abs()
+        assert difference.max() <= 1 and (difference == 0).float().mean() > 0.5
+
+    # the whole chain, as ImageTransform's per-sample ops run it, then normalisation and erasing
+    augment = AugmentSection(**EVERY_OP)
+    batched = BatchAugment(augment, size, mean, std)
+    params = batched.params(keys, size, size)
+    policy = BatchPolicy("cifar10")
+    reference = []
+    for i in range(n):
+        image = F.crop(F.pad(images[i], [2] * 4, fill=0), int(params["crop"][i, 0]), int(params["crop"][i, 1]),
+                       size, size)
+        image = F.horizontal_flip(image) if bool(params["flip"][i]) else image
+        image = F.rotate(image, float(params["angle"][i]), fill=0)
+        image = color_jitter(image[None], params["jitter"][i:i + 1])[0]  # checked against torchvision above
+        steps = [(policy.ops[op], magnitude) for op, magnitude in
+                 zip(params["policy_op"][i].tolist(), params["policy_magnitude"][i].tolist()) if op >= 0]
+        image = _through_policy(policy.transform, image, steps)
+        reference.append(image)
+    reference = torch.stack(reference)
+    unflipped = {**params, "flip": torch.zeros_like(params["flip"])}  # cropped and flipped above
+    expected = torch.stack([per_sample_reference(reference[i], unflipped, i, 0, mean, std) for i in range(n)])
+    assert torch.equal(batched.apply(images, params), expected)
+
+
+def _same_distribution(ours: list, theirs: list, merge_below: int = 10) -> bool:
+    """A chi-square test of two samples of categories (rare ones pooled) at the 0.001 level."""
+    from collections import Counter
+
+    from scipy.stats import chi2_contingency
+
+    a, b = Counter(ours), Counter(theirs)
+    common = [c for c in set(a) | set(b) if a[c] + b[c] >= merge_below]
+    table = [[a[c] for c in common] + [sum(a.values()) - sum(a[c] for c in common)],
+             [b[c] for c in common] + [sum(b.values()) - sum(b[c] for c in common)]]
+    if table[0][-1] + table[1][-1] == 0:
+        table = [row[:-1] for row in table]
+    return chi2_contingency(table).pvalue > 0.001
+
+
+@pytest.mark.parametrize("name", ["cifar10", "imagenet", "svhn", "randaugment", "trivialaugment"])
+def test_policy_draws_are_distributed_as_torchvisions_per_sample_policy(name, monkeypatch):
+    """Which ops a sample goes through, in which order, with which signed magnitude: our per-sample
+    draws against torchvision's own forward() (its op calls recorded), by a chi-square test that
+    fails on a wrong distribution: skewed uniforms (u ** 1.3) fail it."""
+    from torchvision.transforms import v2
+
+    from launcher.data.augment import uniforms
+    from launcher.data.augment_policy import BatchPolicy
+
+    n, size = 20000, 32
+    policy = BatchPolicy(name)
+
+    def ours(u):
+        params = policy.params(u, size, size)
+        return [tuple((policy.ops[op], magnitude) for op, magnitude in zip(ops, magnitudes) if op >= 0)
+                for ops, magnitudes in zip(params["policy_op"].tolist(), params["policy_magnitude"].tolist())]
+
+    u = uniforms(sample_keys(0, 0, np.arange(n)), 8)
+    calls = []
+    monkeypatch.setattr(type(policy.transform), "_apply_image_or_video_transform",
+                        lambda self, image, op, magnitude, **_: calls.append((op, magnitude)) or image)
+    theirs = []
+    torch.manual_seed(0)
+    image = torch.zeros(1, size, size, dtype=torch.uint8)
+    for _ in range(n):
+        calls.clear()
+        policy.transform(image)
+        theirs.append(tuple(calls))
+    if name == "randaugment":
+        assert isinstance(policy.transform, v2.RandAugment) and all(len(t) == 2 for t in theirs)
+    assert _same_distribution(ours(u), theirs)
+    assert not _same_distribution(ours(u ** 1.3), theirs)  # the test sees a skewed draw
+
+
+def test_rotation_jitter_and_resized_crop_draws_are_distributed_as_torchvisions():
+    """Angles, jitter factors and order, and resized-crop boxes (top, left, height, width, from an
+    image of the output's size and from a larger, oblong one) against torchvision's make_params:
+    KS and chi-square tests that fail on a wrong distribution (a scale range of (0.2, 1) fails)."""
+    from scipy.stats import ks_2samp
+    from torchvision.transforms import v2
+
+    n, size = 20000, 32
+    keys = sample_keys(0, 0, np.arange(n))
+    torch.manual_seed(0)
+    params = BatchAugment(AugmentSection(rotation=25, color_jitter=0.4), size, MEAN, STD).params(keys, size, size)
+    rotation = v2.RandomRotation(25)
+    angles = [rotation.make_params([])["angle"] for _ in range(4000)]
+    assert ks_2samp(params["angle"].numpy(), angles).pvalue > 0.001
+    jitter = v2.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4)
+    drawn = [jitter.make_params([]) for _ in range(4000)]
+    for column, factor in enumerate(("brightness_factor", "contrast_factor", "saturation_factor")):
+        assert ks_2samp(params["jitter"][:, 3 + column].numpy(), [d[factor] for d in drawn]).pvalue > 0.001
+    orders = [tuple(int(i) for i in d["fn_idx"].tolist() if i < 3) for d in drawn]  # hue (3) is unused
+    assert _same_distribution([tuple(row) for row in params["jitter"][:, :3].long().tolist()], orders)
+
+    for height, width in [(size, size), (40, 64)]:
+        image = torch.zeros(3, height, width)
+
+        def boxes(scale):
+            ours = BatchAugment(AugmentSection(random_resized_crop=True, scale=scale), size, MEAN, STD).params(
+                keys, height, width)["resized_crop"].numpy()
+            crop = v2.RandomResizedCrop(size, scale=scale)
+            theirs = np.array([[p["top"], p["left"], p["height"], p["width"]]
+                               for p in (crop.make_params([image]) for _ in range(4000))])
+            return ours, theirs
+
+        ours, theirs = boxes((0.08, 1.0))
+        assert all(ks_2samp(ours[:, k], theirs[:, k]).pvalue > 0.001 for k in range(4))
+        broken, _ = boxes((0.2, 1.0))
+        assert min(ks_2samp(broken[:, k], theirs[:, k]).pvalue for k in range(4)) < 0.001

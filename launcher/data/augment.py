@@ -5,8 +5,18 @@ For 32-pixel images the per-sample transforms in the loader workers cost more th
 batched tensor ops). So for the ops below the loader only decodes, and the batch, still uint8,
 is augmented and normalised on the training device in a few tensor operations:
 
+    random_resized_crop  torchvision's RandomResizedCrop (bilinear): one grid_sample for the crops
+                         that upscale; a crop larger than the output keeps torchvision's antialiased
+                         resize, per sample (photos: their images differ in size, so data.augment_on:
+                         auto keeps them on the loader)
     crop_padding     zero padding, then a crop at each sample's own offsets (torchvision's RandomCrop)
     hflip            each sample flipped with probability p (RandomHorizontalFlip)
+    rotation         RandomRotation (nearest, fill 0): torchvision's affine grid, one per sample
+    color_jitter     ColorJitter's brightness, contrast and saturation, in each sample's own order
+                     and with its own factors
+    auto_augment     torchvision's AutoAugment (cifar10, imagenet, svhn), RandAugment and
+                     TrivialAugmentWide: the samples that drew the same op and magnitude go
+                     through torchvision's own op together (launcher/data/augment_policy.py)
     random_erasing   timm's RandomErasing (mode pixel: per-pixel normal noise, area 2%-1/3,
                      aspect 0.3-3.3, 10 attempts), on the normalised image
 
@@ -15,15 +25,17 @@ sample's own key, a hash of (seed, epoch, sample id), never from a shared RNG st
 batch does not depend on the rank count, the worker count, or where a resumed run starts.
 The parameters are drawn in the loader (numpy, a few microseconds a batch) and travel with the
 batch; the erasing noise is drawn on the device from the sample's key and each pixel's position.
-Given the same parameters, the output equals torchvision's and timm's per-sample ops bit for bit
-(tests/test_augment.py). The draws themselves differ from the per-sample path's (which uses
-torch's and Python's RNGs seeded per sample), so a run cannot switch paths mid-run and give the
-same batches.
+Given the same parameters, the output equals torchvision's and timm's per-sample ops bit for bit,
+except the resized crop: within one grey level (torchvision resizes uint8 images in fixed point,
+here they are sampled in float) (tests/test_augment.py). The draws themselves differ from the
+per-sample path's (which uses torch's and Python's RNGs seeded per sample), so a run cannot switch
+paths mid-run and give the same batches.
 
-Written by hand: Kornia and torchvision v2 apply crops, flips and erasing to batches, but draw
-their parameters from one global generator per batch, which ties each sample's augmentation to
-the batch it lands in (and so to the number of processes); the ops themselves are index
-arithmetic.
+Written by hand: Kornia and torchvision v2 apply crops, flips, affine maps, colour and erasing to
+batches, but draw their parameters from one global generator per batch, which ties each sample's
+augmentation to the batch it lands in (and so to the number of processes), and torchvision's
+kernels take one angle or factor for the whole batch; the ops themselves are index arithmetic,
+torchvision's affine grid with a per-sample matrix, and its blends with per-sample factors.
 """
 
 from __future__ import annotations
@@ -37,7 +49,11 @@ from launcher.lazy import lazy
 torch = lazy("torch")  # --check asks augment_path without paying for torch
 
 # The ops with a batched form; any other data.augment op keeps the per-sample path.
-BATCHED_OPS = ("crop_padding", "hflip", "random_erasing")
+BATCHED_OPS = ("random_resized_crop", "crop_padding", "hflip", "rotation", "color_jitter", "auto_augment",
+               "random_erasing")
+# Batched, but data.augment_on: auto keeps them on the loader: a photo data set's images differ in
+# size, and a batch of them exists only after the per-sample crop.
+LOADER_BY_DEFAULT = ("random_resized_crop",)
 
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
@@ -68,6 +84,15 @@ def uniforms(keys: np.ndarray, draws: int) -> np.ndarray:
 
 
 ERASE_ATTEMPTS = 10
+RESIZED_CROP_ATTEMPTS = 10
+# Where each op's draws sit among a sample's uniforms: fixed, so adding an op never moves another
+# op's draws (a run that started before an op had a batched form keeps its crops and erasing).
+DRAW_CROP, DRAW_FLIP, DRAW_ERASE = 0, 2, 3  # crop: 2 draws; erase: on + 4 a attempt
+DRAW_RESIZED_CROP = 4 + 4 * ERASE_ATTEMPTS  # 4 an attempt
+DRAW_ROTATION = DRAW_RESIZED_CROP + 4 * RESIZED_CROP_ATTEMPTS
+DRAW_JITTER = DRAW_ROTATION + 1  # order, brightness, contrast, saturation
+DRAW_POLICY = DRAW_JITTER + 4  # 4 a step, 2 steps
+DRAWS = DRAW_POLICY + 8
 
 
 class BatchAugment:
@@ -75,8 +100,15 @@ class BatchAugment:
 
     def __init__(self, augment, image_size: int, mean: list[float], std: list[float],
                  erase_area: tuple[float, float] = (0.02, 1 / 3), erase_aspect: tuple[float, float] = (0.3, 1 / 0.3)):
+        from launcher.data.augment_policy import BatchPolicy
+
+        self.resized_crop = augment.random_resized_crop
+        self.scale, self.ratio = tuple(augment.scale), tuple(augment.ratio)
         self.padding = augment.crop_padding
         self.flip = augment.hflip
+        self.rotation = augment.rotation
+        self.jitter = augment.color_jitter
+        self.policy = BatchPolicy(augment.auto_augment) if augment.auto_augment else None
         self.erase = augment.random_erasing
         self.size = image_size
         self.mean, self.std = list(mean), list(std)
@@ -86,25 +118,45 @@ class BatchAugment:
     @staticmethod
     def unbatched_ops(augment) -> list[str]:
         """The recipe's data.augment ops that have no batched form (they need the loader)."""
+        from launcher.data.augment_policy import BatchPolicy
+
         defaults = type(augment)()
         return [name for name in type(augment).model_fields
-                if name not in BATCHED_OPS and name not in ("scale", "ratio")
-                and getattr(augment, name) != getattr(defaults, name)]
+                if name not in ("scale", "ratio") and getattr(augment, name) != getattr(defaults, name)
+                and (name not in BATCHED_OPS
+                     or name == "auto_augment" and not BatchPolicy.batched(augment.auto_augment))]
+
+    @staticmethod
+    def loader_by_default(augment) -> list[str]:
+        """The recipe's ops that data.augment_on: auto leaves on the loader although they are batched."""
+        return [name for name in LOADER_BY_DEFAULT if getattr(augment, name)]
 
     # ------------------------------------------------------------ in the loader
 
     def params(self, keys: np.ndarray, height: int, width: int) -> dict[str, torch.Tensor]:
-        """Each sample's parameters (small int64 tensors) from its key."""
+        """Each sample's parameters (small tensors) from its key; height x width: the decoded images."""
         n = len(keys)
-        # The j-th draw does not depend on how many are drawn: without erasing, only the first three.
-        u = uniforms(keys, 4 + 4 * ERASE_ATTEMPTS if self.erase else 3)
+        # The j-th draw does not depend on how many are drawn: only the ops in use are drawn.
+        newer = self.resized_crop or self.rotation or self.jitter or self.policy
+        u = uniforms(keys, DRAWS if newer else 4 + 4 * ERASE_ATTEMPTS if self.erase else 3)
+        params = {}
+        if self.resized_crop:
+            params["resized_crop"] = torch.from_numpy(self._resized_crop_boxes(u, height, width))
+            height = width = self.size
         span = 2 * self.padding + 1
-        top, left = np.floor(u[:, 0] * span), np.floor(u[:, 1] * span)
-        flip = u[:, 2] < self.flip
+        top, left = np.floor(u[:, DRAW_CROP] * span), np.floor(u[:, DRAW_CROP + 1] * span)
+        params["crop"] = torch.from_numpy(np.stack([top, left], 1).astype(np.int64))
+        params["flip"] = torch.from_numpy(u[:, DRAW_FLIP] < self.flip)
+        if self.rotation:  # RandomRotation: uniform in [-degrees, degrees]
+            params["angle"] = torch.from_numpy(-self.rotation + 2 * self.rotation * u[:, DRAW_ROTATION])
+        if self.jitter:
+            params["jitter"] = torch.from_numpy(self._jitter_draws(u[:, DRAW_JITTER:DRAW_JITTER + 4]))
+        if self.policy is not None:
+            params.update(self.policy.params(u[:, DRAW_POLICY:DRAW_POLICY + 8], height, width))
         erase = np.zeros((n, 5), dtype=np.int64)  # on, top, left, h, w
         if self.erase:
             # timm's: of 10 attempts, the first whose rectangle fits is used (all drawn at once here).
-            attempts = u[:, 4:].reshape(n, ERASE_ATTEMPTS, 4)
+            attempts = u[:, DRAW_ERASE + 1:DRAW_ERASE + 1 + 4 * ERASE_ATTEMPTS].reshape(n, ERASE_ATTEMPTS, 4)
             area = height * width
             target = (self.erase_area[0] + (self.erase_area[1] - self.erase_area[0]) * attempts[..., 0]) * area
             aspect = np.exp(self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * attempts[..., 1])
@@ -112,41 +164,86 @@ class BatchAugment:
             fits = (w < width) & (h < height)
             first = fits.argmax(1)  # the first fitting attempt (0 when none fits: then `on` is False)
             rows = np.arange(n)
-            on = (u[:, 3] < self.erase) & fits[rows, first]
+            on = (u[:, DRAW_ERASE] < self.erase) & fits[rows, first]
             h, w, c, d = h[rows, first], w[rows, first], attempts[rows, first, 2], attempts[rows, first, 3]
             erase[:, 0] = on
             erase[:, 1] = np.where(on, np.floor(c * (height - h + 1)), 0)
             erase[:, 2] = np.where(on, np.floor(d * (width - w + 1)), 0)
             erase[:, 3], erase[:, 4] = np.where(on, h, 0), np.where(on, w, 0)
-        return {"crop": torch.from_numpy(np.stack([top, left], 1).astype(np.int64)),
-                "flip": torch.from_numpy(flip), "erase": torch.from_numpy(erase),
-                "key": torch.from_numpy((keys >> np.uint64(33)).astype(np.int64))}  # 31 bits: noise seed
+        params["erase"] = torch.from_numpy(erase)
+        params["key"] = torch.from_numpy((keys >> np.uint64(33)).astype(np.int64))  # 31 bits: noise seed
+        return params
+
+    def _resized_crop_boxes(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
+        """(N, 4) top, left, h, w: torchvision's RandomResizedCrop.make_params, all attempts at once."""
+        n = len(u)
+        attempts = u[:, DRAW_RESIZED_CROP:DRAW_RESIZED_CROP + 4 * RESIZED_CROP_ATTEMPTS].reshape(
+            n, RESIZED_CROP_ATTEMPTS, 4)
+        log_ratio = (math.log(self.ratio[0]), math.log(self.ratio[1]))
+        target = height * width * (self.scale[0] + (self.scale[1] - self.scale[0]) * attempts[..., 0])
+        aspect = np.exp(log_ratio[0] + (log_ratio[1] - log_ratio[0]) * attempts[..., 1])
+        w, h = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))  # round half to even, as round()
+        fits = (w > 0) & (w <= width) & (h > 0) & (h <= height)
+        first, rows = fits.argmax(1), np.arange(n)
+        h, w = h[rows, first], w[rows, first]
+        top = np.floor(attempts[rows, first, 2] * (height - h + 1))
+        left = np.floor(attempts[rows, first, 3] * (width - w + 1))
+        # torchvision's fallback when no attempt fits: the centre crop, its ratio clamped
+        in_ratio = width / height
+        if in_ratio < min(self.ratio):
+            fw, fh = width, int(round(width / min(self.ratio)))
+        elif in_ratio > max(self.ratio):
+            fw, fh = int(round(height * max(self.ratio))), height
+        else:
+            fw, fh = width, height
+        none = ~fits.any(1)
+        h, w = np.where(none, fh, h), np.where(none, fw, w)
+        top, left = np.where(none, (height - fh) // 2, top), np.where(none, (width - fw) // 2, left)
+        return np.stack([top, left, h, w], 1).astype(np.int64)
+
+    def _jitter_draws(self, u: np.ndarray) -> np.ndarray:
+        """(N, 6): the order of brightness, contrast, saturation (a permutation, 3 columns, as
+        ColorJitter's randperm with hue unused) and their factors, uniform in [max(0, 1 - s), 1 + s]."""
+        orders = np.array([[0, 1, 2], [0, 2, 1], [1, 0, 2], [1, 2, 0], [2, 0, 1], [2, 1, 0]], dtype=np.float64)
+        low, high = max(0.0, 1 - self.jitter), 1 + self.jitter
+        return np.concatenate([orders[np.floor(u[:, 0] * 6).astype(np.int64)], low + (high - low) * u[:, 1:4]], 1)
 
     # ------------------------------------------------------------ on the device
 
     def apply(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
         """uint8 (N, C, H, W) on the device -> augmented, normalised float32 batch."""
-        n, c, h, w = images.shape
-        device = images.device
         nhwc = images.is_contiguous(memory_format=torch.channels_last) and not images.is_contiguous()
+        if self.resized_crop:
+            images = resized_crops(images, params["resized_crop"], self.size)
         if self.padding or self.flip:
-            # Crop and flip in one gather: each output pixel's position in the padded image.
-            p = self.padding
-            padded = torch.nn.functional.pad(images, (p,) * 4) if p else images.contiguous()
-            xs = torch.arange(w, device=device).expand(n, w)
-            if self.flip:
-                xs = torch.where(params["flip"][:, None], w - 1 - xs, xs)
-            rows = params["crop"][:, 0, None] + torch.arange(h, device=device) if p else \
-                torch.arange(h, device=device).expand(n, h)
-            cols = params["crop"][:, 1, None] + xs if p else xs
-            where = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
-            images = padded.reshape(n, c, -1).gather(2, where).view(n, c, h, w)
+            images = self._crop_and_flip(images, params)
+        if self.rotation:
+            images = rotations(images, params["angle"])
+        if self.jitter:
+            images = color_jitter(images, params["jitter"])
+        if self.policy is not None:
+            images = self.policy.apply(images, params)
         from torchvision.transforms.v2 import functional as F
 
         out = F.normalize(F.to_dtype(images.contiguous(), torch.float32, scale=True), self.mean, self.std)
         if self.erase:
             out = self._erase(out, params["erase"], params["key"])
         return out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
+
+    def _crop_and_flip(self, images: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """Crop and flip in one gather: each output pixel's position in the padded image."""
+        n, c, h, w = images.shape
+        device = images.device
+        p = self.padding
+        padded = torch.nn.functional.pad(images, (p,) * 4) if p else images.contiguous()
+        xs = torch.arange(w, device=device).expand(n, w)
+        if self.flip:
+            xs = torch.where(params["flip"][:, None], w - 1 - xs, xs)
+        rows = params["crop"][:, 0, None] + torch.arange(h, device=device) if p else \
+            torch.arange(h, device=device).expand(n, h)
+        cols = params["crop"][:, 1, None] + xs if p else xs
+        where = (rows[:, :, None] * (w + 2 * p) + cols[:, None, :]).view(n, 1, h * w).expand(n, c, h * w)
+        return padded.reshape(n, c, -1).gather(2, where).view(n, c, h, w)
 
     def _erase(self, out: torch.Tensor, erase: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
         """timm's erasing, mode pixel: the rectangle's pixels become normal noise (drawn only there)."""
@@ -167,6 +264,113 @@ class BatchAugment:
         out.view(-1).scatter_(0, (chosen[which] * (c * h * w) + position).view(-1),
                               _normals(hashed, position).view(-1))
         return out
+
+
+def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
+    """Each sample's (top, left, h, w) box resized to size x size, bilinear, as torchvision's
+    resized_crop. A box no larger than the output (always so when the images are the output's size)
+    is sampled with one grid_sample at the coordinates interpolate uses (align_corners=False, clamped
+    to the box); antialiasing changes nothing there. A larger box needs the antialiased filter:
+    torchvision's, per sample."""
+    from torchvision.transforms.v2 import functional as F
+
+    n, c = images.shape[:2]
+    device = images.device
+    out = torch.empty((n, c, size, size), dtype=images.dtype, device=device)
+    boxes = boxes.to(device)
+    upscaled = (boxes[:, 2] <= size) & (boxes[:, 3] <= size)
+    for i in (~upscaled).nonzero().flatten().tolist():
+        top, left, h, w = (int(v) for v in boxes[i])
+        out[i] = F.resized_crop(images[i], top, left, h, w, [size, size], antialias=True,
+                                interpolation=F.InterpolationMode.BILINEAR)
+    chosen = upscaled.nonzero().flatten()
+    if len(chosen):
+        box = boxes[chosen].to(torch.float32)
+        top, left, h, w = (box[:, k, None] for k in range(4))
+        steps = torch.arange(size, device=device, dtype=torch.float32) + 0.5
+        # interpolate's source coordinate, inside the box (torch clamps it at 0 and at the last pixel)
+        ys = top + ((steps * (h / size)) - 0.5).clamp(min=0).minimum(h - 1)
+        xs = left + ((steps * (w / size)) - 0.5).clamp(min=0).minimum(w - 1)
+        height, width = images.shape[-2:]
+        grid = torch.stack([((xs + 0.5) / width * 2 - 1)[:, None, :].expand(-1, size, size),
+                            ((ys + 0.5) / height * 2 - 1)[:, :, None].expand(-1, size, size)], -1)
+        sampled = torch.nn.functional.grid_sample(images[chosen].to(torch.float32), grid, mode="bilinear",
+                                                  padding_mode="border", align_corners=False)
+        out[chosen] = sampled.round_().clamp_(0, 255).to(images.dtype)
+    return out
+
+
+def rotations(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
+    """RandomRotation (nearest, about the centre, fill 0) with each sample's angle, as rotate_image:
+    angle % 360, and the inverse matrix of -angle (its rotate/affine sign convention)."""
+    from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
+
+    matrices = [_get_inverse_affine_matrix([0.0, 0.0], -(float(a) % 360), [0.0, 0.0], 1.0, [0.0, 0.0])
+                for a in angles.tolist()]
+    return affine_maps(images, matrices, fill=0)
+
+
+def affine_maps(images: torch.Tensor, matrices: list[list[float]], fill) -> torch.Tensor:
+    """Each sample through its own inverse affine matrix (torchvision's _get_inverse_affine_matrix),
+    nearest: torchvision's affine grid and grid transform with one matrix per sample instead of one
+    a call (its kernels take one), so equal to its per-sample rotate/affine bit for bit."""
+    from torchvision.transforms.v2.functional._geometry import _apply_grid_transform
+
+    n, _, h, w = images.shape
+    device = images.device
+    theta = torch.tensor(matrices, dtype=torch.float32, device=device).reshape(n, 2, 3)
+    # torchvision's _affine_grid, batched: the same base grid times each sample's rescaled matrix
+    base = torch.empty(1, h, w, 3, dtype=torch.float32, device=device)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=device))
+    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
+    return _apply_grid_transform(images, grid, "nearest", fill=fill)
+
+
+def color_jitter(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:
+    """ColorJitter's brightness, contrast and saturation on uint8 images, each sample with its own
+    order and factors (draws: (N, 6), see BatchAugment._jitter_draws): torchvision's kernels'
+    arithmetic with a factor per sample, equal to them bit for bit."""
+    draws = draws.to(images.device)
+    factors = draws[:, 3:]  # float64, as the Python floats torchvision takes
+    for position in range(3):
+        op = draws[:, position]
+        out = images
+        for which, adjust in enumerate((_brightness, _contrast, _saturation)):
+            chosen = (op == which).nonzero().flatten()
+            if len(chosen):
+                out = out.index_copy(0, chosen, adjust(images[chosen], factors[chosen, which].view(-1, 1, 1, 1)))
+        images = out
+    return images
+
+
+def _blend(images: torch.Tensor, other: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    """torchvision's _blend (image * r + other * (1 - r), clamped, truncated to uint8) with r per
+    sample: r and 1 - r rounded to float32 from double as its scalars are, and addcmul for its
+    add_(alpha=), which rounds the same way."""
+    ratio, alpha = factor.to(torch.float32), (1.0 - factor).to(torch.float32)
+    return torch.addcmul(images * ratio, other, alpha).clamp_(0, 255).to(images.dtype)
+
+
+def _brightness(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return (images * factor.to(torch.float32)).clamp_(0, 255).to(images.dtype)
+
+
+def _grey(images: torch.Tensor) -> torch.Tensor:
+    """torchvision's _rgb_to_grayscale_image (floored, float) of 3-channel uint8 images."""
+    r, g, b = images.unbind(dim=-3)
+    return r.mul(0.2989).add_(g, alpha=0.587).add_(b, alpha=0.114).unsqueeze(-3).floor_()
+
+
+def _contrast(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    grey = _grey(images) if images.shape[1] == 3 else images.to(torch.float32)
+    return _blend(images, grey.mean(dim=(-3, -2, -1), keepdim=True), factor)
+
+
+def _saturation(images: torch.Tensor, factor: torch.Tensor) -> torch.Tensor:
+    return images if images.shape[1] == 1 else _blend(images, _grey(images), factor)  # grey: unchanged, as PIL
 
 
 _M32 = 0xFFFFFFFF
@@ -202,7 +406,7 @@ def pixel_normals(keys: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
 def augment_path(data) -> tuple[str, str]:
     """Where the recipe's training augmentation runs ("device" or "loader") and why, for the run
     and for --check. data.augment_on: device is refused at load when an op has no batched form."""
-    ops = "crop, flip, erasing and normalisation on the whole batch"
+    ops = "augmentation and normalisation on the whole batch"
     if data._augment_reason:  # chosen by data.augment_on: auto
         where = ops if data.augment_on == "device" else "per sample in the loader workers"
         return data.augment_on, f"{where} (data.augment_on: auto, {data._augment_reason})"

@@ -147,6 +147,13 @@ class _ShardReader(IterableDataset):
             if not batched:  # the batched path draws no random number per sample here
                 seed_for_sample(self.seed, self.epoch, int(sample_id))
             images.append(self.transform(image))
+        if batched and len({image.shape for image in images}) > 1:
+            shapes = sorted({tuple(image.shape) for image in images})
+            raise LauncherError(
+                f"data.augment_on=device with data.augment.random_resized_crop needs images of one size to make a "
+                f"batch of, but these differ ({shapes[0]} and {shapes[-1]} in shard "
+                f"'{self.index.shard_name(int(self.index.shard_of[int(ids[0]) % len(self.index)]))}'). Set "
+                "data.augment_on=loader: the crops are then cut per sample in the loader workers.")
         images = torch.stack(images)
         params = None
         if batched:

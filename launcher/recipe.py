@@ -163,7 +163,7 @@ class DataSection(Section):
             from launcher.data.augment import BATCHED_OPS, BatchAugment
             from launcher.data.augment_policy import POLICIES
 
-            missing = BatchAugment.unbatched_ops(self.augment)
+            missing = BatchAugment.unbatched_ops(self)
             if missing:
                 raise ValueError(f"data.augment_on=device: data.augment.{missing[0]} has no batched form"
                                  f"{_which(self)} "
@@ -535,12 +535,18 @@ def _resolve_augment_on(recipe: Recipe) -> None:
     key existed ran on the loader), so that an upgrade does not change a run's augmentation draws
     mid-run. The resolved recipe (recipe.yaml, checkpoints, --check) holds the path taken."""
     data = recipe.data
-    if data.augment_on != "auto":
-        return
     from launcher.data.augment import BatchAugment
 
-    missing = BatchAugment.unbatched_ops(data.augment)
-    photos = BatchAugment.loader_by_default(data.augment)
+    if data.augment_on == "device":  # checked again: the model's pretrained_cfg may have set the interpolation
+        missing = BatchAugment.unbatched_ops(data)
+        if missing:
+            raise LauncherError(f"data.augment_on=device: data.augment.{missing[0]} has no batched form{_which(data)}"
+                                f". Set data.augment_on=loader, or drop data.augment.{missing[0]}")
+    if data.augment_on != "auto":
+        return
+
+    missing = BatchAugment.unbatched_ops(data)
+    photos = BatchAugment.loader_by_default(data)
     started = _augment_on_of_the_run(recipe.run_dir)
     if missing:
         data.augment_on, data._augment_reason = "loader", f"data.augment.{missing[0]} has no batched form{_which(data)}"
@@ -555,9 +561,13 @@ def _resolve_augment_on(recipe: Recipe) -> None:
 
 
 def _which(data) -> str:
-    """' (a timm string)' when the unbatched op is auto_augment, else ''."""
+    """Why the first unbatched op has no batched form, for the messages."""
     value = data.augment.auto_augment
-    return f" ('{value}' is a timm string)" if value and value not in TORCHVISION_AUGMENT else ""
+    if value and value not in TORCHVISION_AUGMENT:
+        return f" ('{value}' is a timm string)"
+    if data.augment.random_resized_crop and data.interpolation != "bilinear":
+        return f" with data.interpolation={data.interpolation} (bilinear only)"
+    return ""
 
 
 def _augment_on_of_the_run(run_dir: Path) -> Optional[str]:

@@ -400,3 +400,48 @@ def test_rotation_jitter_and_resized_crop_draws_are_distributed_as_torchvisions(
         assert all(ks_2samp(ours[:, k], theirs[:, k]).pvalue > 0.001 for k in range(4))
         broken, _ = boxes((0.2, 1.0))
         assert min(ks_2samp(broken[:, k], theirs[:, k]).pvalue for k in range(4)) < 0.001
+
+
+def test_resized_crops_on_the_device_need_images_of_one_size_and_a_bilinear_filter(digits, tmp_path):
+    """data.augment_on: device with random_resized_crop: crops are cut from the decoded images where
+    the batch lands (not from images squashed to data.image_size first); images of differing sizes
+    cannot make a batch, and other filters than bilinear have no batched form: clear errors."""
+    import io
+    import tarfile
+
+    from PIL import Image
+
+    def shard(path: Path, sizes) -> str:
+        with tarfile.open(path, "w") as tar:
+            for i, (h, w) in enumerate(sizes):
+                buf = io.BytesIO()
+                Image.fromarray(np.full((h, w, 3), 40 * i % 256, dtype=np.uint8)).save(buf, format="PNG")
+                for ext, data in (("png", buf.getvalue()), ("cls", str(i % 2).encode())):
+                    info = tarfile.TarInfo(f"s{i:03d}.{ext}")
+                    info.size = len(data)
+                    tar.addfile(info, io.BytesIO(data))
+        return str(path)
+
+    def recipe(train: str, **data):
+        raw = small_recipe(digits, tmp_path / "run")
+        raw["data"].update(train=train, image_size=16, batch_size=4, augment_on="device",
+                           augment={"random_resized_crop": True}, **data)
+        raw["model"]["num_classes"] = 2
+        return validate_recipe(raw)
+
+    def first_batch(section):
+        transform = ImageTransform(section.data, 3, train=True, batched=True)
+        index = index_shards(section.data.train, "t")
+        plan = EpochPlan(tuple(index.shard_sizes.tolist()), global_batch=4, streams=1, world_size=1, seed=0)
+        stream = TrainStream(index, plan, transform, 0, 0, 0)
+        return next(on_device(batches(stream, 0), torch.device("cpu"), torch.contiguous_format, transform.finish))
+
+    same = recipe(shard(tmp_path / "same.tar", [(24, 20)] * 8))
+    assert first_batch(same).images.shape == (4, 3, 16, 16)
+    mixed = recipe(shard(tmp_path / "mixed.tar", [(24, 20), (30, 40)] * 4))
+    with pytest.raises(LauncherError, match=r"needs images of one size .* differ .*mixed.tar.*"
+                                            r"Set data.augment_on=loader"):
+        first_batch(mixed)
+    with pytest.raises(LauncherError, match=r"data.augment.random_resized_crop has no batched form with "
+                                            r"data.interpolation=bicubic \(bilinear only\).*data.augment_on=loader"):
+        recipe(str(tmp_path / "same.tar"), interpolation="bicubic")

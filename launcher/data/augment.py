@@ -116,20 +116,24 @@ class BatchAugment:
         self.log_aspect = (math.log(erase_aspect[0]), math.log(erase_aspect[1]))
 
     @staticmethod
-    def unbatched_ops(augment) -> list[str]:
-        """The recipe's data.augment ops that have no batched form (they need the loader)."""
+    def unbatched_ops(data) -> list[str]:
+        """The recipe's data.augment ops that have no batched form (they need the loader): a timm
+        auto_augment string (its ops work on PIL images), a resized crop with another filter than
+        bilinear (grid_sample's bicubic would reach past the crop's edges)."""
         from launcher.data.augment_policy import BatchPolicy
 
+        augment = data.augment
         defaults = type(augment)()
         return [name for name in type(augment).model_fields
                 if name not in ("scale", "ratio") and getattr(augment, name) != getattr(defaults, name)
                 and (name not in BATCHED_OPS
-                     or name == "auto_augment" and not BatchPolicy.batched(augment.auto_augment))]
+                     or name == "auto_augment" and not BatchPolicy.batched(augment.auto_augment)
+                     or name == "random_resized_crop" and data.interpolation != "bilinear")]
 
     @staticmethod
-    def loader_by_default(augment) -> list[str]:
+    def loader_by_default(data) -> list[str]:
         """The recipe's ops that data.augment_on: auto leaves on the loader although they are batched."""
-        return [name for name in LOADER_BY_DEFAULT if getattr(augment, name)]
+        return [name for name in LOADER_BY_DEFAULT if getattr(data.augment, name)]
 
     # ------------------------------------------------------------ in the loader
 
@@ -305,28 +309,11 @@ def rotations(images: torch.Tensor, angles: torch.Tensor) -> torch.Tensor:
     angle % 360, and the inverse matrix of -angle (its rotate/affine sign convention)."""
     from torchvision.transforms.v2.functional._geometry import _get_inverse_affine_matrix
 
+    from launcher.data.augment_policy import affine_maps
+
     matrices = [_get_inverse_affine_matrix([0.0, 0.0], -(float(a) % 360), [0.0, 0.0], 1.0, [0.0, 0.0])
                 for a in angles.tolist()]
     return affine_maps(images, matrices, fill=0)
-
-
-def affine_maps(images: torch.Tensor, matrices: list[list[float]], fill) -> torch.Tensor:
-    """Each sample through its own inverse affine matrix (torchvision's _get_inverse_affine_matrix),
-    nearest: torchvision's affine grid and grid transform with one matrix per sample instead of one
-    a call (its kernels take one), so equal to its per-sample rotate/affine bit for bit."""
-    from torchvision.transforms.v2.functional._geometry import _apply_grid_transform
-
-    n, _, h, w = images.shape
-    device = images.device
-    theta = torch.tensor(matrices, dtype=torch.float32, device=device).reshape(n, 2, 3)
-    # torchvision's _affine_grid, batched: the same base grid times each sample's rescaled matrix
-    base = torch.empty(1, h, w, 3, dtype=torch.float32, device=device)
-    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
-    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze_(-1))
-    base[..., 2].fill_(1)
-    rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=device))
-    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
-    return _apply_grid_transform(images, grid, "nearest", fill=fill)
 
 
 def color_jitter(images: torch.Tensor, draws: torch.Tensor) -> torch.Tensor:

@@ -102,8 +102,6 @@ class BatchPolicy:
                 continue
             out = images.clone()
             if affine_rows:
-                from launcher.data.augment import affine_maps
-
                 chosen = torch.tensor(affine_rows, device=images.device)
                 out[chosen] = affine_maps(images[chosen], matrices, fill=None)  # the policies' fill: None
             for (op, value), rows in groups.items():
@@ -134,3 +132,22 @@ class BatchPolicy:
         if op == "Rotate" and magnitude % 90 != 0:
             return _get_inverse_affine_matrix([0.0, 0.0], -(magnitude % 360), [0.0, 0.0], 1.0, [0.0, 0.0])
         return None
+
+
+def affine_maps(images: torch.Tensor, matrices: list[list[float]], fill) -> torch.Tensor:
+    """Each sample through its own inverse affine matrix (torchvision's _get_inverse_affine_matrix),
+    nearest: torchvision's affine grid and grid transform with one matrix per sample instead of one
+    a call (its kernels take one), so equal to its per-sample rotate/affine bit for bit."""
+    from torchvision.transforms.v2.functional._geometry import _apply_grid_transform
+
+    n, _, h, w = images.shape
+    device = images.device
+    theta = torch.tensor(matrices, dtype=torch.float32, device=device).reshape(n, 2, 3)
+    # torchvision's _affine_grid, batched: the same base grid times each sample's rescaled matrix
+    base = torch.empty(1, h, w, 3, dtype=torch.float32, device=device)
+    base[..., 0].copy_(torch.linspace((1.0 - w) * 0.5, (w - 1.0) * 0.5, steps=w, device=device))
+    base[..., 1].copy_(torch.linspace((1.0 - h) * 0.5, (h - 1.0) * 0.5, steps=h, device=device).unsqueeze_(-1))
+    base[..., 2].fill_(1)
+    rescaled = theta.transpose(1, 2).div_(torch.tensor([0.5 * w, 0.5 * h], dtype=torch.float32, device=device))
+    grid = base.view(1, h * w, 3).expand(n, -1, -1).bmm(rescaled).view(n, h, w, 2)
+    return _apply_grid_transform(images, grid, "nearest", fill=fill)

@@ -47,7 +47,12 @@ from launcher.transforms import ImageTransform  # noqa: E402
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 RECIPES = {"crop 4 + flip": dict(crop_padding=4, hflip=0.5),
-           "crop 4 + flip + erasing 0.5": dict(crop_padding=4, hflip=0.5, random_erasing=0.5)}
+           "crop 4 + flip + erasing 0.5": dict(crop_padding=4, hflip=0.5, random_erasing=0.5),
+           "crop 4 + flip + AutoAugment cifar10 + erasing 0.5": dict(crop_padding=4, hflip=0.5,
+                                                                    auto_augment="cifar10", random_erasing=0.5),
+           "crop 4 + flip + TrivialAugment": dict(crop_padding=4, hflip=0.5, auto_augment="trivialaugment"),
+           "rotation 15 + colour jitter 0.4": dict(rotation=15, color_jitter=0.4),
+           "resized crop (0.35-1) + flip": dict(random_resized_crop=True, scale=(0.35, 1.0), hflip=0.5)}
 
 
 def data_section(augment: dict, on: str) -> DataSection:
@@ -69,8 +74,22 @@ def classic_pil(images: torch.Tensor, augment: dict) -> float:
     from timm.data.random_erasing import RandomErasing
     from torchvision import transforms as T
 
-    ops = [T.RandomCrop(32, padding=augment["crop_padding"]), T.RandomHorizontalFlip(augment["hflip"]),
-           T.ToTensor(), T.Normalize(MEAN, STD)]
+    ops = []
+    if augment.get("random_resized_crop"):
+        ops.append(T.RandomResizedCrop(32, scale=augment["scale"]))
+    if augment.get("crop_padding"):
+        ops.append(T.RandomCrop(32, padding=augment["crop_padding"]))
+    if augment.get("hflip"):
+        ops.append(T.RandomHorizontalFlip(augment["hflip"]))
+    if augment.get("rotation"):
+        ops.append(T.RandomRotation(augment["rotation"]))
+    if augment.get("color_jitter"):
+        ops.append(T.ColorJitter(*[augment["color_jitter"]] * 3))
+    if augment.get("auto_augment") == "trivialaugment":
+        ops.append(T.TrivialAugmentWide())
+    elif augment.get("auto_augment"):
+        ops.append(T.AutoAugment(T.AutoAugmentPolicy(augment["auto_augment"])))
+    ops += [T.ToTensor(), T.Normalize(MEAN, STD)]
     if augment.get("random_erasing"):
         ops.append(RandomErasing(augment["random_erasing"], mode="pixel", device="cpu"))
     transform = T.Compose(ops)
@@ -86,8 +105,24 @@ def kornia_batch(images: torch.Tensor, augment: dict, batch: int) -> float | Non
         import kornia.augmentation as K
     except ImportError:
         return None
-    ops = [K.RandomCrop((32, 32), padding=augment["crop_padding"]), K.RandomHorizontalFlip(p=augment["hflip"]),
-           K.Normalize(torch.tensor(MEAN), torch.tensor(STD))]
+    from kornia.augmentation import auto
+
+    ops = []
+    if augment.get("random_resized_crop"):
+        ops.append(K.RandomResizedCrop((32, 32), scale=augment["scale"]))
+    if augment.get("crop_padding"):
+        ops.append(K.RandomCrop((32, 32), padding=augment["crop_padding"]))
+    if augment.get("hflip"):
+        ops.append(K.RandomHorizontalFlip(p=augment["hflip"]))
+    if augment.get("rotation"):
+        ops.append(K.RandomRotation(augment["rotation"], p=1.0))
+    if augment.get("color_jitter"):
+        ops.append(K.ColorJitter(*[augment["color_jitter"]] * 3, p=1.0))
+    if augment.get("auto_augment") == "trivialaugment":
+        ops.append(auto.TrivialAugment())
+    elif augment.get("auto_augment"):
+        ops.append(auto.AutoAugment(augment["auto_augment"]))
+    ops.append(K.Normalize(torch.tensor(MEAN), torch.tensor(STD)))
     if augment.get("random_erasing"):
         ops.append(K.RandomErasing(p=augment["random_erasing"]))
     pipeline = K.AugmentationSequential(*ops)

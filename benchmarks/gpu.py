@@ -16,6 +16,9 @@ In one process, on one device, on the same synthetic raw-uint8 shards:
       images/s, and the time to an epoch's first batch with workers forked for it and persistent;
   (e) with CUDA: FSDP (full sharding, bf16 policy, with and without activation checkpointing)
       against DDP on every GPU (up to 8): ViT-B/16 images/s and peak memory per rank;
+  (f) small images at device speed: the WRN config trained by the launcher with CIFAR augmentation
+      (crop 4 + flip + AutoAugment cifar10 + random erasing 0.5, data.augment_on: device) against
+      the same model on uint8 batches already in device memory with the same batched ops;
 and writes it all, with the device name and versions, as markdown.
 """
 
@@ -234,6 +237,46 @@ def timm_loop(recipe, device: torch.device):
     return (step - warmup) * recipe.data.batch_size / (synced_clock() - start)
 
 
+CIFAR_AUGMENT = {"crop_padding": 4, "hflip": 0.5, "auto_augment": "cifar10", "random_erasing": 0.5}
+
+
+def in_memory_loop(recipe, device: torch.device) -> float:
+    """(f) images/s of the same model, optimizer and autocast on uint8 batches already in device
+    memory (no loader at all), augmented by the same batched ops the launcher's device path runs."""
+    from accelerate.utils import set_seed
+
+    from launcher.data import decode_image
+    from launcher.data.augment import BatchAugment, sample_keys
+
+    data = recipe.data
+    index = index_shards(data.train, "data.train", data.cache_dir)
+    files: dict = {}
+    images = torch.stack([decode_image(*index.read_image(i, files)) for i in range(len(index))]).to(device)
+    labels = torch.from_numpy(index.labels.astype(np.int64)).to(device)
+    set_gpu_numerics(recipe.train)
+    set_seed(recipe.seed)
+    fmt = memory_format(recipe.model, device, "bf16")
+    model = create_model(recipe.model).to(device, memory_format=fmt)
+    optimizer = create_optimizer(recipe.optimizer, default_param_groups(model, recipe.optimizer),
+                                 fused=device.type == "cuda")
+    augment = BatchAugment(data.augment, data.image_size, data.mean, data.std)
+    start, warmup, batch = None, recipe.plugins["gpu_bench_timer"]["warmup"], data.batch_size
+    model.train()
+    for step in range(1, recipe.train.max_steps + 1):
+        ids = (torch.arange(batch) + step * batch) % len(images)
+        params = {k: v.to(device) for k, v in augment.params(sample_keys(recipe.seed, 0, ids.numpy()),
+                                                               data.image_size, data.image_size).items()}
+        x = augment.apply(images[ids.to(device)], params).contiguous(memory_format=fmt)
+        with torch.autocast(device.type, dtype=torch.bfloat16):
+            loss = F.cross_entropy(model(x), labels[ids.to(device)])
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if step == warmup:
+            start = synced_clock()
+    return (recipe.train.max_steps - warmup) * batch / (synced_clock() - start)
+
+
 def training_flops_per_image(cfg: Config, device: torch.device) -> float:
     """Forward + backward FLOPs of one image (torch.utils.flop_counter: matmuls and convolutions)."""
     import timm
@@ -355,9 +398,10 @@ def main() -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="gpu-check-"))
     os.environ.setdefault("LAUNCHER_CACHE_DIR", str(tmp / "cache"))
-    rows, loader_rows, identical_rows = [], [], []
+    rows, loader_rows, identical_rows, patterns = [], [], [], {}
     for cfg in configs:
-        pattern = write_shards(tmp / f"{cfg.model}-{cfg.size}", cfg.batch * (steps + 1), cfg.size, cfg.classes)
+        pattern = patterns[cfg.model] = write_shards(tmp / f"{cfg.model}-{cfg.size}", cfg.batch * (steps + 1),
+                                                     cfg.size, cfg.classes)
         flops = training_flops_per_image(cfg, device)
         rates = {}
         for compiled in (False, True):
@@ -407,7 +451,21 @@ def main() -> int:
               "| first batch, persistent workers s |",
               "|---|---|---|---|---|---|---|", *loader_rows, ""]
     lines += ["## (e) FSDP vs DDP: ViT-B/16 at 224 px, bf16, AdamW (benchmarks/fsdp_memory.py --gpus N)", "",
-              *fsdp_against_ddp(args.fsdp_timeout), "", f"Whole check: {time.perf_counter() - started:.0f} s."]
+              *fsdp_against_ddp(args.fsdp_timeout), ""]
+    # (f) the WRN config with CIFAR augmentation on the device, against in-memory batches
+    cfg = configs[-1]
+    cifar = recipe_for(cfg, patterns[cfg.model], tmp / "device-augment", steps, warmup, workers, None, augment=CIFAR_AUGMENT)
+    assert cifar.data.augment_on == "device", cifar.data.augment_on
+    ours, _ = launcher_loop(cifar)
+    memory = in_memory_loop(cifar, device)
+    lines += ["## (f) Small images at device speed: CIFAR augmentation on the device (eager, bf16)", "",
+              "| config | augmentation | launcher images/s | in-memory batches images/s | launcher / in-memory |",
+              "|---|---|---|---|---|",
+              f"| {cfg.model} {cfg.size}px, batch {cfg.batch}, {workers} workers | crop 4 + flip + AutoAugment cifar10 "
+              f"+ erasing 0.5 | {ours:,.0f} | {memory:,.0f} | {ours / memory:.3f} |", "",
+              "In-memory: the same model, optimizer and batched ops on uint8 batches already on the device (no "
+              "loader). Goal: launcher / in-memory >= 0.95.", "",
+              f"Whole check: {time.perf_counter() - started:.0f} s."]
     emit(lines, args.out)
     return 0
 

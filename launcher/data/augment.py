@@ -76,10 +76,11 @@ def sample_keys(seed: int, epoch: int, ids: np.ndarray) -> np.ndarray:
         return _splitmix(base ^ (np.asarray(ids, dtype=np.int64).astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15)))
 
 
-def uniforms(keys: np.ndarray, draws: int) -> np.ndarray:
-    """(N, draws) independent uniforms in [0, 1), float64, the j-th a hash of (key, j)."""
+def uniforms(keys: np.ndarray, draws: int, start: int = 0) -> np.ndarray:
+    """(N, draws) independent uniforms in [0, 1), float64: draws start.. start + draws - 1, the
+    j-th a hash of (key, j)."""
     with np.errstate(over="ignore"):
-        counters = np.arange(1, draws + 1, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
+        counters = np.arange(start + 1, start + draws + 1, dtype=np.uint64) * np.uint64(0xD1B54A32D192ED03)
         bits = _splitmix(keys[:, None] ^ counters[None, :])
     return (bits >> np.uint64(11)).astype(np.float64) * (1.0 / (1 << 53))
 
@@ -143,7 +144,7 @@ class BatchAugment:
         n = len(keys)
         # The j-th draw does not depend on how many are drawn: only the ops in use are drawn.
         newer = self.resized_crop or self.rotation or self.jitter or self.policy
-        u = uniforms(keys, DRAWS if newer else 4 + 4 * ERASE_ATTEMPTS if self.erase else 3)
+        u = uniforms(keys, DRAWS if newer else DRAW_ERASE + 5 if self.erase else 3)
         params = {}
         if self.resized_crop:
             params["resized_crop"] = torch.from_numpy(self._resized_crop_boxes(u, height, width))
@@ -160,24 +161,40 @@ class BatchAugment:
             params.update(self.policy.params(u[:, DRAW_POLICY:DRAW_POLICY + 8], height, width))
         erase = np.zeros((n, 5), dtype=np.int64)  # on, top, left, h, w
         if self.erase:
-            # timm's: of 10 attempts, the first whose rectangle fits is used (all drawn at once here).
-            attempts = u[:, DRAW_ERASE + 1:DRAW_ERASE + 1 + 4 * ERASE_ATTEMPTS].reshape(n, ERASE_ATTEMPTS, 4)
-            area = height * width
-            target = (self.erase_area[0] + (self.erase_area[1] - self.erase_area[0]) * attempts[..., 0]) * area
-            aspect = np.exp(self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * attempts[..., 1])
-            h, w = np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
-            fits = (w < width) & (h < height)
-            first = fits.argmax(1)  # the first fitting attempt (0 when none fits: then `on` is False)
-            rows = np.arange(n)
-            on = (u[:, DRAW_ERASE] < self.erase) & fits[rows, first]
-            h, w, c, d = h[rows, first], w[rows, first], attempts[rows, first, 2], attempts[rows, first, 3]
-            erase[:, 0] = on
-            erase[:, 1] = np.where(on, np.floor(c * (height - h + 1)), 0)
-            erase[:, 2] = np.where(on, np.floor(d * (width - w + 1)), 0)
-            erase[:, 3], erase[:, 4] = np.where(on, h, 0), np.where(on, w, 0)
+            on = u[:, DRAW_ERASE] < self.erase
+            attempt, fits = self._erase_attempts(keys[on], u[on, DRAW_ERASE + 1:DRAW_ERASE + 5], height, width)
+            area_fraction, aspect, c, d = attempt.T
+            h, w = self._erase_size(area_fraction, aspect, height * width)
+            rows = np.flatnonzero(on)[fits]
+            h, w, c, d = h[fits], w[fits], c[fits], d[fits]
+            erase[rows, 0] = 1
+            erase[rows, 1], erase[rows, 2] = np.floor(c * (height - h + 1)), np.floor(d * (width - w + 1))
+            erase[rows, 3], erase[rows, 4] = h, w
         params["erase"] = torch.from_numpy(erase)
         params["key"] = torch.from_numpy((keys >> np.uint64(33)).astype(np.int64))  # 31 bits: noise seed
         return params
+
+    def _erase_attempts(self, keys: np.ndarray, first: np.ndarray, height: int, width: int):
+        """timm's RandomErasing tries up to 10 rectangles and erases the first that fits: each
+        sample's first fitting attempt (4 uniforms: area, aspect, top, left) and whether one fit.
+        Later attempts are drawn only for the samples whose earlier ones did not fit (most fit at
+        once); the j-th draw of a sample is the same however many are drawn."""
+        attempt, fits = first.copy(), np.zeros(len(keys), dtype=bool)
+        todo = np.arange(len(keys))
+        for k in range(ERASE_ATTEMPTS):
+            draws = first if k == 0 else uniforms(keys[todo], 4, start=DRAW_ERASE + 1 + 4 * k)
+            h, w = self._erase_size(draws[:, 0], draws[:, 1], height * width)
+            ok = (w < width) & (h < height)
+            attempt[todo[ok]], fits[todo[ok]] = draws[ok], True
+            todo = todo[~ok]
+            if not len(todo):
+                break
+        return attempt, fits
+
+    def _erase_size(self, area_draw: np.ndarray, aspect_draw: np.ndarray, area: int):
+        target = (self.erase_area[0] + (self.erase_area[1] - self.erase_area[0]) * area_draw) * area
+        aspect = np.exp(self.log_aspect[0] + (self.log_aspect[1] - self.log_aspect[0]) * aspect_draw)
+        return np.round(np.sqrt(target * aspect)), np.round(np.sqrt(target / aspect))
 
     def _resized_crop_boxes(self, u: np.ndarray, height: int, width: int) -> np.ndarray:
         """(N, 4) top, left, h, w: torchvision's RandomResizedCrop.make_params, all attempts at once."""
@@ -230,8 +247,9 @@ class BatchAugment:
             images = self.policy.apply(images, params)
         from torchvision.transforms.v2 import functional as F
 
-        # inplace: the float copy is ours (one allocation of the batch fewer; the same arithmetic)
-        out = F.normalize(F.to_dtype(images.contiguous(), torch.float32, scale=True), self.mean, self.std, inplace=True)
+        # torchvision's tensor kernels (no dispatch); inplace: the float copy is ours (the same arithmetic)
+        out = F.normalize_image(F.to_dtype_image(images.contiguous(), torch.float32, scale=True), self.mean,
+                                self.std, inplace=True)
         if self.erase:
             out = self._erase(out, params["erase"], params["key"])
         return out.contiguous(memory_format=torch.channels_last if nhwc else torch.contiguous_format)
@@ -252,7 +270,8 @@ class BatchAugment:
         return padded.reshape(n, c, -1).gather(2, where).view(n, c, h, w)
 
     def _erase(self, out: torch.Tensor, erase: torch.Tensor, key: torch.Tensor) -> torch.Tensor:
-        """timm's erasing, mode pixel: the rectangle's pixels become normal noise (read only there)."""
+        """timm's erasing, mode pixel: the rectangle's pixels become normal noise, each erased
+        sample's from its own window of the noise table."""
         if not bool(erase[:, 0].any()):
             return out
         n, c, h, w = out.shape
@@ -260,17 +279,12 @@ class BatchAugment:
         chosen = erase[:, 0].nonzero().squeeze(1)  # the erased samples only
         top, left, eh, ew = erase.index_select(0, chosen)[:, 1:, None].unbind(1)
         ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
-        inside = ((ys >= top) & (ys < top + eh))[:, :, None] & ((xs >= left) & (xs < left + ew))[:, None, :]
-        which, pixel = inside.view(len(chosen), -1).nonzero(as_tuple=True)
-        # (C, pixels): every channel of each erased pixel, broadcast rather than repeated.
-        position = torch.arange(c, device=device)[:, None] * (h * w) + pixel
-        # each sample's key hashed once, not once a pixel; take/index_select: faster than indexing
-        offset = _noise_offsets(key.index_select(0, chosen)).index_select(0, which)
-        noise = _noise_table(device).take(position.add(offset).bitwise_and_(_NOISE_MASK))
-        out = out.contiguous()  # fresh from normalize: written in place
-        # scatter_, not index assignment: the positions are distinct, and it is 6x faster on the CPU.
-        out.view(-1).scatter_(0, position.add_(chosen.index_select(0, which) * (c * h * w)).view(-1), noise.view(-1))
-        return out
+        inside = ((ys >= top) & (ys < top + eh))[:, None, :, None] & ((xs >= left) & (xs < left + ew))[:, None, None, :]
+        # each window copied whole from the table's sliding view (index_select: a copy a row), and
+        # blended in with one where: cheaper than computing each erased pixel's table position
+        noise = _noise_windows(key.index_select(0, chosen), c * h * w).view(-1, c, h, w)
+        erased = out.index_select(0, chosen)
+        return out.index_copy_(0, chosen, torch.where(inside, noise, erased, out=erased))
 
 
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -379,11 +393,10 @@ def _hash32(x: torch.Tensor) -> torch.Tensor:
 
 
 # The erasing noise: each sample reads a window of one fixed table of normals, starting at an offset
-# hashed from its key (a gather), rather than hashing every erased pixel (3x the cost of the crop,
+# hashed from its key (a copy), rather than hashing every erased pixel (3x the cost of the crop,
 # flip and erasing together). Windows of two samples overlap with a chance of about 2 x 3072 / 2**20
 # at 32 px; the values stay standard normal and independent of the batch.
-_NOISE_BITS = 20
-_NOISE_MASK = (1 << _NOISE_BITS) - 1
+_NOISE_SIZE = 1 << 20
 _noise_tables: dict = {}
 
 
@@ -393,19 +406,19 @@ def _noise_table(device) -> torch.Tensor:
     table = _noise_tables.get(str(device))
     if table is None:
         if "cpu" not in _noise_tables:
-            _noise_tables["cpu"] = _normals(_hash32(torch.tensor(0x5EED5)), torch.arange(1 << _NOISE_BITS))
+            _noise_tables["cpu"] = _normals(_hash32(torch.tensor(0x5EED5)), torch.arange(_NOISE_SIZE))
         table = _noise_tables[str(device)] = _noise_tables["cpu"].to(device)
     return table
 
 
-def _noise_offsets(keys: torch.Tensor) -> torch.Tensor:
-    return _hash32(keys & _M32) & _NOISE_MASK
-
-
-def normals_at(keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """Standard normal values, each a function of its sample's key and its position (c*H*W + y*W
-    + x) only: the noise table read from the key's offset on."""
-    return _noise_table(keys.device)[(_noise_offsets(keys) + positions) & _NOISE_MASK]
+def _noise_windows(keys: torch.Tensor, length: int) -> torch.Tensor:
+    """(len(keys), length): each key's window of the table, from an offset hashed from the key (an
+    image larger than the table: the table repeated)."""
+    table = _noise_table(keys.device)
+    if length > _NOISE_SIZE:
+        table = table.repeat(-(-length // _NOISE_SIZE) + 1)
+    offsets = _hash32(keys & _M32) % (min(_NOISE_SIZE, len(table) - length) + 1)
+    return table.unfold(0, length, 1).index_select(0, offsets)
 
 
 def _normals(hashed_keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -415,10 +428,8 @@ def _normals(hashed_keys: torch.Tensor, positions: torch.Tensor) -> torch.Tensor
 
 
 def pixel_normals(keys: torch.Tensor, c: int, h: int, w: int) -> torch.Tensor:
-    """(len(keys), c, h, w): normals_at for every position of each sample."""
-    positions = torch.arange(c * h * w, device=keys.device, dtype=torch.int64)
-    return normals_at(keys[:, None].expand(len(keys), len(positions)), positions.expand(len(keys), -1)).view(
-        len(keys), c, h, w)
+    """(len(keys), c, h, w): each sample's erasing noise at every position, as _erase reads it."""
+    return _noise_windows(keys, c * h * w).view(len(keys), c, h, w)
 
 
 def augment_path(data) -> tuple[str, str]:

@@ -173,26 +173,36 @@ def test_the_cuda_fast_paths_are_taken_and_a_compiled_run_follows_the_eager_one(
 
 
 def test_device_augmentation_on_cuda_equals_the_cpu():
-    """data.augment_on: device on a GPU: the same parameters (drawn in the loader), the same crop,
-    flip and normalisation bits, and erasing noise from the same integer hash (float32 math on
-    both; log/cos may differ in the last bit)."""
+    """data.augment_on: device on a GPU: the same parameters (drawn in the loader) give the same
+    crop, flip, erasing (the noise table is computed on the CPU and copied) and normalisation bits
+    as on the CPU; the resampling and colour ops (rotation, colour jitter, the AutoAugment policy,
+    the resized crop) run other kernels (grid_sample, blends), so a few pixels may differ: at
+    least 99% equal, printed."""
     import numpy as np
 
     from launcher.data.augment import BatchAugment, sample_keys
     from launcher.recipe import AugmentSection
 
-    batched = BatchAugment(AugmentSection(crop_padding=4, hflip=0.5, random_erasing=0.5), 32, [0.5] * 3, [0.25] * 3)
     images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
-    params = batched.params(sample_keys(0, 1, np.arange(256)), 32, 32)
-    cpu = batched.apply(images, params)
-    gpu = batched.apply(images.cuda(), {k: v.cuda() for k, v in params.items()}).cpu()
-    erased = torch.zeros_like(cpu, dtype=torch.bool)
-    for i, (on, top, left, h, w) in enumerate(params["erase"].tolist()):
-        erased[i, :, top:top + h, left:left + w] = bool(on)
-    assert torch.equal(gpu[~erased], cpu[~erased])
-    difference = (gpu[erased] - cpu[erased]).abs().max().item()
-    print(f"[gpu] device augmentation, erasing noise CUDA vs CPU: largest difference {difference:.2e}")
-    assert difference <= 1e-5
+    keys = sample_keys(0, 1, np.arange(256))
+    exact = BatchAugment(AugmentSection(crop_padding=4, hflip=0.5, random_erasing=0.5), 32, [0.5] * 3, [0.25] * 3)
+    params = exact.params(keys, 32, 32)
+    assert params["erase"][:, 0].any()
+    cpu = exact.apply(images, params)
+    assert torch.equal(exact.apply(images.cuda(), {k: v.cuda() for k, v in params.items()}).cpu(), cpu)
+    for name, ops in {"rotation 15": dict(rotation=15), "colour jitter 0.4": dict(color_jitter=0.4),
+                      "AutoAugment cifar10": dict(auto_augment="cifar10"),
+                      "TrivialAugment": dict(auto_augment="trivialaugment"),
+                      "resized crop": dict(random_resized_crop=True)}.items():
+        batched = BatchAugment(AugmentSection(**ops), 32, [0.5] * 3, [0.25] * 3)
+        params = batched.params(keys, 32, 32)
+        cpu = batched.apply(images, params)
+        gpu = batched.apply(images.cuda(), {k: v.cuda() for k, v in params.items()}).cpu()
+        equal = (gpu == cpu).float().mean().item()
+        levels = ((gpu - cpu).abs() * 0.25 * 255).max().item()  # normalised back to grey levels
+        print(f"[gpu] device augmentation, {name}: CUDA vs CPU, {equal:.4%} of values equal, "
+              f"largest difference {levels:.2f} grey levels")
+        assert equal >= 0.99, name
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

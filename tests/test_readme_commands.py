@@ -216,8 +216,12 @@ def test_make_gpu_check_runs(tmp_path):
     assert result.returncode == 0, (result.stdout[-2000:], result.stderr[-3000:])
     report = out.read_text()
     assert "No CUDA device here" in report and "skipped" in report  # (a) ran pytest -m gpu
-    speed = [line for line in report.splitlines() if re.match(r"\| (resnet10t|wrn10_1) \d+px, batch", line)]
+    speed = [line for line in report.splitlines()
+             if re.match(r"\| (resnet10t|wrn10_1) \d+px, batch \d+ \| (eager|compiled)", line)]
     assert len(speed) == 4 and all(float(line.split("|")[3].replace(",", "")) > 0 for line in speed)
+    # (f) the WRN config with CIFAR augmentation on the device against in-memory batches
+    device = [line for line in report.splitlines() if "AutoAugment cifar10 + erasing 0.5" in line]
+    assert len(device) == 1 and all(float(device[0].split("|")[k].replace(",", "")) > 0 for k in (3, 4, 5))
     assert sum("compiled (aot_eager)" in line for line in speed) == 2
     identical = [line for line in report.splitlines() if re.match(r"\| (resnet10t|wrn10_1) \d+px \| 5 \|", line)]
     assert [line.split("|")[3].strip() for line in identical] == ["True", "True"]

@@ -303,6 +303,37 @@ def test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first
     assert _same_index(index_shards(pattern, "t", cache_dir=str(tmp_path / "other-cache")), reference)
 
 
+def test_a_local_set_is_read_from_one_cached_file_while_its_shards_are_unchanged(digits, tmp_path, monkeypatch):
+    """1,282 per-shard index files cost seconds to parse: the machine's cache keeps one file for
+    the whole set, used while every shard has the size and modification time it had; a shard
+    touched or rewritten since is checked (or scanned) on its own, the others still come from it."""
+    import os
+    import shutil
+
+    import launcher.data.index_files as index_files
+
+    urls = [Path(u) for u in expand_pattern(digits["train"])]
+    for i, url in enumerate(urls):
+        shutil.copy(url, tmp_path / f"x-{i}.tar")  # no index files next to them
+    pattern, cache = str(tmp_path / "x-{0..3}.tar"), str(tmp_path / "cache")
+    reference = index_shards(digits["train"], "t")
+    assert _same_index(index_shards(pattern, "t", cache_dir=cache), reference)
+    assert len(list((tmp_path / "cache" / "index").glob("set-4-*.index.npz"))) == 1
+    each = index_files._load_each_shard_index
+    loaded = []
+    monkeypatch.setattr(index_files, "_load_each_shard_index",
+                        lambda paths, key, cache_dir: loaded.append(len(paths)) or each(paths, key, cache_dir))
+    _no_scanning(monkeypatch)
+    assert _same_index(index_shards(pattern, "t", cache_dir=cache), reference) and loaded == []  # the one file
+    later = (tmp_path / "x-2.tar").stat().st_mtime_ns + 10**9
+    os.utime(tmp_path / "x-2.tar", ns=(later, later))  # touched: its per-shard index is checked again
+    assert _same_index(index_shards(pattern, "t", cache_dir=cache), reference) and loaded == [4]
+    assert _same_index(index_shards(pattern, "t", cache_dir=cache), reference) and loaded == [4]  # cached again
+    monkeypatch.undo()
+    shutil.copy(urls[3], tmp_path / "x-0.tar")  # rewritten: 237 samples instead of 400
+    assert index_shards(pattern, "t", cache_dir=cache).shard_sizes.tolist() == [237, 400, 400, 237]
+
+
 def test_processes_starting_together_scan_each_shard_once(digits, tmp_path):
     import shutil
     import subprocess

@@ -43,7 +43,9 @@ def plain_train(recipe, max_steps: int) -> tuple[torch.nn.Module, list[float]]:
     scheduler = CosineLRScheduler(optimizer, t_initial=round(recipe.train.epochs * steps_per_epoch - warmup_steps),
                                   lr_min=s.min_lr, warmup_t=warmup_steps, warmup_lr_init=s.warmup_lr,
                                   warmup_prefix=True, t_in_epochs=False)
-    transform = ImageTransform(d, m.in_chans, train=True)
+    # The recipe's augmentation path: per sample in the loader, or on the batch (data.augment_on:
+    # device, resolved by validate_recipe) with the parameters the loader drew per sample.
+    transform = ImageTransform(d, m.in_chans, train=True, batched=d.augment_on == "device")
     memory_format = torch.channels_last if m.channels_last else torch.contiguous_format
 
     clock = lambda: (time.perf_counter(), time.process_time())  # noqa: E731  (wall, process CPU)
@@ -54,7 +56,7 @@ def plain_train(recipe, max_steps: int) -> tuple[torch.nn.Module, list[float]]:
                             num_workers=d.num_workers)
         start = clock()
         for item in loader:
-            images = item["images"].to(memory_format=memory_format)
+            images = transform.finish(item["images"], item["augment"]).to(memory_format=memory_format)
             loss = F.cross_entropy(model(images), item["targets"])
             loss.backward()
             optimizer.step()

@@ -49,12 +49,16 @@ def test_a_short_run_writes_the_run_directory(digits, tmp_path):
         assert torch.equal(value, ctx.accelerator.unwrap_model(ctx.model).state_dict()[name]), name
 
 
-def test_launcher_matches_a_plain_pytorch_loop_bit_for_bit(digits, tmp_path):
+@pytest.mark.parametrize("augment_on", ["device", "loader"])
+def test_launcher_matches_a_plain_pytorch_loop_bit_for_bit(digits, tmp_path, augment_on):
     """Same seed, data, SGD and cosine schedule: identical weights after crossing an epoch
-    boundary (45 steps per epoch, so the short last batch of 29 is included)."""
+    boundary (45 steps per epoch, so the short last batch of 29 is included), with the
+    augmentation on the batch or per sample in the loader workers."""
     raw = small_recipe(digits, tmp_path / "run", train={"epochs": 3, "max_steps": 50},
-                       data={"augment": {"crop_padding": 2, "rotation": 10}, "num_workers": 2})
+                       data={"augment": {"crop_padding": 2, "rotation": 10}, "num_workers": 2,
+                             "augment_on": augment_on})
     recipe = validate_recipe(raw)
+    assert recipe.data.augment_on == augment_on
     ctx = train(recipe)
     reference, _ = plain_train(recipe, max_steps=50)
     ours = ctx.accelerator.unwrap_model(ctx.model).state_dict()

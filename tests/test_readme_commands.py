@@ -248,8 +248,11 @@ def test_the_augment_speed_benchmark_runs(tmp_path):
         "--samples", "256", "--repeats", "1", "--train-steps", "3", "--warmup", "1", "--out", str(tmp_path / "a.md")])
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (tmp_path / "a.md").read_text().splitlines()
-    rows = [line for line in lines if line.startswith("| crop")]
-    assert len(rows) == 2 and all(float(row.split("|")[-2].strip().rstrip("x")) > 0 for row in rows)
+    rows = [line for line in lines if line.endswith("x |")]  # one per recipe: crop+flip ... resized crop
+    assert [row.split("|")[1].strip() for row in rows] == [
+        "crop 4 + flip", "crop 4 + flip + erasing 0.5", "crop 4 + flip + AutoAugment cifar10 + erasing 0.5",
+        "crop 4 + flip + TrivialAugment", "rotation 15 + colour jitter 0.4", "resized crop (0.35-1) + flip"]
+    assert all(float(row.split("|")[-2].strip().rstrip("x")) > 0 for row in rows)
     end_to_end = [line for line in lines if line.startswith(("| plain loop", "| launcher"))]
     assert len(end_to_end) == 3 and all(float(line.split("|")[-2]) > 0 for line in end_to_end)
 

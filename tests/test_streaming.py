@@ -6,7 +6,9 @@ bad remote input and an unreachable store are clear errors."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -478,7 +480,13 @@ def test_training_over_http_stops_clearly_when_the_store_stays_down_and_resumes_
     proc = start(cmd, log)
     try:
         assert wait_for(lambda: _steps_done(run) >= 6, proc), log.read_text()[-3000:]
-        object_store.stop()
+        # The run is paused while the store shuts down (a graceful stop takes seconds, in which a
+        # fast run could finish its 2 epochs): it goes on only once the store is gone.
+        os.killpg(proc.pid, signal.SIGSTOP)
+        try:
+            object_store.stop()
+        finally:
+            os.killpg(proc.pid, signal.SIGCONT)
         assert proc.wait(timeout=180) != 0
     finally:
         object_store.start()

@@ -69,7 +69,7 @@ class Config:
 
 
 FULL = [Config("resnet50", 224, 256, 1000), Config("wrn28_10", 32, 128, 100)]
-TINY = [Config("resnet10t", 32, 8, 10), Config("wrn10_1", 16, 8, 10)]
+TINY = [Config("resnet10t", 16, 4, 10), Config("wrn10_1", 16, 8, 10)]
 
 
 @register("gpu_bench_timer")

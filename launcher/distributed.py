@@ -97,8 +97,20 @@ def make_accelerator(recipe, options: dict):
         handlers = list(options.pop("kwargs_handlers", []))
         handlers.append(InitProcessGroupKwargs(backend="gloo"))
         options["kwargs_handlers"] = handlers
+        _without_deepspeed_shm_allreduce()
     options.pop("cpu", None)
     return Accelerator(deepspeed_plugin=DeepSpeedPlugin(hf_ds_config=config), **options)
+
+
+def _without_deepspeed_shm_allreduce() -> None:
+    """DeepSpeed's CPU backend compiles a shared-memory allreduce (C++, 30-60 s of compiling at
+    the first run in each environment, behind a file lock every other rank and run waits on) that
+    only its inference_all_reduce uses: training's collectives go through torch.distributed (gloo)
+    either way. Marking the op incompatible is DeepSpeed's own way of running without it
+    (deepspeed/comm/torch.py, build_shm_op)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def only_cpu() -> bool:

@@ -188,8 +188,8 @@ def slurm_runs(cluster, digits, tmp_path_factory):
         "scancel": lambda: interrupted_then_resumed(
             tmp, recipe, "scancel", lambda job_id: subprocess.run(["scancel", "--signal=USR1", job_id], check=True)),
         "cancel": lambda: cancelled_for_good(tmp, recipe),
-        "zero3": lambda: on_two_nodes_and_locally(zero3, tmp / "zero3", "10"),
-        "fsdp": lambda: on_two_nodes_and_locally(fsdp, tmp / "fsdp", "10"),
+        "zero3": lambda: on_two_nodes_and_locally(zero3, tmp / "zero3", "30"),
+        "fsdp": lambda: on_two_nodes_and_locally(fsdp, tmp / "fsdp", "30"),
     }
     with ThreadPoolExecutor(len(scenarios)) as pool:
         runs = {name: pool.submit(scenario) for name, scenario in scenarios.items()}

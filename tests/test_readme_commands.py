@@ -292,6 +292,31 @@ def test_the_ladder_benchmark_runs_and_continues_where_it_stopped(tmp_path):
     assert all(row.split("|")[7].strip() == "2" for row in out.read_text().splitlines() if row.startswith("| + l"))
 
 
+def test_the_readme_results_are_the_committed_ladder_runs(tmp_path):
+    """README's Results table is the committed ladder report's, and that report is what
+    benchmarks/ladder.py makes of the committed record of finished runs (no run directories)."""
+    committed = REPO / "benchmarks" / "results" / "ladder_fashion.md"
+    result = run_cli(command("python benchmarks/ladder.py") + [
+        "--table-only", "--runs", str(tmp_path / "none"), "--record", str(committed.with_suffix(".json")),
+        "--out", str(tmp_path / "ladder.md")], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    def rows(text: str) -> dict[str, list[str]]:
+        cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
+                 if line.startswith(("| baseline", "| + ", "| mixup", "| EMA"))]
+        return {row[0]: row for row in cells}
+
+    regenerated, report = rows((tmp_path / "ladder.md").read_text()), rows(committed.read_text())
+    assert regenerated == report and len(report) == 8
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("\n## Results\n"):readme.index("\n## ", readme.index("\n## Results\n") + 5)]
+    shown = rows(section)
+    assert list(shown) == list(report)  # every rung, in the report's order
+    for name, (_, adds, top1, delta) in shown.items():
+        # the README's columns: rung, adds, top-1 (mean +- std of the seeds), points vs the baseline
+        assert (adds, top1, delta) == (report[name][1], report[name][3], report[name][5]), name
+
+
 def test_the_data_scale_benchmark_runs(tmp_path):
     result = run_cli(command("python benchmarks/data_scale.py") + ["--sizes", "1500", "--out", str(tmp_path / "d.md")])
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,9 +10,11 @@ ladder that is stopped (Ctrl-C, a session ending, kill) continues where it stopp
 again: finished runs are read, an interrupted one resumes from its last checkpoint (the
 launcher's own resume), the others start. Each finished run's result is also recorded in a JSON
 file next to --out (with the overrides it ran with), so a ladder spread over several machines or
-sittings, whose run directories are gone, keeps its finished runs: a recorded run is not trained
-again unless its overrides changed. Seeds go round the rungs (seed 0 of every rung,
-then seed 1, ...), so a ladder stopped early still has every rung.
+sittings, whose run directories are gone, keeps its finished runs. Each record holds the run's
+resolved recipe (the settings that decide its result), so a run made before the recipe under the
+ladder changed is trained again, never reported as the new recipe's; a finished run directory of
+another recipe is refused. Seeds go round the rungs (seed 0 of every rung, then seed 1, ...), so a
+ladder stopped early still has every rung.
 
 The reported top-1 is the final evaluation of the model one would ship (EMA and TTA where
 they are on); the plain model's top-1 is kept beside it. Results: --out (markdown) and the
@@ -149,23 +151,61 @@ def run_result(run_dir: Path) -> dict | None:
             "step": last["step"]}
 
 
+# Where a run's files are and how it is shown: not what decides its result. The two augmentation
+# paths give bit-identical batches (tests/test_augment.py), so data.augment_on is not either.
+NOT_THE_RESULT = ("seed", "run.", "data.train", "data.val", "data.augment_on")
+
+
+def what_ran(recipe) -> dict:
+    """A resolved recipe's settings that decide a run's result, flattened to dotted keys, values
+    off their defaults only: a key added to the schema later (with a default that keeps what runs
+    did) leaves old records valid; any change of what a run does makes a different dict."""
+    from launcher.registry import parse_options
+
+    tree = recipe.model_dump(mode="json", exclude_defaults=True)
+    tree["plugins"] = {name: parse_options(name, options).model_dump(mode="json", exclude_defaults=True)
+                       for name, options in recipe.plugins.items()}
+    flat: dict = {}
+
+    def walk(node: dict, prefix: str) -> None:
+        for key, value in node.items():
+            if isinstance(value, dict) and value:
+                walk(value, f"{prefix}{key}.")
+            else:  # an empty dict stays: a plugin on with all its defaults
+                flat[f"{prefix}{key}"] = value
+    walk(tree, "")
+    return {k: v for k, v in sorted(flat.items()) if not any(k == n or k.startswith(n) for n in NOT_THE_RESULT)}
+
+
+def differences(recorded: dict, expected: dict) -> str:
+    keys = sorted(k for k in set(recorded) | set(expected) if recorded.get(k) != expected.get(k))
+    return "; ".join(f"{k}: {recorded.get(k, '(default)')!r} -> {expected.get(k, '(default)')!r}" for k in keys[:4]) \
+        + (f"; and {len(keys) - 4} more" if len(keys) > 4 else "")
+
+
 class Record:
     """The finished runs' results in a JSON file (committed next to the report), keyed by rung
-    and seed, each with the overrides it ran with: a change of recipe means a new run."""
+    and seed, each with the overrides it ran with and its resolved recipe (what_ran): a run
+    counts only for the recipe it was made with."""
 
     def __init__(self, path: Path | None):
         self.path = path
         self.runs = json.loads(path.read_text())["runs"] if path is not None and path.exists() else []
 
-    def find(self, rung: str, seed: int, overrides: list[str]) -> dict | None:
-        return next((r["result"] for r in self.runs
-                     if r["rung"] == rung and r["seed"] == seed and r["overrides"] == overrides), None)
+    def entry(self, rung: str, seed: int) -> dict | None:
+        return next((r for r in self.runs if r["rung"] == rung and r["seed"] == seed), None)
 
-    def add(self, rung: str, seed: int, overrides: list[str], result: dict) -> None:
+    def find(self, rung: str, seed: int, overrides: list[str], recipe: dict) -> dict | None:
+        entry = self.entry(rung, seed)
+        if entry is None or entry["overrides"] != overrides or entry.get("recipe") != recipe:
+            return None
+        return entry["result"]
+
+    def add(self, rung: str, seed: int, overrides: list[str], recipe: dict, result: dict) -> None:
         if self.path is None:
             return
         self.runs = [r for r in self.runs if not (r["rung"] == rung and r["seed"] == seed)]
-        self.runs.append({"rung": rung, "seed": seed, "overrides": overrides, "result": result})
+        self.runs.append({"rung": rung, "seed": seed, "overrides": overrides, "recipe": recipe, "result": result})
         self.runs.sort(key=lambda r: (r["rung"], r["seed"]))
         temporary = self.path.with_suffix(".json.tmp")  # written whole, then renamed: a kill keeps the last one
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -173,14 +213,41 @@ class Record:
         temporary.replace(self.path)
 
 
-def result_of(record: Record, run_dir: Path, rung: str, seed: int, overrides: list[str]) -> dict | None:
-    """A finished run's result: from its run directory, else from the record."""
+def result_of(record: Record, run_dir: Path, rung: str, seed: int, overrides: list[str], recipe: dict,
+              training: bool) -> dict | None:
+    """A finished run's result for this recipe: from its run directory, else from the record. A
+    run of another recipe is not this rung's: when training, a finished run directory of another
+    recipe is refused (the launcher would resume into it) and a recorded run is trained again."""
     result = run_result(run_dir)
     if result is not None:
-        if record.find(rung, seed, overrides) != result:
-            record.add(rung, seed, overrides, result)
-        return result
-    return record.find(rung, seed, overrides)
+        from launcher.recipe import load_recipe
+
+        ran = what_ran(load_recipe(run_dir / "recipe.yaml"))
+        if ran == recipe:
+            if record.find(rung, seed, overrides, recipe) != result:
+                record.add(rung, seed, overrides, recipe, result)
+            return result
+        if training:
+            raise SystemExit(f"{run_dir} holds a finished run of another recipe than this rung's "
+                             f"({differences(ran, recipe)}). Move it away (or give --runs another folder) "
+                             "to train the rung again.")
+        print(f"[ladder] {rung} seed {seed}: {run_dir} ran another recipe ({differences(ran, recipe)}); "
+              "not reported", file=sys.stderr)
+    found = record.find(rung, seed, overrides, recipe)
+    entry = record.entry(rung, seed)
+    if found is None and entry is not None and entry["overrides"] == overrides:
+        print(f"[ladder] {rung} seed {seed}: the recorded run was made with another recipe "
+              f"({differences(entry.get('recipe') or {}, recipe)}); "
+              + ("training it again" if training else "not reported (rerun the ladder to train it)"), file=sys.stderr)
+    return found
+
+
+def expected_recipe(ladder: Ladder, index: int, extra: list[str]) -> dict:
+    """What a rung's run does (what_ran), from the ladder's recipe and the run's overrides."""
+    from launcher.recipe import load_recipe
+
+    return what_ran(load_recipe(REPO / ladder.recipe, ["data.train=x", "data.val=x"]
+                                + run_overrides(ladder, index, extra)))
 
 
 def data_overrides(name: str, data_dir: Path, src: Path | None, train_shards: int | None) -> list[str]:
@@ -235,7 +302,8 @@ def main() -> int:
                 name = slug(index, ladder.rungs[index])
                 run_dir = runs / name / f"seed{seed}"
                 overrides = run_overrides(ladder, index, args.overrides)
-                if result_of(record, run_dir, name, seed, overrides + ladder.setting()) is not None:
+                expected = expected_recipe(ladder, index, args.overrides)
+                if result_of(record, run_dir, name, seed, overrides + ladder.setting(), expected, True) is not None:
                     continue
                 recipe = load_recipe(REPO / ladder.recipe, data + overrides + [
                     "run.progress=false", f"seed={seed}", f"run.dir={run_dir}"])
@@ -249,7 +317,7 @@ def main() -> int:
                 timing.write_text(json.dumps({
                     "seconds": before.get("seconds", 0.0) + time.perf_counter() - start,
                     "cpu_seconds": before.get("cpu_seconds", 0.0) + time.process_time() - cpu_start}) + "\n")
-                result = result_of(record, run_dir, name, seed, overrides + ladder.setting())
+                result = result_of(record, run_dir, name, seed, overrides + ladder.setting(), expected, True)
                 print(f"[ladder] {ladder.rungs[index].name:20s} seed {seed}: {result['metric']} "
                       f"{result['top1']:.4f} in {result['seconds']:.0f} s", flush=True)
     return report(ladder, runs, record, rung_numbers, args.seeds, args.overrides, args.out)
@@ -266,9 +334,11 @@ def report(ladder: Ladder, runs: Path, record: Record, rung_numbers: list[int], 
     for index in rung_numbers:
         rung = ladder.rungs[index]
         name = slug(index, rung)
+        expected = expected_recipe(ladder, index, overrides)
         results = [r for seed in seeds
                    if (r := result_of(record, runs / name / f"seed{seed}", name, seed,
-                                      run_overrides(ladder, index, overrides) + ladder.setting())) is not None]
+                                      run_overrides(ladder, index, overrides) + ladder.setting(), expected,
+                                      False)) is not None]
         if results:
             rows.append((rung, results))
     if not rows:
@@ -311,7 +381,7 @@ def report(ladder: Ladder, runs: Path, record: Record, rung_numbers: list[int], 
               f"{base.train.epochs} epochs, batch {base.data.batch_size}, {base.optimizer.name} lr {base.optimizer.lr}, "
               f"{base.schedule.name} schedule. Machine: {torch.get_num_threads()} CPU threads, torch "
               f"{torch.__version__}. Run directories: `{runs}`"
-              + (f"; every finished run's result and overrides: `{record.path.name}`." if record.path else ".")]
+              + (f"; every finished run's result, overrides and resolved recipe: `{record.path.name}`." if record.path else ".")]
     if ladder.references:
         lines += ["", "Published references (full-length GPU training, for scale):", "", *ladder.references]
     if out is not None:

@@ -290,6 +290,32 @@ def test_the_ladder_benchmark_runs_and_continues_where_it_stopped(tmp_path):
     third = run_cli(base + ["--seeds", "0", "1"], timeout=900)
     assert third.returncode == 0 and "[ladder] " not in third.stdout, third.stderr[-3000:]
     assert all(row.split("|")[7].strip() == "2" for row in out.read_text().splitlines() if row.startswith("| + l"))
+    # The recipe under the ladder changed since a run was recorded (as when recipes/fashion_mnist.yaml
+    # moved to batch 256 under the same overrides): that run is not reported as the new recipe's,
+    # and a rerun trains it again.
+    record = json.loads(out.with_suffix(".json").read_text())
+    changed = next(r for r in record["runs"] if r["rung"] == "02-label-smoothing" and r["seed"] == 1)
+    changed["recipe"]["optimizer.weight_decay"] = 0.01
+    out.with_suffix(".json").write_text(json.dumps(record))
+    table = run_cli(base + ["--seeds", "0", "1", "--table-only"], timeout=300)
+    assert table.returncode == 0, table.stderr[-3000:]
+    assert "02-label-smoothing seed 1: the recorded run was made with another recipe (optimizer.weight_decay: " \
+        "0.01 -> 0.0005); not reported" in table.stderr
+    seeds = {row.split("|")[1].strip(): row.split("|")[7].strip() for row in out.read_text().splitlines()
+             if row.startswith(("| baseline", "| + ", "| mixup"))}
+    assert seeds == {"baseline": "2", "+ label smoothing": "1", "mixup / cutmix": "2"}
+    fourth = run_cli(base + ["--seeds", "0", "1"], timeout=900)
+    assert fourth.returncode == 0, fourth.stderr[-3000:]
+    assert fourth.stdout.count("[ladder] ") == 1 and "[ladder] + label smoothing    seed 1:" in fourth.stdout
+    assert "training it again" in fourth.stderr
+    # A finished run directory of another recipe is refused, not read as this rung's.
+    run_dir = runs / "02-label-smoothing" / "seed1"
+    ran = yaml.safe_load((run_dir / "recipe.yaml").read_text())
+    ran["optimizer"]["lr"] = 0.5
+    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(ran))
+    refused = run_cli(base + ["--seeds", "1", "--rungs", "2"], timeout=300)
+    assert refused.returncode != 0 and "holds a finished run of another recipe" in refused.stderr, refused.stderr[-3000:]
+    assert "optimizer.lr: 0.5 -> " in refused.stderr
 
 
 def test_the_readme_results_are_the_committed_ladder_runs(tmp_path):
@@ -304,6 +330,7 @@ def test_the_readme_results_are_the_committed_ladder_runs(tmp_path):
     def rows(text: str) -> dict[str, list[str]]:
         cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
                  if line.startswith(("| baseline", "| + ", "| mixup", "| EMA"))]
+        assert len({row[0] for row in cells}) == len(cells), "a rung name twice: rows are compared by name"
         return {row[0]: row for row in cells}
 
     regenerated, report = rows((tmp_path / "ladder.md").read_text()), rows(committed.read_text())

@@ -204,13 +204,20 @@ class Record:
     def add(self, rung: str, seed: int, overrides: list[str], recipe: dict, result: dict) -> None:
         if self.path is None:
             return
-        self.runs = [r for r in self.runs if not (r["rung"] == rung and r["seed"] == seed)]
-        self.runs.append({"rung": rung, "seed": seed, "overrides": overrides, "recipe": recipe, "result": result})
-        self.runs.sort(key=lambda r: (r["rung"], r["seed"]))
-        temporary = self.path.with_suffix(".json.tmp")  # written whole, then renamed: a kill keeps the last one
+        import fcntl
+
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        temporary.write_text(json.dumps({"runs": self.runs}, indent=1) + "\n")
-        temporary.replace(self.path)
+        # Under a lock, re-read and merged: two ladders sharing a record (say seeds 0 and 1 side by
+        # side, a process each) each keep the other's runs.
+        with open(self.path.with_suffix(".json.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            on_disk = json.loads(self.path.read_text())["runs"] if self.path.exists() else self.runs
+            self.runs = [r for r in on_disk if not (r["rung"] == rung and r["seed"] == seed)]
+            self.runs.append({"rung": rung, "seed": seed, "overrides": overrides, "recipe": recipe, "result": result})
+            self.runs.sort(key=lambda r: (r["rung"], r["seed"]))
+            temporary = self.path.with_suffix(".json.tmp")  # written whole, then renamed: a kill keeps the last one
+            temporary.write_text(json.dumps({"runs": self.runs}, indent=1) + "\n")
+            temporary.replace(self.path)
 
 
 def result_of(record: Record, run_dir: Path, rung: str, seed: int, overrides: list[str], recipe: dict,

@@ -318,6 +318,20 @@ def test_the_ladder_benchmark_runs_and_continues_where_it_stopped(tmp_path):
     assert "optimizer.lr: 0.5 -> " in refused.stderr
 
 
+def test_two_ladders_sharing_a_record_keep_each_others_runs(tmp_path):
+    """Seeds run side by side in two ladder processes write one record: each addition re-reads it."""
+    from benchmarks.ladder import Record
+
+    path = tmp_path / "ladder.json"
+    first, second = Record(path), Record(path)  # both read before either wrote, as two processes do
+    first.add("00-baseline", 0, ["a"], {"k": 1}, {"top1": 0.5})
+    second.add("00-baseline", 1, ["a"], {"k": 1}, {"top1": 0.6})
+    first.add("01-sam", 0, ["b"], {"k": 2}, {"top1": 0.7})
+    assert {(r["rung"], r["seed"]) for r in Record(path).runs} == {("00-baseline", 0), ("00-baseline", 1), ("01-sam", 0)}
+    assert Record(path).find("00-baseline", 1, ["a"], {"k": 1}) == {"top1": 0.6}
+    assert Record(path).find("00-baseline", 1, ["a"], {"k": 2}) is None  # another recipe
+
+
 def test_the_readme_results_are_the_committed_ladder_runs(tmp_path):
     """README's Results table is the committed ladder report's, and that report is what
     benchmarks/ladder.py makes of the committed record of finished runs (no run directories)."""

@@ -411,6 +411,7 @@ def report(ladder: Ladder, runs: Path, record: Record, rung_numbers: list[int], 
         lines.append(f"| {rung.name} | {rung.adds} | {results[0]['metric']} | {mean_std(top1)} | "
                      f"{mean_std([100 * r['plain_top1'] for r in results])} | {delta} | {len(results)} | {time_cell} | "
                      f"{ratio} |")
+    lines += verdict(ladder, rows)
     lines += ["", "CPU time: the training process's CPU seconds (all its threads); a run stopped and resumed counts its "
               "last sitting only. It is no clean cost measure on a shared machine either (torch's threads spin while "
               "they wait, and caches are shared): runs that shared the machine cost more. For the cost of each trick "
@@ -433,6 +434,22 @@ def report(ladder: Ladder, runs: Path, record: Record, rung_numbers: list[int], 
         lines += ["", f"![top-1 per rung]({out.with_suffix('.png').name})"]
     emit(lines, out)
     return 0
+
+
+def verdict(ladder: Ladder, rows) -> list[str]:
+    """Whether the top of the ladder beats its baseline by more than 2 standard deviations (the
+    larger of the two rungs' standard deviations over seeds), when both have 2 seeds or more."""
+    shown = {rung.name: results for rung, results in rows}
+    top = [r for r in ladder.rungs if not r.alone][-1]
+    base, last = shown.get(ladder.rungs[0].name, []), shown.get(top.name, [])
+    if len(base) < 2 or len(last) < 2:
+        return []
+    a, b = [100 * r["top1"] for r in base], [100 * r["top1"] for r in last]
+    gain, spread = statistics.mean(b) - statistics.mean(a), max(statistics.stdev(a), statistics.stdev(b))
+    beats = gain > 2 * spread
+    return ["", f"The top of the ladder ({top.name}) against the baseline: {gain:+.2f} points, "
+            f"{gain / spread if spread else float('inf'):.1f} standard deviations (the larger of the two rungs', "
+            f"{spread:.2f}): {'more' if beats else 'not more'} than 2 ({len(a)} and {len(b)} seeds)."]
 
 
 def plot(rows, path: Path, title: str) -> None:

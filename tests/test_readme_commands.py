@@ -355,6 +355,11 @@ def test_the_readme_results_are_the_committed_ladder_runs(tmp_path, ladder):
 
     regenerated, report = rows((tmp_path / "ladder.md").read_text()), rows(committed.read_text())
     assert regenerated == report and len(report) == 8
+
+    def verdict(text: str) -> list[str]:  # the top rung against the baseline, in standard deviations
+        return [line for line in text.splitlines() if line.startswith("The top of the ladder (+ TTA)")]
+    assert len(verdict(committed.read_text())) == 1
+    assert verdict((tmp_path / "ladder.md").read_text()) == verdict(committed.read_text())
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("\n## Results\n"):readme.index("\n## ", readme.index("\n## Results\n") + 5)]
     after_link = section[section.index(f"(benchmarks/results/{committed.name})"):]

@@ -53,6 +53,33 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+# Where the suite's CPU goes: on 2 busy cores a test's wall time (--durations) says as much about
+# what ran beside it as about the test. LAUNCHER_TEST_CPU_LOG=FILE appends a JSON line per test: the
+# CPU seconds of the test process and of the subprocesses it waited for (module fixtures count
+# for the first test using them; Slurm jobs run under slurmd and are not counted).
+_CPU_LOG = os.environ.get("LAUNCHER_TEST_CPU_LOG")
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    if not _CPU_LOG:
+        yield
+        return
+    import resource
+    import time
+
+    def cpu() -> tuple[float, float]:
+        own, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+        return own.ru_utime + own.ru_stime, children.ru_utime + children.ru_stime
+
+    (own, children), start = cpu(), time.perf_counter()
+    yield
+    (own_after, children_after), wall = cpu(), time.perf_counter() - start
+    with open(_CPU_LOG, "a") as log:
+        log.write(json.dumps({"test": item.nodeid, "own_cpu": round(own_after - own, 1),
+                              "children_cpu": round(children_after - children, 1), "wall": round(wall, 1)}) + "\n")
+
+
 def write_shards(out: Path, *args: str) -> dict:
     from launcher.shards import main
 

@@ -360,6 +360,13 @@ def test_the_readme_results_are_the_committed_ladder_runs(tmp_path, ladder):
         return [line for line in text.splitlines() if line.startswith("The top of the ladder (+ TTA)")]
     assert len(verdict(committed.read_text())) == 1
     assert verdict((tmp_path / "ladder.md").read_text()) == verdict(committed.read_text())
+    # ... and it says what the table's numbers say: the gain is the top rung's column, the spread
+    # the larger of the two rungs' standard deviations, "more" exactly when gain > 2 x spread.
+    gain, spread, more = re.search(r"against the baseline: ([-+]\d+\.\d+) points, .* rungs', (\d+\.\d+)\): "
+                                   r"(more|not more) than 2", verdict(committed.read_text())[0]).groups()
+    assert gain == report["+ TTA"][5]
+    assert float(spread) == max(float(report[name][3].split("± ")[1]) for name in ("baseline", "+ TTA"))
+    assert (more == "more") == (float(gain) > 2 * float(spread))
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("\n## Results\n"):readme.index("\n## ", readme.index("\n## Results\n") + 5)]
     after_link = section[section.index(f"(benchmarks/results/{committed.name})"):]

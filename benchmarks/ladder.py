@@ -176,30 +176,20 @@ def run_result(run_dir: Path) -> dict | None:
 
 # Where a run's files are and how it is shown: not what decides its result.
 NOT_THE_RESULT = ("seed", "run.", "data.train", "data.val")
-# Ops whose batches are bit-identical on both augmentation paths (tests/test_augment.py): with only
-# these, data.augment_on does not decide the result either (rotation, colour, resized crops and the
-# policies resample or draw differently on the device: there it does).
-SAME_ON_BOTH_PATHS = {"crop_padding", "hflip", "random_erasing", "scale", "ratio"}
 
 
 def what_ran(recipe) -> dict:
     """A resolved recipe's settings that decide a run's result, flattened to dotted keys, values
     off their defaults only: a key added to the schema later (with a default that keeps what runs
     did) leaves old records valid; any change of what a run does makes a different dict."""
+    from launcher.data.augment import SAME_ON_BOTH_PATHS
+    from launcher.recipe import flatten
     from launcher.registry import parse_options
 
     tree = recipe.model_dump(mode="json", exclude_defaults=True)
     tree["plugins"] = {name: parse_options(name, options).model_dump(mode="json", exclude_defaults=True)
                        for name, options in recipe.plugins.items()}
-    flat: dict = {}
-
-    def walk(node: dict, prefix: str) -> None:
-        for key, value in node.items():
-            if isinstance(value, dict) and value:
-                walk(value, f"{prefix}{key}.")
-            else:  # an empty dict stays: a plugin on with all its defaults
-                flat[f"{prefix}{key}"] = value
-    walk(tree, "")
+    flat = flatten(tree)
     ops = {key.split(".")[2] for key in flat if key.startswith("data.augment.")}
     ignored = NOT_THE_RESULT + (("data.augment_on",) if ops <= SAME_ON_BOTH_PATHS else ())
     return {k: v for k, v in sorted(flat.items()) if not any(k == n or k.startswith(n) for n in ignored)}

@@ -396,6 +396,18 @@ def schema_default(dotted: str) -> Any:
     return MISSING
 
 
+def flatten(tree: dict, prefix: str = "") -> dict:
+    """A nested recipe dict as dotted keys ({"data": {"batch_size": 8}} -> {"data.batch_size": 8});
+    an empty dict stays a value (a plugin on with all its defaults)."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 # ---------------------------------------------------------------- overrides
 
 

@@ -66,7 +66,7 @@ from pydantic import Field
 
 from launcher.errors import LauncherError
 from launcher.lazy import lazy
-from launcher.recipe import MISSING, schema_default
+from launcher.recipe import MISSING, flatten, schema_default
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import atomic_write_text, checkpoints_dir, file_sha256, strict_json
 
@@ -84,16 +84,6 @@ SAFE_TO_CHANGE = ("train.epochs", "train.max_steps", "train.eval_every", "run.",
                   "data.cache_dir", "data.cache_limit", "data.prefetch_shards", "data.s3_endpoint", "data.fetch_",
                   "data.eval_batch_size", "data.batch_size", "data.train", "data.val",
                   "plugins.checkpoint.", "plugins.wandb.")
-
-
-def _flatten(tree: dict, prefix: str = "") -> dict:
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and value:
-            out.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = value
-    return out
 
 
 def _plugin_defaults_filled(recipe: dict) -> dict:
@@ -116,7 +106,7 @@ def recipe_differences(saved: dict, current: dict) -> list[str]:
     """Keys whose values differ, except those declared safe to change. A key the saved recipe
     lacks (its launcher predates the key) counts as having its default: an upgrade mid-run
     resumes unless the recipe moves a new key off its default."""
-    a, b = _flatten(_plugin_defaults_filled(saved)), _flatten(current)
+    a, b = flatten(_plugin_defaults_filled(saved)), flatten(current)
     for key in b.keys() - a.keys():
         default = schema_default(key)
         if default is not MISSING:

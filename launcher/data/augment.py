@@ -56,6 +56,13 @@ BATCHED_OPS = ("random_resized_crop", "crop_padding", "hflip", "rotation", "colo
 # size, and a batch of them exists only after the per-sample crop.
 LOADER_BY_DEFAULT = ("random_resized_crop",)
 
+# The data.augment keys that make the same experiment on both paths: their parameters are drawn
+# from the same distributions (exactly: uniform offsets, flips and rectangles) and, given the same
+# parameters, the batched ops equal the per-sample ones bit for bit (tests/test_augment.py); only the
+# draws themselves differ. The resized crop's options do nothing without it. The resampling ops and
+# the policies round or draw differently on the device (within a grey level, or in distribution).
+SAME_ON_BOTH_PATHS = frozenset({"crop_padding", "hflip", "random_erasing", "scale", "ratio"})
+
 _M64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 
 

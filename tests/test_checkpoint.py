@@ -367,8 +367,16 @@ def test_the_run_directory_lock_sees_a_rank_of_another_launch_and_dies_with_it(t
 def test_a_checkpoint_written_by_an_earlier_version_resumes(digits, tmp_path):
     """tests/fixtures/checkpoint_format2 was written by an earlier launcher (see its script): steps 10
     and 20 of one run. Today's code resumes from step 10 and reaches the state it had at step 20:
-    weights, optimizer momentum, the EMA plugin's weights, progress and logged rows. Compared with a
-    tolerance, not bit for bit: the fixture may come from another CPU, whose kernels round apart."""
+    weights, optimizer momentum, the EMA plugin's weights, progress and logged rows.
+
+    Not bit for bit: the fixture comes from another CPU, whose kernels round apart by ~1e-7, and ten
+    steps of training amplify that (measured on a Xeon against the fixture's CPU: up to 1.1e-4 in the
+    stem, 0.3% of what those ten steps changed; resumed from a step 10 written on the same CPU, the
+    result is bit-identical; momentum buffers, being gradients, moved furthest: 2.3%). So each tensor
+    must land within 5% of its own change over the ten steps: a state read wrongly misses by far more
+    (checked on the fixture: momentum zeroed at step 10, the worst tensor misses by 143%; the EMA
+    restarted from the weights, 42%). Accuracies may differ by a sample or two of the 360 (a logit
+    near a tie: seen, 0.6000 vs 0.6028)."""
     import shutil
 
     import yaml
@@ -391,28 +399,44 @@ def test_a_checkpoint_written_by_an_earlier_version_resumes(digits, tmp_path):
     for key in ("step", "epoch", "step_in_epoch", "last_eval_step", "metrics_rows", "streams", "global_batch"):
         assert new_meta[key] == old_meta[key], key
 
-    def close(a, b, what):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-5), f"{what}: {(a - b).abs().max()}"
+    start = OUT / "step-00000010"
 
-    new_w, old_w = load_file(new / "model.safetensors"), load_file(old / "model.safetensors")
+    def close(resumed, reference, at_start, what):
+        """resumed within 5% of how far the old run moved this tensor in the ten steps (floor 1e-6)."""
+        resumed, reference, at_start = resumed.float(), reference.float(), at_start.float()
+        moved = (reference - at_start).abs().max().item()
+        missed = (resumed - reference).abs().max().item()
+        assert missed <= max(0.05 * moved, 1e-6), f"{what}: missed by {missed:.2e}, the ten steps moved it {moved:.2e}"
+
+    new_w, old_w, start_w = (load_file(f / "model.safetensors") for f in (new, old, start))
     assert new_w.keys() == old_w.keys()
     for key in new_w:
-        close(new_w[key], old_w[key], key)
-    new_t, old_t = (torch.load(f / "trainer.pt", weights_only=True) for f in (new, old))
-    momentum = [(s["momentum_buffer"], t["momentum_buffer"])
-                for s, t in zip(new_t["optimizer"]["state"].values(), old_t["optimizer"]["state"].values())]
-    assert momentum and len(momentum) == len(old_t["optimizer"]["state"])
-    for i, (a, b) in enumerate(momentum):
-        close(a, b, f"momentum {i}")
+        close(new_w[key], old_w[key], start_w[key], key)
+    new_t, old_t, start_t = (torch.load(f / "trainer.pt", weights_only=True) for f in (new, old, start))
+
+    def momentum(trainer):
+        return [s["momentum_buffer"] for s in trainer["optimizer"]["state"].values()]
+
+    assert momentum(new_t) and len(momentum(new_t)) == len(momentum(old_t)) == len(momentum(start_t))
+    for i, tensors in enumerate(zip(momentum(new_t), momentum(old_t), momentum(start_t))):
+        close(*tensors, f"momentum {i}")
     assert new_t["plugins"].keys() == old_t["plugins"].keys()
-    ema_new, ema_old = new_t["plugins"]["ema"], old_t["plugins"]["ema"]
+    ema_new, ema_old, ema_start = (t["plugins"]["ema"] for t in (new_t, old_t, start_t))
+    compared = 0
     for key, value in ema_old.items():
         if isinstance(value, dict):
             for k, v in value.items():
-                close(ema_new[key][k], v, f"ema {k}")
+                if v.dtype.is_floating_point:
+                    close(ema_new[key][k], v, ema_start[key][k], f"ema {k}")
+                    compared += 1
+    assert compared
     logged = [json.loads(r) for r in (run / "metrics.jsonl").read_text().splitlines()]
     expected = [json.loads(r) for r in rows]
     assert [r["step"] for r in logged[: len(expected)]] == [r["step"] for r in expected]
     for a, b in zip(logged, expected):
         for key, value in b.items():
-            assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)
+            if key.endswith(("/top1", "/top5")):  # a fraction of the eval samples: two may flip
+                tolerance = 2 / b[key.rsplit("/", 1)[0] + "/samples"]
+                assert a[key] == pytest.approx(value, abs=tolerance), (a["step"], key)
+            else:
+                assert a[key] == pytest.approx(value, rel=1e-4, abs=1e-6), (a["step"], key)

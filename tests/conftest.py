@@ -102,6 +102,13 @@ def digits_png(tmp_path_factory) -> dict:
 TIMING_FIELDS = ("time", "train/samples_per_s")
 
 
+def written_lines(path: Path) -> list[str]:
+    """The lines a running writer has finished: a line being appended can be read half-written (a
+    reader sees each page of a write() as it is copied; seen once, cut after 108 characters)."""
+    text = path.read_text() if path.exists() else ""
+    return text[: text.rfind("\n") + 1].splitlines()
+
+
 def metric_rows(run_dir: Path) -> list[dict]:
     """metrics.jsonl without the timing fields: what two runs of the same training share exactly."""
     rows = [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]

@@ -18,7 +18,7 @@ import pytest
 import torch
 import yaml
 
-from tests.conftest import REPO, accelerate_cmd, metric_rows, run_cli, small_recipe
+from tests.conftest import REPO, accelerate_cmd, metric_rows, run_cli, small_recipe, written_lines
 
 pytestmark = pytest.mark.slow
 
@@ -128,8 +128,7 @@ def test_sigkill_at_several_moments_then_relaunch_gives_the_same_model(digits, t
     kill(proc)
     # 4. at the start of the second epoch
     proc = start(cmd, log)
-    assert wait_for(lambda: any(json.loads(x)["epoch"] == 1
-                                for x in (run / "ids-rank0.jsonl").read_text().splitlines()), proc)
+    assert wait_for(lambda: any(json.loads(x)["epoch"] == 1 for x in written_lines(run / "ids-rank0.jsonl")), proc)
     kill(proc)
     finish(cmd, log)
     assert "resumed from" in log.read_text()
@@ -156,8 +155,7 @@ def status(run: Path) -> dict:
 
 
 def steps_done(run: Path) -> int:
-    path = run / "ids-rank0.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
+    return len(written_lines(run / "ids-rank0.jsonl"))
 
 
 # Ctrl-C in a terminal signals the whole foreground process group: the launcher and its loader workers.

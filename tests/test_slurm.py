@@ -20,6 +20,7 @@ import os
 import re
 import subprocess
 import sys
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from concurrent.futures import wait as futures_wait
@@ -28,7 +29,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.conftest import REPO, accelerate_cmd, metric_rows, run_cli, small_recipe
+from tests.conftest import REPO, accelerate_cmd, metric_rows, run_cli, small_recipe, written_lines
 
 pytestmark = pytest.mark.slow
 SNAPSHOT = REPO / "tests" / "snapshots" / "slurm_dry_run.sbatch"
@@ -90,8 +91,7 @@ def wait_done(job_id: str, timeout: float = 400) -> dict:
 
 
 def trained_steps(run_dir: Path) -> int:
-    rows = (run_dir / "metrics.jsonl").read_text().splitlines() if (run_dir / "metrics.jsonl").exists() else []
-    return max((json.loads(r)["step"] for r in rows), default=0)
+    return max((json.loads(r)["step"] for r in written_lines(run_dir / "metrics.jsonl")), default=0)
 
 
 def weights(run_dir: Path) -> bytes:
@@ -113,13 +113,16 @@ def on_two_nodes_and_locally(recipe: Path, tmp: Path, minutes: str) -> None:
     assert state["JobState"] == "COMPLETED", logs(tmp / "slurm_run")
 
 
-def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt) -> Path:
+def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt, interrupted: threading.Event) -> Path:
     run_dir = tmp / name
     # A grace far longer than the signal path needs; the limit itself is far away until a test shortens it.
     job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", "--grace", "600", f"run.dir={run_dir}",
                           env=PACE)
     assert job_id, proc.stderr
-    wait_for(lambda: trained_steps(run_dir) >= 100, 400, "training to reach step 100")
+    try:
+        wait_for(lambda: trained_steps(run_dir) >= 100, 400, "training to reach step 100")
+    finally:
+        interrupted.set()
     interrupt(job_id)
     # The job checkpoints, requeues itself and waits until its old credential expires
     # (cred_expire, 10 s on the test cluster; forcing an earlier start fails the job:
@@ -152,13 +155,16 @@ def shorten_time_limit(job_id: str) -> None:
     subprocess.run(["scontrol", "update", f"JobId={job_id}", f"TimeLimit={minutes}"], check=True)
 
 
-def cancelled_for_good(tmp: Path, recipe: Path) -> Path:
+def cancelled_for_good(tmp: Path, recipe: Path, interrupted: threading.Event) -> Path:
     """`launcher.slurm cancel` (scancel: SIGTERM to the batch shell and the steps) checkpoints and
     ends the job; it must not requeue itself as it does on the time-limit warning."""
     run_dir = tmp / "cancelled"
     job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", f"run.dir={run_dir}", env=PACE)
     assert job_id, proc.stderr
-    wait_for(lambda: trained_steps(run_dir) >= 100, 400, "training to reach step 100")
+    try:
+        wait_for(lambda: trained_steps(run_dir) >= 100, 400, "training to reach step 100")
+    finally:
+        interrupted.set()
     cancel = run_cli([sys.executable, "-m", "launcher.slurm", "cancel", str(run_dir)])
     assert cancel.returncode == 0 and f"cancelled job {job_id} (RUNNING)" in cancel.stdout, cancel.stderr
     wait_done(job_id)
@@ -182,14 +188,27 @@ def slurm_runs(cluster, digits, tmp_path_factory):
                         distributed={"strategy": "deepspeed", "zero_stage": 3})
     (tmp / "fsdp").mkdir()
     fsdp = recipe_file(digits, tmp / "fsdp", "fsdp", epochs=2, distributed={"strategy": "fsdp"})
+    # The interrupted scenarios must reach step 100 within their wait; the others start only once
+    # they have (or have failed to): 18 ranks starting at once on 2 cores took CI past 400 s.
+    interrupted = {name: threading.Event() for name in ("time_limit", "scancel", "cancel")}
+
+    def after_the_interruptions(scenario):
+        def run():
+            for event in interrupted.values():
+                event.wait(450)
+            return scenario()
+        return run
+
     scenarios = {
-        "reference": lambda: on_two_nodes_and_locally(recipe, tmp, "30"),
-        "time_limit": lambda: interrupted_then_resumed(tmp, recipe, "time_limit", shorten_time_limit),
+        "time_limit": lambda: interrupted_then_resumed(tmp, recipe, "time_limit", shorten_time_limit,
+                                                       interrupted["time_limit"]),
         "scancel": lambda: interrupted_then_resumed(
-            tmp, recipe, "scancel", lambda job_id: subprocess.run(["scancel", "--signal=USR1", job_id], check=True)),
-        "cancel": lambda: cancelled_for_good(tmp, recipe),
-        "zero3": lambda: on_two_nodes_and_locally(zero3, tmp / "zero3", "30"),
-        "fsdp": lambda: on_two_nodes_and_locally(fsdp, tmp / "fsdp", "30"),
+            tmp, recipe, "scancel", lambda job_id: subprocess.run(["scancel", "--signal=USR1", job_id], check=True),
+            interrupted["scancel"]),
+        "cancel": lambda: cancelled_for_good(tmp, recipe, interrupted["cancel"]),
+        "reference": after_the_interruptions(lambda: on_two_nodes_and_locally(recipe, tmp, "30")),
+        "zero3": after_the_interruptions(lambda: on_two_nodes_and_locally(zero3, tmp / "zero3", "30")),
+        "fsdp": after_the_interruptions(lambda: on_two_nodes_and_locally(fsdp, tmp / "fsdp", "30")),
     }
     with ThreadPoolExecutor(len(scenarios)) as pool:
         runs = {name: pool.submit(scenario) for name, scenario in scenarios.items()}

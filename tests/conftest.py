@@ -10,8 +10,15 @@ import subprocess
 import sys
 from pathlib import Path
 
-import pytest
-import torch
+# One intra-op thread per process, set before torch is imported (subprocesses and Slurm jobs inherit
+# it): `make test` runs 2 xdist workers, and their ranks, on 2 cores, and torch's default of one
+# thread per core oversubscribes them, OpenMP's spin-waiting burning the core the other process
+# needs. Measured: the same 5 resume tests in 2 parallel pytest processes took 209 s each with
+# the default, 36 s with OMP_NUM_THREADS=1. A value set by the caller is kept.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 # Subprocess runs must find the test-only plugins (tests/recorder_plugin.py).

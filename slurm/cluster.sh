@@ -13,7 +13,8 @@ set -euo pipefail
 
 DIR=${SLURM_TEST_DIR:-/tmp/launcher-slurm}
 CONF=/etc/slurm/slurm.conf
-CPUS=${SLURM_TEST_CPUS:-$(nproc)}
+# The machine's processors: not `nproc`, which gives OMP_NUM_THREADS when that is set (the tests set 1)
+CPUS=${SLURM_TEST_CPUS:-$(getconf _NPROCESSORS_ONLN)}
 
 log() { echo "[cluster] $*" >&2; }
 

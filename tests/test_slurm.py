@@ -113,16 +113,21 @@ def on_two_nodes_and_locally(recipe: Path, tmp: Path, minutes: str) -> None:
     assert state["JobState"] == "COMPLETED", logs(tmp / "slurm_run")
 
 
+def reach_step_100(run_dir: Path, reached: threading.Event) -> None:
+    """Wait for the run to train 100 steps; then (or on failing to) let the waiting scenarios start."""
+    try:
+        wait_for(lambda: trained_steps(run_dir) >= 100, 400, "training to reach step 100")
+    finally:
+        reached.set()
+
+
 def interrupted_then_resumed(tmp: Path, recipe: Path, name: str, interrupt, interrupted: threading.Event) -> Path:
     run_dir = tmp / name
     # A grace far longer than the signal path needs; the limit itself is far away until a test shortens it.
     job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", "--grace", "600", f"run.dir={run_dir}",
                           env=PACE)
     assert job_id, proc.stderr
-    try:
-        wait_for(lambda: trained_steps(run_dir) >= 100, 400, "training to reach step 100")
-    finally:
-        interrupted.set()
+    reach_step_100(run_dir, interrupted)
     interrupt(job_id)
     # The job checkpoints, requeues itself and waits until its old credential expires
     # (cred_expire, 10 s on the test cluster; forcing an earlier start fails the job:
@@ -161,10 +166,7 @@ def cancelled_for_good(tmp: Path, recipe: Path, interrupted: threading.Event) ->
     run_dir = tmp / "cancelled"
     job_id, proc = submit(str(recipe), "--nodes", "2", "--time", "30", f"run.dir={run_dir}", env=PACE)
     assert job_id, proc.stderr
-    try:
-        wait_for(lambda: trained_steps(run_dir) >= 100, 400, "training to reach step 100")
-    finally:
-        interrupted.set()
+    reach_step_100(run_dir, interrupted)
     cancel = run_cli([sys.executable, "-m", "launcher.slurm", "cancel", str(run_dir)])
     assert cancel.returncode == 0 and f"cancelled job {job_id} (RUNNING)" in cancel.stdout, cancel.stderr
     wait_done(job_id)

@@ -21,7 +21,8 @@ The last column is the speed-up of the batched path over today's per-sample path
 Then end to end (--train-steps, 0 to skip): training samples/s of the launcher (one process, no
 loader worker, crop 2 + flip, wrn10_2 at 28x28, batch 128) with augmentation in the loader and
 on the device, against a plain loop over in-memory uint8 batches that applies the same batched
-ops (same model, optimizer, batch); medians of the steps after a warm-up.
+ops (same model, optimizer, batch); medians of the steps after a warm-up, the three loops run in
+turn --train-repeats times.
 """
 
 from __future__ import annotations
@@ -143,8 +144,9 @@ def launcher_device(images: torch.Tensor, augment: dict, batch: int) -> float:
     return len(images) / (time.perf_counter() - start)
 
 
-def end_to_end(steps: int, warmup: int, workdir: Path) -> dict[str, float]:
-    """Samples/s: launcher (loader path, device path) and a plain loop on in-memory batches."""
+def end_to_end(steps: int, warmup: int, repeats: int, workdir: Path) -> dict[str, list[float]]:
+    """Samples/s of each repeat: launcher (loader path, device path) and a plain loop on in-memory
+    batches."""
     import benchmarks.loop_overhead  # noqa: F401  (registers the bench_step_timer plugin)
     from launcher.data import index_shards, decode_image
     from launcher.data.augment import BatchAugment
@@ -200,7 +202,14 @@ def end_to_end(steps: int, warmup: int, workdir: Path) -> dict[str, float]:
         return batch / statistics.median(times[warmup:])
 
     launcher_rate("device")  # a discarded first run: allocator and cache warm-up
-    return {"plain": plain_rate(), "device": launcher_rate("device"), "loader": launcher_rate("loader")}
+    # alternating repeats: this VM's speed drifts by 10% within minutes, so one run of each (in a
+    # row) can put that drift between them
+    rates: dict[str, list[float]] = {"plain": [], "device": [], "loader": []}
+    for _ in range(repeats):
+        rates["plain"].append(plain_rate())
+        rates["device"].append(launcher_rate("device"))
+        rates["loader"].append(launcher_rate("loader"))
+    return rates
 
 
 def main(argv=None) -> int:
@@ -210,6 +219,7 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--train-steps", type=int, default=40, help="end-to-end steps per run (0: skip)")
     parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--train-repeats", type=int, default=5, help="alternating end-to-end runs of each loop")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args(argv)
     threads = torch.get_num_threads()
@@ -237,14 +247,19 @@ def main(argv=None) -> int:
         import tempfile
 
         torch.set_num_threads(threads)
-        rates = end_to_end(args.train_steps, min(args.warmup, args.train_steps - 1), Path(tempfile.mkdtemp()))
+        rates = end_to_end(args.train_steps, min(args.warmup, args.train_steps - 1), args.train_repeats,
+                           Path(tempfile.mkdtemp()))
         lines += ["", f"## End to end: training samples/s ({threads} threads, wrn10_2, 28x28, batch 128, crop 2 + "
-                  f"flip, {args.train_steps} steps, medians after {args.warmup})", "",
-                  "| loop | samples/s | / plain loop |", "|---|---|---|"]
+                  f"flip, {args.train_steps} steps, medians after {args.warmup}; {args.train_repeats} alternating "
+                  "runs of each loop)", "",
+                  "| loop | samples/s, median run | / plain loop, each run | / plain loop |", "|---|---|---|---|"]
+        plain = statistics.median(rates["plain"])
         for key, label in (("plain", "plain loop, in-memory uint8 batches + the batched ops"),
                            ("device", "launcher, data.augment_on: device"),
                            ("loader", "launcher, data.augment_on: loader (per sample)")):
-            lines.append(f"| {label} | {rates[key]:,.0f} | {rates[key] / rates['plain']:.2f} |")
+            each = ", ".join(f"{rate / base:.2f}" for rate, base in zip(rates[key], rates["plain"]))
+            median = statistics.median(rates[key])
+            lines.append(f"| {label} | {median:,.0f} | {each} | {median / plain:.2f} |")
     emit(lines, args.out)
     return 0
 

@@ -15,7 +15,7 @@ import torch
 from torchvision.transforms.v2 import functional as F
 
 from launcher.data import EpochPlan, TrainStream, batches, index_shards, on_device
-from launcher.data.augment import BatchAugment, pixel_normals, sample_keys
+from launcher.data.augment import BatchAugment, erase_by_copies, erase_by_mask, pixel_normals, sample_keys
 from launcher.errors import LauncherError
 from launcher.recipe import AugmentSection, validate_recipe
 from launcher.transforms import ImageTransform
@@ -56,6 +56,22 @@ def test_batched_ops_equal_the_per_sample_ops_bit_for_bit_given_the_same_paramet
     # channels_last batches (CUDA runs with amp) come back channels_last, with the same values
     nhwc = batched.apply(images.contiguous(memory_format=torch.channels_last), params)
     assert nhwc.is_contiguous(memory_format=torch.channels_last) and torch.equal(nhwc, expected)
+
+
+@pytest.mark.parametrize("channels, size, n", [(3, 32, 64), (3, 600, 3)])  # 600 px: larger than the noise table
+def test_erasing_by_copies_on_the_cpu_equals_the_mask_that_cuda_uses(channels, size, n):
+    """The CPU copies each rectangle from its noise window; CUDA blends the windows in under one
+    mask. The test above checks the CPU's against timm's assignment; this one checks CUDA's against
+    the CPU's, both run here."""
+    batched = BatchAugment(AugmentSection(random_erasing=1.0), size, MEAN[:channels], STD[:channels])
+    params = batched.params(sample_keys(5, 1, np.arange(n)), size, size)
+    chosen = params["erase"][:, 0].nonzero().squeeze(1)
+    assert len(chosen) == n  # every sample erased
+    rectangles, keys = params["erase"][chosen, 1:], params["key"][chosen]
+    images = torch.randn(n, channels, size, size, generator=torch.Generator().manual_seed(1))
+    by_copies = erase_by_copies(images.clone(), chosen, rectangles, keys)
+    assert torch.equal(by_copies, erase_by_mask(images.clone(), chosen, rectangles, keys))
+    assert (by_copies != images).sum() > 0.01 * images.numel()
 
 
 def test_parameters_are_distributed_as_torchvisions_and_timms_draws():

@@ -245,7 +245,8 @@ def test_the_imagenet_loader_benchmark_runs(tmp_path):
 
 def test_the_augment_speed_benchmark_runs(tmp_path):
     result = run_cli(command("python benchmarks/augment_speed.py") + [
-        "--samples", "256", "--repeats", "1", "--train-steps", "3", "--warmup", "1", "--out", str(tmp_path / "a.md")])
+        "--samples", "256", "--repeats", "1", "--train-steps", "3", "--warmup", "1", "--train-repeats", "1",
+        "--out", str(tmp_path / "a.md")])
     assert result.returncode == 0, result.stderr[-3000:]
     lines = (tmp_path / "a.md").read_text().splitlines()
     rows = [line for line in lines if line.endswith("x |")]  # one per recipe: crop+flip ... resized crop

@@ -281,17 +281,41 @@ class BatchAugment:
         sample's from its own window of the noise table."""
         if not bool(erase[:, 0].any()):
             return out
-        n, c, h, w = out.shape
-        device = out.device
         chosen = erase[:, 0].nonzero().squeeze(1)  # the erased samples only
-        top, left, eh, ew = erase.index_select(0, chosen)[:, 1:, None].unbind(1)
-        ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
-        inside = ((ys >= top) & (ys < top + eh))[:, None, :, None] & ((xs >= left) & (xs < left + ew))[:, None, None, :]
-        # each window copied whole from the table's sliding view (index_select: a copy a row), and
-        # blended in with one where: cheaper than computing each erased pixel's table position
-        noise = _noise_windows(key.index_select(0, chosen), c * h * w).view(-1, c, h, w)
-        erased = out.index_select(0, chosen)
-        return out.index_copy_(0, chosen, torch.where(inside, noise, erased, out=erased))
+        rectangles, keys = erase.index_select(0, chosen)[:, 1:], key.index_select(0, chosen)
+        if out.device.type == "cpu":
+            return erase_by_copies(out, chosen, rectangles, keys)
+        return erase_by_mask(out, chosen, rectangles, keys)
+
+
+def erase_by_mask(out: torch.Tensor, chosen: torch.Tensor, rectangles: torch.Tensor, keys: torch.Tensor):
+    """Erasing on CUDA: the chosen samples' noise windows blended in under one mask, a dozen
+    kernels whatever the batch (a copy a rectangle would be a launch a sample)."""
+    n, c, h, w = out.shape
+    device = out.device
+    top, left, eh, ew = rectangles[:, :, None].unbind(1)
+    ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
+    inside = ((ys >= top) & (ys < top + eh))[:, None, :, None] & ((xs >= left) & (xs < left + ew))[:, None, None, :]
+    # each window copied whole from the table's sliding view (index_select: a copy a row), and
+    # blended in with one where: cheaper than computing each erased pixel's table position
+    noise = _noise_windows(keys, c * h * w).view(-1, c, h, w)
+    erased = out.index_select(0, chosen)
+    return out.index_copy_(0, chosen, torch.where(inside, noise, erased, out=erased))
+
+
+def erase_by_copies(out: torch.Tensor, chosen: torch.Tensor, rectangles: torch.Tensor, keys: torch.Tensor):
+    """Erasing on the CPU: each rectangle copied from the same place in its sample's noise window,
+    a strided view of each (the same values as erase_by_mask). It touches only the erased pixels:
+    2.8 against 5.8 us a sample for the mask (32 px, batch 128, p 0.5, one core)."""
+    n, c, h, w = out.shape
+    length = c * h * w
+    table, offsets = _noise_offsets(keys, length)
+    pixels, noise = out.view(-1), table.view(-1)  # out: contiguous (the normalised copy)
+    for i, (top, left, eh, ew), start in zip(chosen.tolist(), rectangles.tolist(), offsets.tolist()):
+        corner = top * w + left
+        pixels.as_strided((c, eh, ew), (h * w, w, 1), i * length + corner).copy_(
+            noise.as_strided((c, eh, ew), (h * w, w, 1), start + corner))
+    return out
 
 
 def resized_crops(images: torch.Tensor, boxes: torch.Tensor, size: int) -> torch.Tensor:
@@ -418,13 +442,18 @@ def _noise_table(device) -> torch.Tensor:
     return table
 
 
-def _noise_windows(keys: torch.Tensor, length: int) -> torch.Tensor:
-    """(len(keys), length): each key's window of the table, from an offset hashed from the key (an
-    image larger than the table: the table repeated)."""
+def _noise_offsets(keys: torch.Tensor, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The noise table (repeated for an image larger than it) and where each key's window of
+    length values starts in it, hashed from the key."""
     table = _noise_table(keys.device)
     if length > _NOISE_SIZE:
         table = table.repeat(-(-length // _NOISE_SIZE) + 1)
-    offsets = _hash32(keys & _M32) % (min(_NOISE_SIZE, len(table) - length) + 1)
+    return table, _hash32(keys & _M32) % (min(_NOISE_SIZE, len(table) - length) + 1)
+
+
+def _noise_windows(keys: torch.Tensor, length: int) -> torch.Tensor:
+    """(len(keys), length): each key's window of the table."""
+    table, offsets = _noise_offsets(keys, length)
     return table.unfold(0, length, 1).index_select(0, offsets)
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import pickle
+import sys
 import tarfile
 from pathlib import Path
 
@@ -792,3 +793,18 @@ def test_the_index_command_on_hostile_shards(tmp_path, capsys):
         err = capsys.readouterr().err
         assert f"shard '{folder / name}' {message}" in err and "Traceback" not in err
         assert not (folder / f"{name}.index.npz").exists()
+
+
+@pytest.mark.parametrize("workers", ["per-pass", "persistent"])
+def test_loader_workers_never_finalise_the_training_process_garbage(digits, tmp_path, workers):
+    """A loader worker is a fork: its collections must not run the finalisers of the training
+    process's garbage. A gloo process group's destructor there waits for threads that exist only in
+    the parent (a worker hung, or aborted with std::system_error). Workers fork with the parent's
+    objects frozen (gc.freeze)."""
+    from tests.conftest import run_cli
+
+    recipe = small_recipe(digits, tmp_path)
+    result = run_cli([sys.executable, str(REPO / "tests" / "fork_garbage.py"), json.dumps(recipe), workers],
+                     timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.split() == ["steps", str(len(_stream_batches(digits, tmp_path, 0)))]

@@ -27,6 +27,7 @@ Equivalence on the CPU (gloo), with the tolerances and why:
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import signal
@@ -732,6 +733,7 @@ def one_rank_fsdp(digits):
     yield make
     if dist.is_initialized():
         dist.destroy_process_group()
+    gc.collect()  # the FSDP modules' cycles hold the groups: free them here, where their threads run
 
 
 def _trained_against_a_plain_copy(strategy, model, steps=3, bf16=False):

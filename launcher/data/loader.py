@@ -6,6 +6,7 @@ however a pass ends.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import random
 import sys
 import weakref
@@ -35,8 +36,9 @@ def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False,
     elif workers is not None and cache is None:
         iterator = workers.iterate(stream)
     else:
-        iterator = loader = iter(DataLoader(stream, batch_size=None, num_workers=num_workers,
-                                            pin_memory=pin_memory, prefetch_factor=2, worker_init_fn=_prepare_worker))
+        with _forking_workers():
+            iterator = loader = iter(DataLoader(stream, batch_size=None, num_workers=num_workers, pin_memory=pin_memory,
+                                                prefetch_factor=2, worker_init_fn=_prepare_worker))
         _running_loaders.add(loader)
     if cache is not None:
         cache.start()  # after the workers are forked: no fetch thread is copied into them
@@ -82,7 +84,8 @@ class PersistentWorkers:
         self.job.copy_(torch.tensor(stream.job(), dtype=torch.int64))
         # The first iter() forks the workers; later ones restart them (torch drops the batches a
         # cut-short pass had prefetched) and they read the new job.
-        self.iterator = iter(self.loader)
+        with _forking_workers():
+            self.iterator = iter(self.loader)
         _running_loaders.add(self.iterator)
         return self.iterator
 
@@ -170,6 +173,24 @@ def _stop_workers(loader) -> None:
 def _stop_leftover_workers() -> None:
     for loader in list(_running_loaders):
         _stop_workers(loader)
+
+
+@contextlib.contextmanager
+def _forking_workers():
+    """Fork the loader workers with every object of this process frozen (gc.freeze, as Python's
+    docs advise before a fork without exec): a worker's garbage collection then never finalises
+    this process's garbage, whose C++ side may own threads that exist only here. Seen: a
+    torch.distributed gloo process group left in a reference cycle (a one-process FSDP run that
+    destroyed its group) was collected in a worker, and its destructor deadlocked it or aborted it
+    (std::system_error, Invalid argument). Frozen objects are also not written to by the worker's
+    collections, so their pages stay shared. This process unfreezes them once the workers exist."""
+    import gc
+
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _prepare_worker(worker_id: int) -> None:

@@ -306,7 +306,7 @@ def erase_by_mask(out: torch.Tensor, chosen: torch.Tensor, rectangles: torch.Ten
 def erase_by_copies(out: torch.Tensor, chosen: torch.Tensor, rectangles: torch.Tensor, keys: torch.Tensor):
     """Erasing on the CPU: each rectangle copied from the same place in its sample's noise window,
     a strided view of each (the same values as erase_by_mask). It touches only the erased pixels:
-    2.8 against 5.8 us a sample for the mask (32 px, batch 128, p 0.5, one core)."""
+    3.2 against 6.8 us a sample for the mask (32 px, batch 128, p 0.5, one core)."""
     n, c, h, w = out.shape
     length = c * h * w
     table, offsets = _noise_offsets(keys, length)

@@ -72,6 +72,10 @@ def test_erasing_by_copies_on_the_cpu_equals_the_mask_that_cuda_uses(channels, s
     by_copies = erase_by_copies(images.clone(), chosen, rectangles, keys)
     assert torch.equal(by_copies, erase_by_mask(images.clone(), chosen, rectangles, keys))
     assert (by_copies != images).sum() > 0.01 * images.numel()
+    # a batch that is a view into a larger tensor (its storage starts before it) is erased the same
+    larger = torch.cat([torch.zeros(1, channels, size, size), images])
+    assert torch.equal(erase_by_copies(larger[1:], chosen, rectangles, keys), by_copies)
+    assert torch.equal(larger[0], torch.zeros(channels, size, size))
 
 
 def test_parameters_are_distributed_as_torchvisions_and_timms_draws():

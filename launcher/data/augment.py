@@ -311,10 +311,12 @@ def erase_by_copies(out: torch.Tensor, chosen: torch.Tensor, rectangles: torch.T
     length = c * h * w
     table, offsets = _noise_offsets(keys, length)
     pixels, noise = out.view(-1), table.view(-1)  # out: contiguous (the normalised copy)
+    # as_strided's offsets count from the start of the storage, which a view may not start at
+    first_pixel, first_noise = pixels.storage_offset(), noise.storage_offset()
     for i, (top, left, eh, ew), start in zip(chosen.tolist(), rectangles.tolist(), offsets.tolist()):
         corner = top * w + left
-        pixels.as_strided((c, eh, ew), (h * w, w, 1), i * length + corner).copy_(
-            noise.as_strided((c, eh, ew), (h * w, w, 1), start + corner))
+        pixels.as_strided((c, eh, ew), (h * w, w, 1), first_pixel + i * length + corner).copy_(
+            noise.as_strided((c, eh, ew), (h * w, w, 1), first_noise + start + corner))
     return out
 
 

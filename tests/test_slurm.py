@@ -270,6 +270,34 @@ def test_time_limits_in_slurm_forms():
         [1800, 270, 3600, 172800, 91800, 86405]
 
 
+def test_the_nodes_say_torch_elastics_exit_barrier_race_in_one_line(capsys):
+    """A node whose agent finds the barrier's store gone after a finished run (the node hosting it
+    left first; it made test_time_limit_warning... fail once on its no-traceback check) prints one
+    line, not torch elastic's traceback; the agent's other errors are kept."""
+    import logging
+
+    from torch.distributed.elastic.agent.server import api
+
+    from launcher.node import _quiet_exit_barrier
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    api.logger.addHandler(handler)
+    api.logger.addFilter(_quiet_exit_barrier)
+    try:
+        try:
+            raise RuntimeError("Failed to recv, got 0 bytes. Connection was likely closed.")
+        except RuntimeError:
+            api.logger.exception("Error waiting on exit barrier. Elapsed: %s seconds", 0.01)
+        api.logger.error("Some other agent error")
+    finally:
+        api.logger.removeFilter(_quiet_exit_barrier)
+        api.logger.removeHandler(handler)
+    assert [r.getMessage() for r in records] == ["Some other agent error"]
+    assert "left torch elastic's exit barrier before this one" in capsys.readouterr().err
+
+
 def normalise(script: str, run_dir: Path) -> str:
     accelerate = str(Path(sys.executable).with_name("accelerate"))
     return (script.replace(str(run_dir), "<RUN_DIR>").replace(accelerate, "<ACCELERATE>")

@@ -48,11 +48,20 @@ def _quiet_exit_barrier(record: logging.LogRecord) -> bool:
     return True
 
 
+def quiet_exit_barrier_race() -> logging.Logger:
+    """Put _quiet_exit_barrier on the logger torch elastic's agent logs through (the module's own
+    object, not a name that could drift from it); returns that logger."""
+    from torch.distributed.elastic.agent.server import api
+
+    api.logger.addFilter(_quiet_exit_barrier)
+    return api.logger
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from accelerate.commands.launch import launch_command, launch_command_parser
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    logging.getLogger("torch.distributed.elastic.agent.server.api").addFilter(_quiet_exit_barrier)
+    quiet_exit_barrier_race()
     args = launch_command_parser().parse_args(argv)
     for signum in STOP_SIGNALS:
         signal.signal(signum, _pass_on)

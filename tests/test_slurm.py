@@ -278,17 +278,18 @@ def test_the_nodes_say_torch_elastics_exit_barrier_race_in_one_line(capsys):
 
     from torch.distributed.elastic.agent.server import api
 
-    from launcher.node import _quiet_exit_barrier
+    from launcher.node import _quiet_exit_barrier, quiet_exit_barrier_race
 
     records = []
     handler = logging.Handler()
     handler.emit = records.append
     api.logger.addHandler(handler)
-    api.logger.addFilter(_quiet_exit_barrier)
+    assert quiet_exit_barrier_race() is api.logger  # what launcher.node's main() installs
     try:
         try:
             raise RuntimeError("Failed to recv, got 0 bytes. Connection was likely closed.")
         except RuntimeError:
+            # as torch elastic's agent logs it (agent/server/api.py, _exit_barrier)
             api.logger.exception("Error waiting on exit barrier. Elapsed: %s seconds", 0.01)
         api.logger.error("Some other agent error")
     finally:

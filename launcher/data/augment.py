@@ -291,7 +291,7 @@ class BatchAugment:
 def erase_by_mask(out: torch.Tensor, chosen: torch.Tensor, rectangles: torch.Tensor, keys: torch.Tensor):
     """Erasing on CUDA: the chosen samples' noise windows blended in under one mask, a dozen
     kernels whatever the batch (a copy a rectangle would be a launch a sample)."""
-    n, c, h, w = out.shape
+    _, c, h, w = out.shape
     device = out.device
     top, left, eh, ew = rectangles[:, :, None].unbind(1)
     ys, xs = torch.arange(h, device=device), torch.arange(w, device=device)
@@ -307,7 +307,7 @@ def erase_by_copies(out: torch.Tensor, chosen: torch.Tensor, rectangles: torch.T
     """Erasing on the CPU: each rectangle copied from the same place in its sample's noise window,
     a strided view of each (the same values as erase_by_mask). It touches only the erased pixels:
     3.2 against 6.8 us a sample for the mask (32 px, batch 128, p 0.5, one core)."""
-    n, c, h, w = out.shape
+    _, c, h, w = out.shape
     length = c * h * w
     table, offsets = _noise_offsets(keys, length)
     pixels, noise = out.view(-1), table.view(-1)  # out: contiguous (the normalised copy)

@@ -34,6 +34,9 @@ def main(argv: list[str] | None = None) -> int:
     from launcher.errors import LauncherError, run_command
 
     def command() -> int:
+        if argv[0] in ("--list-plugins", "--support-table") and argv[1:]:
+            raise LauncherError(f"{argv[0]} takes no arguments (got '{' '.join(argv[1:])}'): python -m launcher "
+                                f"{argv[0]}")
         if argv[0] == "--list-plugins":
             from launcher.registry import describe_plugins
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import errno
 import os
 import sys
 from typing import Callable, Iterable
@@ -26,6 +27,11 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" Did you mean '{guess}'?" if guess else ""
 
 
+def shorten(text: str, keep: int = 60) -> str:
+    """A value as an error message shows it: a 10 MB value must not become a 10 MB message."""
+    return text if len(text) <= keep else f"{text[:keep]}... ({len(text):,} characters)"
+
+
 def run_command(command: Callable[[], int]) -> int:
     """Run a command-line entry point: a LauncherError becomes one `error: ...` paragraph and
     exit status 2. Under several processes every rank fails alike, so only rank 0 prints it, unless
@@ -36,6 +42,15 @@ def run_command(command: Callable[[], int]) -> int:
         first = getattr(err, "failed_first", None)
         if first or (first is None and os.environ.get("RANK", "0") == "0"):
             print(f"error: {err}", file=sys.stderr, flush=True)
+        return 2
+    except OSError as err:
+        if err.errno != errno.ENAMETOOLONG:
+            raise
+        # Any path a user typed (a shard pattern, a run directory, an --out) may be too long for the
+        # file system; that is bad input, not a crash.
+        if os.environ.get("RANK", "0") == "0":
+            print(f"error: the file name '{shorten(str(err.filename))}' is too long for the file system (at most 255 "
+                  "bytes per folder or file name). Check the path you gave.", file=sys.stderr, flush=True)
         return 2
     except KeyboardInterrupt:  # Ctrl-C where no plugin handles it (plugins.checkpoint does)
         if os.environ.get("RANK", "0") == "0":

@@ -66,12 +66,11 @@ def main(argv: list[str] | None = None) -> int:
 
 def _refusing_plugins(recipe_file: str, overrides: list[str]) -> dict[str, str]:
     """Plugins whose check_recipe refuses the sweep's recipe, with their reasons."""
-    import yaml
-
     from launcher.recipe import Recipe, apply_overrides
     from launcher.registry import get_plugin_class, parse_options
+    from launcher.yamlfile import load_yaml
 
-    raw = apply_overrides(yaml.safe_load(open(recipe_file).read()) or {}, overrides)
+    raw = apply_overrides(load_yaml(open(recipe_file).read(), f"Recipe '{recipe_file}'") or {}, overrides)
     recipe = Recipe.model_validate(raw)  # the plugins are checked one by one below
     refusing = {}
     for name in recipe.plugins:

@@ -18,13 +18,13 @@ import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
-import yaml
-from pydantic import BaseModel, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_validator, model_validator
 
-from launcher.errors import LauncherError, did_you_mean
+from launcher.errors import LauncherError, did_you_mean, shorten
 from launcher.registry import validate_plugins
 from launcher.runlog import shard_info
 from launcher.schema import StrictModel
+from launcher.yamlfile import load_yaml
 
 
 class Section(StrictModel):
@@ -32,10 +32,29 @@ class Section(StrictModel):
     of "abc", "0.5" or true to a number: see launcher/schema.py)."""
 
 
+MAX_NAME_BYTES = 255  # NAME_MAX of ext4, xfs, btrfs, APFS, NTFS
+
+
+def check_file_names(path: str) -> None:
+    """A path component over 255 bytes is refused by every common file system; it used to surface
+    as an OSError traceback holding the whole value (10 MB of it, for a 10 MB value)."""
+    for part in path.split("/"):
+        if len(part.encode()) > MAX_NAME_BYTES:
+            raise ValueError(f"the path component '{shorten(part, 40)}' is {len(part.encode())} bytes long; file "
+                             f"systems take at most {MAX_NAME_BYTES}. Check the path")
+
+
 class RunSection(Section):
     dir: Optional[str] = Field(None, description="run directory; default runs/<recipe name>")
     log_every: int = Field(10, ge=1, description="optimizer steps between train rows in metrics.jsonl")
     progress: bool = Field(True, description="live progress bar on a terminal; otherwise (a log file, or false) one plain line per logged row")
+
+    @field_validator("dir")
+    @classmethod
+    def _file_names_the_file_system_takes(cls, value):
+        if value:
+            check_file_names(value)
+        return value
 
 
 class ModelSection(Section):
@@ -89,9 +108,10 @@ class AugmentSection(Section):
 
     @field_validator("scale", "ratio")
     @classmethod
-    def _increasing(cls, value):
+    def _increasing(cls, value, info: ValidationInfo):
         if not 0 < value[0] <= value[1]:
-            raise ValueError("give two positive numbers, the smaller first, e.g. [0.08, 1.0]")
+            example = "[0.08, 1.0]" if info.field_name == "scale" else "[0.75, 1.333]"
+            raise ValueError(f"give two positive numbers, the smaller first, e.g. {example}")
         return value
 
     @field_validator("auto_augment")
@@ -169,6 +189,34 @@ class DataSection(Section):
                                  f"{_which(self)} "
                                  f"(batched: {', '.join(BATCHED_OPS)}; auto_augment: {', '.join(POLICIES)}). Set "
                                  f"data.augment_on=loader, or drop data.augment.{missing[0]}")
+        return self
+
+    @field_validator("std")
+    @classmethod
+    def _positive_std(cls, value):
+        """Pixels are divided by it: a zero passed --check and stopped the run at its first batch."""
+        if not value or any(v <= 0 for v in value):
+            raise ValueError("every value must be positive (each channel's pixels are divided by it), e.g. [0.5]")
+        return value
+
+    @field_validator("train", "val")
+    @classmethod
+    def _file_names_the_file_system_takes(cls, value):
+        if value and not value.startswith(("pipe:", "s3://", "http://", "https://")):
+            check_file_names(value.replace("::", "/"))
+        return value
+
+    @model_validator(mode="after")
+    def _padding_smaller_than_the_image(self):
+        """A crop from a pad wider than the image can be all padding; a huge pad also allocates
+        (image_size + 2 pad)^2 pixels per sample (30000 asked for 57 GB)."""
+        if self.augment.crop_padding >= self.image_size:
+            raise ValueError(f"data.augment.crop_padding ({self.augment.crop_padding}) must be smaller than "
+                             f"data.image_size ({self.image_size}): crops of {self.image_size} pixels out of a "
+                             f"padding that wide can hold no image at all. CIFAR's is 4 for 32 pixels")
+        if len(self.mean) != len(self.std):
+            raise ValueError(f"data.mean has {len(self.mean)} values and data.std {len(self.std)}: give one per "
+                             "input channel in each")
         return self
 
     @field_validator("cache_limit")
@@ -354,6 +402,14 @@ class Recipe(Section):
     # Not a recipe key: the file's stem, used for the default run directory.
     _name: str = "recipe"
 
+    @model_validator(mode="after")
+    def _one_mean_and_std_per_input_channel(self):
+        if len(self.data.mean) != self.model.in_chans:
+            raise ValueError(f"data.mean and data.std need one value per input channel: model.in_chans is "
+                             f"{self.model.in_chans}, data.mean has {len(self.data.mean)} values. Give "
+                             f"{self.model.in_chans} of each (grey images: in_chans 1, e.g. mean [0.5], std [0.5])")
+        return self
+
     @property
     def name(self) -> str:
         return self._name
@@ -431,10 +487,7 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str]) -> dict[str, Any]
         path = key.strip().split(".")
         if not all(path):
             raise LauncherError(f"Override '{item}': the key '{key}' has an empty part.")
-        try:
-            value = yaml.safe_load(text) if text.strip() else None
-        except yaml.YAMLError as err:
-            raise LauncherError(f"Override '{item}': the value is not valid YAML ({err}).") from None
+        value = load_yaml(text, f"Override '{item}': the value") if text.strip() else None
         parent = _walk(out, path[:-1], item, create=True)
         parent[path[-1]] = value
     return out
@@ -460,6 +513,9 @@ def _walk(tree: dict, path: list[str], item: str, create: bool) -> Optional[dict
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe, including each plugin's options."""
     path = Path(path)
+    if path.is_dir():
+        raise LauncherError(f"'{path}' is a folder, not a recipe file: give the path of a YAML recipe, e.g. "
+                            "recipes/digits.yaml (a finished run's recipe is RUN_DIR/recipe.yaml).")
     if not path.is_file():
         hint = ""
         if path.parent.is_dir():
@@ -467,13 +523,10 @@ def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
             hint = did_you_mean(path.name, shipped) or (f" Recipes there: {', '.join(shipped)}." if shipped else "")
         raise LauncherError(f"Recipe file '{path}' does not exist.{hint}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as err:
-        raise LauncherError(f"Recipe '{path}' is not valid YAML: {err}") from None
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise LauncherError(f"Recipe '{path}' is not a text file (not UTF-8): give the path of a YAML recipe.") from None
-    except RecursionError:
-        raise LauncherError(f"Recipe '{path}' is nested too deeply to be a recipe.") from None
+    raw = load_yaml(text, f"Recipe '{path}'") or {}
     if not isinstance(raw, dict):
         raise LauncherError(f"Recipe '{path}' must be a YAML mapping of sections (model:, data:, train:, ...).")
     return validate_recipe(apply_overrides(raw, list(overrides)), name=path.stem, source=str(path))
@@ -590,10 +643,10 @@ def _augment_on_of_the_run(run_dir: Path) -> Optional[str]:
     metas = sorted(checkpoints_dir(run_dir).glob("step-*/meta.json"), reverse=True)[:1]
     for source in [run_dir / "recipe.yaml", *metas]:
         try:
-            saved = yaml.safe_load(source.read_text(encoding="utf-8"))  # JSON is YAML too
+            saved = load_yaml(source.read_text(encoding="utf-8"), str(source))  # JSON is YAML too
             saved = saved["recipe"] if source.name == "meta.json" else saved
             value = saved["data"].get("augment_on", BEFORE_THE_KEY["data.augment_on"])
-        except (OSError, yaml.YAMLError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
+        except (OSError, LauncherError, TypeError, KeyError, AttributeError, UnicodeDecodeError):
             continue
         return value if value in ("loader", "device") else None
     return None
@@ -643,7 +696,8 @@ def _explain(err: ValidationError, source: str) -> str:
             if isinstance(got, dict) and e["type"] == "value_error":  # a section's own check names its keys
                 problems.append(message)
             else:
-                problems.append(f"'{key}' = {repr(got) if not isinstance(got, dict) else 'a mapping'}: {message}")
+                shown = "a mapping" if isinstance(got, dict) else shorten(repr(got), 80)
+                problems.append(f"'{key}' = {shown}: {message}")
     return f"Recipe {source} is invalid: " + "; ".join(problems) + "."
 
 

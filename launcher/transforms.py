@@ -18,17 +18,20 @@ INTERPOLATION = {"bilinear": v2.InterpolationMode.BILINEAR, "bicubic": v2.Interp
                  "nearest": v2.InterpolationMode.NEAREST}
 
 
-def timm_augmentation(config: str, image_size: int, mean, interpolation: str):
+def timm_augmentation(config: str, image_size: int, mean, interpolation: str, in_chans: int = 3):
     """timm's augmentation from its config string, with the hyper-parameters timm's own
-    transforms_imagenet_train gives it (translation relative to the image size, fill = the mean)."""
+    transforms_imagenet_train gives it (translation relative to the image size, fill = the mean).
+    Grey images (in_chans 1, PIL mode 'L') take a single fill value: timm's RGB triple made PIL
+    refuse every shear, translation and rotation of a one-channel image."""
     from timm.data import auto_augment
     from timm.data.auto_augment import augment_and_mix_transform, auto_augment_transform, rand_augment_transform
     from timm.data.transforms import str_to_pil_interp
 
     for name in ("Posterize", "PosterizeIncreasing", "PosterizeOriginal"):
         auto_augment.NAME_TO_OP[name] = _posterize
+    fill = tuple(min(255, round(255 * m)) for m in (list(mean) * 3)[:3])
     hparams = {"translate_const": int(image_size * 0.45),
-               "img_mean": tuple(min(255, round(255 * m)) for m in (list(mean) * 3)[:3]),
+               "img_mean": fill[0] if in_chans == 1 else fill,
                "interpolation": str_to_pil_interp(interpolation)}
     if config.startswith("rand"):
         return rand_augment_transform(config, hparams)
@@ -128,7 +131,8 @@ class ImageTransform:
             elif aug.auto_augment == "trivialaugment":
                 ops.append(v2.TrivialAugmentWide())
             elif aug.auto_augment:
-                ops.append(OnPIL(timm_augmentation(aug.auto_augment, self.size, data.mean, data.interpolation)))
+                ops.append(OnPIL(timm_augmentation(aug.auto_augment, self.size, data.mean, data.interpolation,
+                                                       in_chans)))
         # timm's augmentations work on PIL images: then encoded images stay PIL from the decoder
         # through every op (torchvision's accept PIL too) and become a tensor once, here, as in timm.
         self.takes_pil = any(isinstance(op, OnPIL) for op in ops)

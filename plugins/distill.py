@@ -20,7 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
 from pydantic import Field
 
 from launcher.errors import LauncherError
@@ -28,6 +27,7 @@ from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import final_weights, recipe_file
 from launcher.weights import load_into
+from launcher.yamlfile import load_yaml
 
 torch = lazy("torch")
 F = lazy("torch.nn.functional")
@@ -50,7 +50,7 @@ def resolve_teacher(checkpoint: str, model: Optional[str]) -> tuple[str, Path, d
         if not weights.is_file() or not teacher_recipe.is_file():
             raise LauncherError(f"plugins.distill.checkpoint: '{path}' is not a finished run directory (it needs "
                                 "recipe.yaml and final/model.safetensors). Train the teacher first.")
-        teacher_model = yaml.safe_load(teacher_recipe.read_text())["model"]
+        teacher_model = load_yaml(teacher_recipe.read_text(), f"The teacher's recipe '{teacher_recipe}'")["model"]
         model = model or teacher_model["name"]
         kwargs = {"in_chans": teacher_model["in_chans"], **teacher_model.get("kwargs", {})}
         return model, weights, kwargs

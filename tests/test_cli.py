@@ -43,12 +43,24 @@ def bad_inputs(digits, tmp_path):
         "infinite lr": (small_recipe(digits, run), ["optimizer.lr=.inf"], "'optimizer.lr' is not a finite number"),
         "nan in kwargs": (small_recipe(digits, run), ["optimizer.kwargs={eps: .nan}"],
                           "'optimizer.kwargs.eps' is not a finite number"),
+        # Values --check used to accept and the run crashed on (or tried to allocate 57 GB for).
+        "zero std": (small_recipe(digits, run), ["data.std=[0.5, 0, 0.5]"], "every value must be positive"),
+        "huge padding": (small_recipe(digits, run), ["data.augment.crop_padding=30000"],
+                         "crop_padding (30000) must be smaller than data.image_size (16)"),
+        "mean for another channel count": (small_recipe(digits, run), ["model.in_chans=1"],
+                                           "model.in_chans is 1, data.mean has 3 values"),
+        "path component over 255 bytes": (small_recipe(digits, run), [f"data.train={tmp_path}/{'a' * 300}.tar"],
+                                          "is 304 bytes long; file systems take at most 255"),
+        "run directory name over 255 bytes": (small_recipe(digits, run), [f"run.dir={run}/{'r' * 300}"],
+                                              "is 300 bytes long; file systems take at most 255"),
     }
 
 
 @pytest.mark.parametrize("case", ["misspelled key", "wrong type", "missing shards", "empty shard",
                                   "truncated shard", "unknown plugin", "unknown model", "bad override",
-                                  "infinite lr", "nan in kwargs"])
+                                  "infinite lr", "nan in kwargs", "zero std", "huge padding",
+                                  "mean for another channel count", "path component over 255 bytes",
+                                  "run directory name over 255 bytes"])
 def test_bad_input_is_one_paragraph_and_leaves_no_run_directory(case, digits, tmp_path, capsys):
     raw, overrides, message = bad_inputs(digits, tmp_path)[case]
     status = main([str(write_recipe(tmp_path, raw)), *overrides])
@@ -148,6 +160,55 @@ def test_a_file_that_is_not_a_yaml_recipe_is_refused_in_one_line(tmp_path, capsy
     for path, message in ((binary, "is not a text file"), (nested, "nested too deeply")):
         assert main([str(path)]) == 2
         assert message in capsys.readouterr().err
+
+
+# Ten levels of aliases, nine references each: 476 bytes that expand to 9^10 values.
+ALIAS_BOMB = "a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]\n" for i in range(1, 11))
+
+
+@pytest.mark.timeout(60)  # before the fix, --check walked the 9^10 references for ever
+def test_yaml_aliases_that_explode_or_refer_to_themselves_are_refused_at_once(digits, tmp_path, capsys):
+    from launcher.evaluate import main as evaluate
+    from launcher.report import main as report
+
+    bomb, loop = tmp_path / "bomb.yaml", tmp_path / "loop.yaml"
+    bomb.write_text(ALIAS_BOMB)
+    loop.write_text("a: &a [*a]\n")
+    for path, words in ((bomb, "its aliases expand to more than 100,000 values"),
+                        (loop, "an alias refers to the node that contains it")):
+        assert main(["--check", str(path)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"error: Recipe '{path}' is refused: {words}") and err.count("\n") == 1, err
+    # Someone else's run directory: evaluate and report read its recipe.yaml the same way.
+    (tmp_path / "run" / "final").mkdir(parents=True)
+    (tmp_path / "run" / "final" / "model.safetensors").write_bytes(b"weights")
+    (tmp_path / "run" / "recipe.yaml").write_text(ALIAS_BOMB)
+    for command in (evaluate, report):
+        assert command([str(tmp_path / "run")]) == 2
+        assert "aliases expand to more than" in capsys.readouterr().err
+    # A run that starts in such a directory only looks there for its augmentation path: not fooled.
+    raw = small_recipe(digits, tmp_path / "run")
+    assert main(["--check", str(write_recipe(tmp_path, raw))]) == 0
+    # Aliases of a sane size still work.
+    sane = write_recipe(tmp_path, raw)
+    sane.write_text(sane.read_text().replace("log_every: 5", "log_every: &s 3").replace("seed: 0", "seed: *s"))
+    assert main(["--check", str(sane)]) == 0
+    out = capsys.readouterr().out
+    assert "seed: 3" in out and "log_every: 3" in out
+
+
+def test_a_huge_value_is_shown_cut_short(digits, tmp_path, capsys):
+    raw = small_recipe(digits, tmp_path / "run", data={"train": "x" * 10_000_000, "batch_size": "many"})
+    assert main(["--check", str(write_recipe(tmp_path, raw))]) == 2
+    err = capsys.readouterr().err
+    assert "(10,000,000 characters)" in err and len(err) < 2000, len(err)
+
+
+def test_check_of_a_folder_and_list_plugins_with_arguments_say_what_is_wrong(tmp_path, capsys):
+    assert main(["--check", str(tmp_path)]) == 2
+    assert f"'{tmp_path}' is a folder, not a recipe file" in capsys.readouterr().err
+    assert main(["--list-plugins", "extra", "args"]) == 2
+    assert "--list-plugins takes no arguments (got 'extra args')" in capsys.readouterr().err
 
 
 def test_help_lists_every_command_and_each_answers_its_own_help(capsys):

@@ -417,10 +417,11 @@ def test_npz_source(tmp_path):
     rng = np.random.default_rng(0)
     arrays = {"x_train": rng.integers(0, 255, (20, 4, 4, 3), dtype=np.uint8), "y_train": np.arange(20) % 3,
               "x_val": rng.integers(0, 255, (6, 4, 4, 3), dtype=np.uint8), "y_val": np.arange(6) % 3}
-    np.savez(tmp_path / "a.npz", **arrays)
+    np.savez(tmp_path / "a.npz", **{**arrays, "y_val": arrays["y_val"].astype(np.float32)})  # integral floats
     info = write_shards(tmp_path / "out", "npz", "--src", str(tmp_path / "a.npz"), "--shard-size", "8")
     index = index_shards(info["train"], "t")
     assert index.shard_sizes.tolist() == [8, 8, 4] and info["num_classes"] == 3
+    assert index_shards(info["val"], "v").labels.tolist() == arrays["y_val"].tolist()
     assert torch.equal(decode_image(*index.read_image(13, {})), torch.from_numpy(arrays["x_train"][13]).permute(2, 0, 1))
 
 
@@ -442,21 +443,118 @@ def test_cifar100_source_from_the_python_pickles(tmp_path):
     assert torch.equal(decode_image(*index.read_image(0, {})), torch.from_numpy(first))
 
 
-def test_cifar10_source_from_the_python_pickles(tmp_path):
-    src = tmp_path / "cifar-10-batches-py"
-    src.mkdir()
+def fake_cifar10(src: Path, n: int = 4) -> np.ndarray:
+    """The CIFAR-10 python version's six batch pickles and batches.meta; returns the first image."""
+    src.mkdir(parents=True)
     rng = np.random.default_rng(1)
     for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
-        data = rng.integers(0, 255, (4, 3072), dtype=np.uint8)
+        data = rng.integers(0, 255, (n, 3072), dtype=np.uint8)
         with open(src / name, "wb") as f:
-            pickle.dump({b"data": data, b"labels": list(rng.integers(0, 10, 4))}, f)
+            pickle.dump({b"data": data, b"labels": list(rng.integers(0, 10, n))}, f)
         if name == "data_batch_1":
             first = data[0].reshape(3, 32, 32)
     with open(src / "batches.meta", "wb") as f:
         pickle.dump({b"label_names": [f"k{i}".encode() for i in range(10)]}, f)
+    return first
+
+
+def test_cifar10_source_from_the_python_pickles(tmp_path):
+    src = tmp_path / "cifar-10-batches-py"
+    first = fake_cifar10(src)
+    # As published: written by Python 2's cPickle (protocol 2), labels plain ints.
+    with open(src / "test_batch", "wb") as f:
+        pickle.dump({b"data": np.zeros((4, 3072), np.uint8), b"labels": [1, 2, 3, 4],
+                     b"batch_label": b"testing batch 1 of 1", b"filenames": [b"a.png"] * 4}, f, protocol=2)
     info = write_shards(tmp_path / "out", "cifar10", "--src", str(src))
     assert (info["num_train"], info["num_val"], info["classes"][7]) == (20, 4, "k7")
     assert torch.equal(decode_image(*index_shards(info["train"], "t").read_image(0, {})), torch.from_numpy(first))
+
+
+class RunsCode:
+    """A pickle that opens (creates) a file when loaded: what a hostile 'CIFAR' batch would do."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return open, (str(self.marker), "w")
+
+
+def cifar_damage(src: Path, marker: Path) -> dict:
+    """Ways a CIFAR-10 folder comes hostile or damaged, each with the words its error must contain."""
+    batch = src / "data_batch_3"
+
+    def dump(payload):
+        with open(batch, "wb") as f:
+            pickle.dump(payload, f)
+
+    rows = np.zeros((4, 3072), np.uint8)
+    return {
+        "runs code": (lambda: dump({b"data": RunsCode(marker), b"labels": [0] * 4}),
+                      "asks to call io.open while loading, which a CIFAR file never does"),
+        "code in the meta file": (lambda: (src / "batches.meta").write_bytes(pickle.dumps(RunsCode(marker))),
+                                  "batches.meta' is not a readable CIFAR batch file"),
+        "truncated": (lambda: batch.write_bytes(batch.read_bytes()[:700]), "is not a readable CIFAR batch file"),
+        "fewer labels": (lambda: dump({b"data": rows, b"labels": [0] * 3}), "4 images but 3 labels"),
+        "label 57": (lambda: dump({b"data": rows, b"labels": [0, 57, 0, 0]}), "label 57 (image 1) is outside CIFAR 10"),
+        "CIFAR-100 batch": (lambda: dump({b"data": rows, b"fine_labels": [0] * 4}), "lacks ['labels']"),
+        "rows of another size": (lambda: dump({b"data": np.zeros((4, 100), np.uint8), b"labels": [0] * 4}),
+                                 "not CIFAR's uint8 rows of 3072 values"),
+    }
+
+
+@pytest.mark.parametrize("case", ["runs code", "code in the meta file", "truncated", "fewer labels", "label 57",
+                                  "CIFAR-100 batch", "rows of another size"])
+def test_hostile_or_damaged_cifar_files_run_nothing_and_are_one_paragraph(case, tmp_path, capsys):
+    from launcher.shards import main
+
+    src, marker = tmp_path / "cifar-10-batches-py", tmp_path / "code-ran"
+    fake_cifar10(src)
+    damage, words = cifar_damage(src, marker)[case]
+    damage()
+    assert main(["cifar10", "--src", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err and str(src) in err, err
+    assert not marker.exists(), "the pickle's code ran"
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("case, words", [
+    ("fewer labels", "100 images but 50 labels"),
+    ("fractional labels", "label 1.7 (image 0) is not a class number"),
+    ("one-hot labels", "labels have shape (100, 3); give one class number per image"),
+    ("text labels", "the labels are <U1, not integers"),
+    ("negative label", "label -1 (image 7) is negative"),
+    ("float images", "the images are float64, not uint8 pixels"),
+    ("channels first", "the images have shape (100, 3, 4, 4)"),
+    ("object array", "object arrays are not read"),
+    ("not an npz", "is not an .npz file"),
+])
+def test_npz_arrays_that_do_not_mean_one_thing_are_refused(case, words, tmp_path, capsys):
+    from launcher.shards import main
+
+    rng = np.random.default_rng(0)
+    arrays = {"x_train": rng.integers(0, 255, (100, 4, 4, 3), dtype=np.uint8), "y_train": np.arange(100) % 3,
+              "x_val": rng.integers(0, 255, (6, 4, 4, 3), dtype=np.uint8), "y_val": np.arange(6) % 3}
+    labels = np.arange(100) % 3
+    arrays.update({
+        "fewer labels": {"y_train": labels[:50]},
+        "fractional labels": {"y_train": np.full(100, 1.7)},
+        "one-hot labels": {"y_train": np.eye(3)[labels]},
+        "text labels": {"y_train": np.array(["a"] * 100)},
+        "negative label": {"y_train": np.where(np.arange(100) == 7, -1, labels)},
+        "float images": {"x_train": rng.random((100, 4, 4, 3))},
+        "channels first": {"x_train": rng.integers(0, 255, (100, 3, 4, 4), dtype=np.uint8)},
+        "object array": {"y_train": np.array([{"a": 1}] * 100, dtype=object)},
+    }.get(case, {}))
+    src = tmp_path / "a.npz"
+    np.savez(src, **arrays)
+    if case == "not an npz":
+        src.write_bytes(pickle.dumps(arrays))
+    assert main(["npz", "--src", str(src), "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and words in err and str(src) in err, err
+    assert not (tmp_path / "out").exists()
 
 
 def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
@@ -551,6 +649,46 @@ def test_damaged_idx_files_are_one_paragraph_naming_the_file(case, tmp_path, cap
     assert "Traceback" not in err and not (tmp_path / "out" / "info.json").exists()
 
 
+def idx_header_damage(folder: Path) -> dict:
+    """IDX headers that lie, each with the words its error must contain."""
+    import gzip
+
+    def header(path: Path, *dims: int, data: bytes = b"") -> None:
+        with gzip.open(path, "wb") as f:
+            f.write(b"".join(int(v).to_bytes(4, "big") for v in (2051, *dims)) + data)
+
+    images = folder / "train-images-idx3-ubyte.gz"
+    return {
+        "overflowing header": (lambda: header(images, 2**31, 2**31, 4, data=bytes(64)),
+                               "which no images file of this family has"),
+        "zero dimension": (lambda: header(images, 300, 0, 28), "(a dimension of 0)"),
+        # 7 MB of data (a few KB of gzip) behind a header that promises 300 x 28 x 28 = 235 KB.
+        "more data than promised": (lambda: header(images, 300, 28, 28, data=bytes(7 << 20)),
+                                    "holds more than 235200 bytes of data where its header (300, 28, 28) promises"),
+    }
+
+
+@pytest.mark.parametrize("case", ["overflowing header", "zero dimension", "more data than promised"])
+def test_idx_headers_that_lie_are_refused_reading_no_more_than_they_promise(case, tmp_path, capsys):
+    import tracemalloc
+
+    from launcher.shards import main
+
+    fake_idx_folder(tmp_path / "idx")
+    damage, words = idx_header_damage(tmp_path / "idx")[case]
+    damage()
+    tracemalloc.start()
+    try:
+        assert main(["fashion-mnist", "--src", str(tmp_path / "idx"), "--out", str(tmp_path / "out")]) == 2
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and words in err and "train-images-idx3-ubyte.gz" in err, err
+    assert peak < 3 << 20, f"{peak / 2**20:.1f} MiB held to refuse the file"  # not the 7 MB decompressed whole
+    assert not (tmp_path / "out").exists()
+
+
 def test_mnist_family_without_src_names_debians_folder(tmp_path, capsys):
     from launcher.shards import IDX_DEFAULT_SRC, main
 
@@ -571,6 +709,69 @@ def test_imagefolder_source(tmp_path):
     assert info["classes"] == ["cat", "dog"] and info["num_train"] + info["num_val"] == 10
     index = index_shards(info["train"], "t")
     assert index.image_exts() == {"png"} and sorted(set(index.labels.tolist())) == [0, 1]
+
+
+def test_the_writer_never_deletes_data_it_was_not_asked_to_replace(digits, tmp_path, capsys):
+    """An existing data set is replaced only with --force, whole (written beside, then swapped in: a
+    write that fails leaves the old one as it was); a folder holding anything else never is."""
+    from PIL import Image
+
+    from launcher.shards import main
+
+    out = tmp_path / "digits"
+    write_shards(out, "digits")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+
+    def refused(*args, words):
+        assert main(list(args)) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1 and words in err, err
+
+    fake_idx_folder(tmp_path / "idx", n_train=23)
+    refused("fashion-mnist", "--src", str(tmp_path / "idx"), "--out", str(out), words="Add --force to replace it")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    # A replacement that fails half-way (an unreadable image after good ones) leaves the old set as it was.
+    for c in ("cat", "dog"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(6):
+            Image.fromarray(np.full((5, 5, 3), i, np.uint8)).save(tmp_path / "photos" / c / f"{i}.png")
+    (tmp_path / "photos" / "dog" / "5.png").write_bytes(b"not a png")
+    refused("imagefolder", "--src", str(tmp_path / "photos"), "--out", str(out), "--force",
+            words="5.png' is not a readable image")
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["digits", "idx", "photos"]  # no half-written folder left
+    # --force replaces the whole set: no digits shard is left beside the new ones.
+    assert main(["fashion-mnist", "--src", str(tmp_path / "idx"), "--out", str(out), "--force",
+                 "--shard-size", "10"]) == 0
+    info = json.loads((out / "info.json").read_text())
+    assert info["source"] == "fashion-mnist" and sorted(p.name for p in out.glob("*.tar")) == [
+        "train-000000.tar", "train-000001.tar", "train-000002.tar", "val-000000.tar"]
+    assert index_shards(info["train"], "t").shard_sizes.tolist() == [10, 10, 3]
+    # A folder that holds anything the writer did not write is not replaced, even with --force.
+    (out / "notes.txt").write_text("mine")
+    refused("digits", "--out", str(out), "--force", words="holds notes.txt, which this writer did not write")
+    assert (out / "notes.txt").read_text() == "mine" and (out / "info.json").exists()
+    # --out at a file, or under one: one line each.
+    refused("digits", "--out", str(out / "notes.txt"), words="notes.txt' is a file, not a folder")
+    refused("digits", "--out", str(out / "notes.txt" / "sub"), words="notes.txt' is a file, not a folder")
+    refused("digits", "--out", str(tmp_path / ("a" * 300) / "x"), words="is too long for the file system")
+
+
+def test_imagefolder_output_inside_its_source_is_refused(tmp_path, capsys):
+    """Written into the image folder, the shards' folder became a class the next time
+    (classes [cat, dog, shards]), and a name sorting earlier would shift every label."""
+    from PIL import Image
+
+    from launcher.shards import main
+
+    for c in ("cat", "dog"):
+        (tmp_path / "photos" / c).mkdir(parents=True)
+        for i in range(5):
+            Image.fromarray(np.full((5, 5, 3), i, np.uint8)).save(tmp_path / "photos" / c / f"{i}.png")
+    for out in (tmp_path / "photos" / "shards", tmp_path / "photos"):
+        assert main(["imagefolder", "--src", str(tmp_path / "photos"), "--out", str(out)]) == 2
+        assert "is inside --src" in capsys.readouterr().err
+    assert sorted(p.name for p in (tmp_path / "photos").iterdir()) == ["cat", "dog"]
 
 
 def _tar_with(tmp_path, members: list[tuple[str, bytes]]) -> Path:

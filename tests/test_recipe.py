@@ -199,3 +199,19 @@ def test_a_negative_cache_limit_is_refused_like_a_negative_size(digits, tmp_path
         with pytest.raises(LauncherError, match=r"'data.cache_limit' = .*is not a size"):
             validate_recipe(small_recipe(digits, tmp_path, data={**small_recipe(digits, tmp_path)["data"],
                                                                  "cache_limit": value}))
+
+
+def test_numbers_as_people_type_them_are_numbers_and_switches_stay_refused(digits, tmp_path):
+    """PyYAML reads YAML 1.1, where `1e-3` is text; the launcher reads YAML 1.2's numbers, in recipe
+    files and overrides alike, and still refuses `true` or quoted text where a number belongs."""
+    path = tmp_path / "exp.yaml"
+    path.write_text(yaml.safe_dump(small_recipe(digits, tmp_path / "run")).replace("lr: 0.05", "lr: 1e-3"))
+    assert "lr: 1e-3" in path.read_text()
+    recipe = load_recipe(path, ["optimizer.weight_decay=5e-4", "schedule.warmup_lr=1E-6", "schedule.min_lr=2.5e0"])
+    assert (recipe.optimizer.lr, recipe.optimizer.weight_decay, recipe.schedule.warmup_lr,
+            recipe.schedule.min_lr) == (0.001, 0.0005, 1e-6, 2.5)
+    with pytest.raises(LauncherError, match=r"'optimizer.lr' = '1e-3': a number, not text: write it without quotes"):
+        load_recipe(path, ["optimizer.lr='1e-3'"])
+    with pytest.raises(LauncherError, match="'data.augment.hflip' = True: a probability, not a switch"):
+        load_recipe(path, ["data.augment.hflip=true"])
+    assert apply_overrides({}, ["run.dir=1e3x", "x=1e3"]) == {"run": {"dir": "1e3x"}, "x": 1000.0}

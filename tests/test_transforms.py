@@ -15,6 +15,7 @@ from launcher.data import seed_for_sample
 from launcher.errors import LauncherError
 from launcher.recipe import DataSection, validate_recipe
 from launcher.transforms import ImageTransform, timm_augmentation
+from tests.conftest import REPO
 
 IMAGENET = {"mean": [0.485, 0.456, 0.406], "std": [0.229, 0.224, 0.225]}
 
@@ -112,11 +113,32 @@ def test_color_jitter_changes_colour_within_its_strength(photos):
 def test_bad_augmentation_settings_are_named():
     with pytest.raises(Exception, match="timm augmentation string such as rand-m9-mstd0.5-inc1"):
         data(augment={"auto_augment": "rand-q9"})
-    with pytest.raises(Exception, match="the smaller first"):
+    with pytest.raises(Exception, match=r"the smaller first, e.g. \[0.08, 1.0\]"):
         data(augment={"scale": [1.0, 0.08]})
+    with pytest.raises(Exception, match=r"the smaller first, e.g. \[0.75, 1.333\]"):  # its own example
+        data(augment={"ratio": [4 / 3, 3 / 4]})
     with pytest.raises(LauncherError, match="data.crop_pct"):
         validate_recipe({"model": {"name": "resnet18", "num_classes": 2}, "train": {"epochs": 1},
                          "data": {"train": "x.tar", "batch_size": 2, "crop_pct": 1.5}})
+
+
+@pytest.mark.parametrize("config", ["rand-m9-mstd0.5-inc1", "augmix-m5-w4-d2", "original"])
+def test_timm_augmentation_strings_work_on_grey_images_filling_with_the_grey_mean(config):
+    """A grey recipe (Fashion-MNIST: in_chans 1) with a timm string passed --check and died at step
+    0: timm fills shears, translations and rotations with an RGB triple, which PIL refuses for a
+    one-channel image. The fill is now the grey mean, one value."""
+    from launcher.recipe import load_recipe
+
+    recipe = load_recipe(REPO / "recipes" / "fashion_mnist.yaml",
+                         [f"data.augment.auto_augment={config}", "data.augment_on=loader"])
+    transform = ImageTransform(recipe.data, 1, train=True)
+    torch.manual_seed(0)
+    white = torch.full((1, 28, 28), 255, dtype=torch.uint8)
+    outs = torch.stack([transform(white) for _ in range(60)])
+    assert outs.shape == (60, 1, 28, 28) and outs.std() > 0
+    if config.startswith("rand"):  # a geometric op moved the white image over the fill: round(255 x 0.2860)
+        fill = (73 / 255 - 0.2860) / 0.3530
+        assert any(((out - fill).abs() < 1e-5).any() and (out > 1).any() for out in outs)
 
 
 def test_randaugment_at_full_magnitude_posterizes_to_black_instead_of_failing(photos):

@@ -12,6 +12,8 @@ writes its shard; DCP reshards on load, so a run resumes on another process coun
 from __future__ import annotations
 
 import os
+import pickle
+import sys
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Optional
@@ -60,8 +62,10 @@ class FullyShardedDataParallel(GatheredWeights):
         shape = self.mesh_shape()
         mesh = init_device_mesh(self.accelerator.device.type, shape,
                                 mesh_dim_names=("shard",) if len(shape) == 1 else ("replicate", "shard"))
-        units = size_based_units(model, options.fsdp_min_params or 10 ** 8) if options.fsdp_wrap == "size" \
-            else repeated_blocks(model)
+        min_params = options.fsdp_min_params or 10 ** 8
+        units = size_based_units(model, min_params) if options.fsdp_wrap == "size" else repeated_blocks(model)
+        if not units:
+            self.no_units(model, min_params)
         if options.fsdp_activation_checkpointing:
             checkpoint_activations(innermost(units))
         policy = MixedPrecisionPolicy()
@@ -92,6 +96,29 @@ class FullyShardedDataParallel(GatheredWeights):
 
             model.forward = convert_outputs_to_fp32(model.forward)
         return model, self.accelerator.prepare(optimizer)
+
+    def no_units(self, model, min_params: int) -> None:
+        """The wrap policy found no unit below the root: the model is one unit, gathered whole for
+        every forward, and activation checkpointing (which recomputes units) would do nothing. That
+        was silent (fsdp_wrap=size on a model under the 100M default); now it is refused with
+        activation checkpointing and a warning without."""
+        options = self.options
+        if options.fsdp_wrap == "size":
+            largest = max((sum(p.numel() for p in m.parameters()) for m in model.children()), default=0)
+            hint = (f"no module of {type(model).__name__} reaches distributed.fsdp_min_params={min_params:,} parameters "
+                    f"(its largest child holds {largest:,}). Set fsdp_min_params lower (e.g. {max(1, largest // 4):,}) "
+                    "or use fsdp_wrap=blocks")
+        else:
+            hint = (f"{type(model).__name__} has no Sequential or ModuleList of two or more blocks of one class. Use "
+                    "distributed.fsdp_wrap=size with an fsdp_min_params below its modules' sizes")
+        if options.fsdp_activation_checkpointing:
+            raise LauncherError(f"distributed.fsdp_activation_checkpointing recomputes the FSDP units below the root, "
+                                f"and fsdp_wrap={options.fsdp_wrap} made none: {hint}; or turn activation "
+                                "checkpointing off.")
+        if self.accelerator.is_main_process:
+            print(f"warning: distributed.fsdp_wrap={options.fsdp_wrap} made no FSDP unit below the root: the whole "
+                  f"model is gathered for every forward (FSDP saves memory between steps only): {hint}.",
+                  file=sys.stderr, flush=True)
 
     def micro_batch_context(self, model, first: bool, last: bool):
         # Gradients are reduce-scattered at the step's last micro-batch only; BatchNorm buffers
@@ -158,13 +185,46 @@ def load_sharded(state: dict, path: Path) -> None:
         raise LauncherError(f"Could not read the sharded checkpoint in {path}: {err}") from None
 
 
+class MetadataUnpickler(pickle.Unpickler):
+    """DCP's .metadata file, unpickled with DCP_METADATA_GLOBALS and torch dtypes only."""
+
+    def find_class(self, module, name):
+        allowed = ((module, name) in DCP_METADATA_GLOBALS or module == "torch.distributed.checkpoint.metadata"
+                   or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
+        if not allowed:
+            raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+        return super().find_class(module, name)
+
+
+def sharded_checkpoint_problem(path: Path) -> Optional[str]:
+    """Why the sharded checkpoint in `path` cannot be loaded safely, or None: its .metadata or
+    one of its pickled (non-tensor) entries names more than DCP's types and tensors. The checkpoint
+    plugin's verify asks this before choosing a checkpoint, as it checks the .pt files of the
+    others, so a damaged newest one is skipped for an older one instead of stopping the resume
+    (torch's loader logs the refusal as tracebacks, then fails on every rank)."""
+    import io
+
+    from torch.distributed.checkpoint.metadata import BytesStorageMetadata
+
+    try:
+        with open(path / ".metadata", "rb") as f:
+            metadata = MetadataUnpickler(f).load()
+        for index, info in metadata.storage_data.items():
+            if not isinstance(metadata.state_dict_metadata.get(index.fqn), BytesStorageMetadata):
+                continue
+            with open(path / info.relative_path, "rb") as f:
+                f.seek(info.offset)
+                torch.load(io.BytesIO(f.read(info.length)), weights_only=True)
+    except (pickle.UnpicklingError, OSError, EOFError, AttributeError, TypeError, ValueError, RuntimeError) as err:
+        return f"'{path}' cannot be loaded safely ({str(err).splitlines()[0][:200] if str(err) else type(err).__name__})"
+    return None
+
+
 def safe_dcp_loading(path: Path):
     """A reader and planner for dcp.load that refuse code in a checkpoint. torch's own read the
     .metadata file with pickle.load and non-tensor entries with torch.load(weights_only=False), so
     a tampered checkpoint could run anything; these allow DCP's data classes and tensors only.
     Written by hand: torch.distributed.checkpoint has no safe-loading option (torch 2.14)."""
-    import pickle
-
     from torch.distributed.checkpoint import FileSystemReader
     from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
     from torch.distributed.checkpoint.metadata import StorageMeta
@@ -174,14 +234,6 @@ def safe_dcp_loading(path: Path):
             f"Refusing to load '{what}': it holds pickled objects other than tensors and torch.distributed."
             f"checkpoint's own types ({why}), and loading it could run code. If you did not write this "
             "checkpoint, do not trust it; resume from another one or start afresh.")
-
-    class MetadataUnpickler(pickle.Unpickler):
-        def find_class(self, module, name):
-            allowed = ((module, name) in DCP_METADATA_GLOBALS or module == "torch.distributed.checkpoint.metadata"
-                       or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)))
-            if not allowed:
-                raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
-            return super().find_class(module, name)
 
     class SafeReader(FileSystemReader):
         def read_metadata(self, *args, **kwargs):

@@ -374,6 +374,9 @@ def _train(ctx: RunContext) -> None:
         compile_in_place(ctx.model, recipe.train.compile)
     set_seed(recipe.seed + ctx.rank)  # dropout and other draws differ per rank
     _lock_run_dir(ctx)  # before anything reads or writes the run directory (resume)
+    # A run directory that already holds a status (a relaunch) must not go on saying "finished"
+    # when this launch fails to resume: failures from here on are written to it.
+    ctx.started = (ctx.run_dir / "status.json").is_file()
     plugins.call("after_prepare", ctx)
 
     if ctx.is_main:

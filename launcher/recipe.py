@@ -591,7 +591,21 @@ def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "re
                             "not compiled by this launcher yet. Drop train.compile, or train with ddp.")
     _resolve_augment_on(recipe)
     validate_plugins(recipe)  # plugin options are typed too, and combinations are checked
+    _no_op_settings_refused(recipe, source)
     return recipe
+
+
+def _no_op_settings_refused(recipe: Recipe, source: str) -> None:
+    """Settings that would be accepted and change nothing, which a user would take for working."""
+    from launcher.registry import recipe_precision
+
+    distributed = recipe.distributed
+    if (distributed.strategy == "fsdp" and "fsdp_mixed_precision" in distributed.model_fields_set
+            and recipe_precision(recipe) == "fp32"):
+        raise LauncherError(f"Recipe {source}: distributed.fsdp_mixed_precision={distributed.fsdp_mixed_precision} "
+                            "chooses how FSDP runs bf16, and this recipe trains in fp32 (no plugin sets a mixed "
+                            "precision, e.g. amp with dtype bf16), so it would do nothing. Add mixed precision, or "
+                            "remove distributed.fsdp_mixed_precision.")
 
 
 def _resolve_augment_on(recipe: Recipe) -> None:

@@ -160,6 +160,12 @@ def verify(folder: Path) -> Optional[str]:
                 problem = _unsafe_pickle(folder / name)
                 if problem:
                     return problem
+        if "fsdp/.metadata" in meta["files"]:
+            from launcher.fsdp import sharded_checkpoint_problem
+
+            problem = sharded_checkpoint_problem(folder / "fsdp")
+            if problem:
+                return problem
     except (KeyError, TypeError, ValueError, AttributeError) as err:
         return f"'{meta_file}' is malformed ({type(err).__name__}: {err})"
     return None

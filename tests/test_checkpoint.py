@@ -82,6 +82,9 @@ def test_resuming_with_a_changed_recipe_is_refused_with_the_differences(digits, 
     changed = recipe(digits, tmp_path / "run", 20, optimizer={"lr": 0.2, "name": "momentum"})
     with pytest.raises(LauncherError, match=r"different recipe.*optimizer.lr: 0.05 -> 0.2"):
         train(changed)
+    # status.json tells the truth: the relaunch failed (it said "finished", from the run before).
+    status = json.loads((tmp_path / "run" / "status.json").read_text())
+    assert status["state"] == "failed" and "optimizer.lr: 0.05 -> 0.2" in status["error"], status
     # train.max_steps and train.epochs are safe to change
     assert recipe_differences({"train": {"epochs": 1, "max_steps": 5}}, {"train": {"epochs": 3, "max_steps": 9}}) == []
 

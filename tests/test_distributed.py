@@ -542,6 +542,8 @@ def test_the_plugins_that_are_not_refused_run_together_under_fsdp(digits, tmp_pa
     ({"distributed": {"strategy": "ddp", "fsdp_activation_checkpointing": True}},
      "fsdp_activation_checkpointing applies to strategy fsdp"),
     ({"distributed": {"fsdp_min_params": 1000}}, "fsdp_min_params applies to fsdp_wrap=size"),
+    ({"distributed": {"fsdp_mixed_precision": "autocast"}},
+     "fsdp_mixed_precision=autocast chooses how FSDP runs bf16, and this recipe trains in fp32"),
 ])
 def test_what_fsdp_does_not_run_is_refused_with_the_reason(digits, tmp_path, changes, message):
     raw = small_recipe(digits, tmp_path, train={"epochs": 2}, distributed={"strategy": "fsdp"})
@@ -683,6 +685,46 @@ def assert_deepspeed_pickles_are_loaded_safely(checkpoint: Path, tmp_path: Path)
     assert "load" not in vars(engine.checkpoint_engine) and not marker.exists()
 
 
+def test_a_damaged_newest_fsdp_checkpoint_is_skipped_for_an_older_one_like_a_ddp_one(digits, tmp_path):
+    """Its .metadata replaced by a pickle that runs code, the checksums in meta.json re-signed: the
+    resume stopped with torch's tracebacks and status.json still said "finished". Now verify
+    refuses it (as it refuses a DDP checkpoint's unsafe .pt), the run resumes from the one before,
+    and the code never runs; so does a pickled entry inside the shards that names code."""
+    import pickle
+
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    from launcher.fsdp import sharded_checkpoint_problem
+    from launcher.loop import train
+    from plugins.checkpoint import verify
+    from tests.test_checkpoint import _Evil, resign
+
+    def run(steps):
+        try:
+            return train(validate_recipe(small_recipe(digits, tmp_path / "run", train={"epochs": 1, "max_steps": steps},
+                                                      distributed={"strategy": "fsdp"},
+                                                      plugins={"checkpoint": {"every_steps": 5}})))
+        finally:
+            if dist.is_initialized():
+                dist.destroy_process_group()
+
+    run(10)
+    newest, marker = tmp_path / "run" / "checkpoints" / "step-00000010", tmp_path / "pwned"
+    assert verify(newest) is None
+    with (newest / "fsdp" / ".metadata").open("wb") as f:
+        pickle.dump(_Evil(marker), f)
+    resign(newest)
+    assert "fsdp' cannot be loaded safely (posix.system is not allowed)" in verify(newest)
+    with pytest.warns(UserWarning, match=r"skipping checkpoint step-00000010: .*cannot be loaded safely"):
+        ctx = run(15)
+    assert ctx.step == 15 and not marker.exists()
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["state"] == "finished"
+    # A non-tensor entry of the shards that pickles code is caught the same way.
+    dcp.save({"model": {"w": torch.arange(6.0)}, "extra": _Evil(marker)}, checkpoint_id=str(tmp_path / "bytes"))
+    assert "cannot be loaded safely" in sharded_checkpoint_problem(tmp_path / "bytes") and not marker.exists()
+
+
 def test_a_tampered_fsdp_checkpoint_is_refused_and_its_code_never_runs(tmp_path):
     """torch.distributed.checkpoint reads .metadata with pickle.load and non-tensor entries with
     torch.load(weights_only=False); launcher.fsdp.load_sharded reads real checkpoints and
@@ -725,8 +767,10 @@ def one_rank_fsdp(digits):
     from launcher.fsdp import FullyShardedDataParallel
 
     def make(mixed_precision="no", **options):
-        recipe = validate_recipe(small_recipe(digits, Path("unused"), distributed={"strategy": "fsdp", **options}))
-        accelerator = types.SimpleNamespace(device=torch.device("cpu"), num_processes=1,
+        plugins = {"amp": {"dtype": mixed_precision}} if mixed_precision != "no" else {}
+        recipe = validate_recipe(small_recipe(digits, Path("unused"), distributed={"strategy": "fsdp", **options},
+                                              plugins=plugins))
+        accelerator = types.SimpleNamespace(device=torch.device("cpu"), num_processes=1, is_main_process=True,
                                             mixed_precision=mixed_precision, prepare=lambda optimizer: optimizer)
         return FullyShardedDataParallel(accelerator, recipe)
 
@@ -813,6 +857,28 @@ def test_fsdp_size_based_wrap_picks_what_torchs_fsdp1_policy_wraps(one_rank_fsdp
                     ignored_params=set(), only_wrap_children=True)
     names = {id(m): name for name, m in reference.named_modules()}
     assert len(units) >= 4 and units == sorted(names[id(m)] for m in wrapped)
+
+
+def test_an_fsdp_wrap_that_makes_no_unit_is_refused_with_activation_checkpointing_and_warned_without(
+        one_rank_fsdp, capsys):
+    """fsdp_wrap=size under the 100M default on wrn10_1 (78k parameters) made no unit: activation
+    checkpointing then recomputed nothing and nothing below the root was sharded, silently."""
+    from torch.distributed.fsdp import FSDPModule
+
+    def prepare(strategy):
+        model = _wrn()
+        strategy.prepare(model, torch.optim.SGD(model.parameters(), lr=0.1))
+        return model
+
+    with pytest.raises(LauncherError, match=r"fsdp_activation_checkpointing recomputes the FSDP units below the root, "
+                                            r"and fsdp_wrap=size made none: no module of WideResNet reaches "
+                                            r"distributed.fsdp_min_params=100,000,000 parameters"):
+        prepare(one_rank_fsdp(fsdp_wrap="size", fsdp_activation_checkpointing=True))
+    model = prepare(one_rank_fsdp(fsdp_wrap="size"))
+    assert "warning: distributed.fsdp_wrap=size made no FSDP unit below the root" in capsys.readouterr().err
+    assert [name for name, m in model.named_modules() if isinstance(m, FSDPModule)] == [""]  # the root alone
+    prepare(one_rank_fsdp(fsdp_wrap="size", fsdp_min_params=2000, fsdp_activation_checkpointing=True))
+    assert "warning" not in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("mode, gathered", [("policy", torch.bfloat16), ("autocast", torch.float32)])

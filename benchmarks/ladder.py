@@ -36,6 +36,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.emit_results import emit  # noqa: E402
+from launcher.errors import LauncherError  # noqa: E402
+from launcher.experiment.results import DamagedRun, check_recorded_result, run_result  # noqa: E402
 
 
 @dataclass
@@ -143,9 +145,6 @@ LADDERS = {
         ]),
 }
 
-SHIPPED = ("val_ema_tta/top1", "val_ema/top1", "val_tta/top1", "val/top1")  # the model one would ship, first found
-
-
 def rung_overrides(ladder: Ladder, index: int) -> list[str]:
     """A rung's overrides: its own on the baseline when alone, else every main rung up to it."""
     rung = ladder.rungs[index]
@@ -157,21 +156,6 @@ def rung_overrides(ladder: Ladder, index: int) -> list[str]:
 def slug(index: int, rung: Rung) -> str:
     words = "".join(c if c.isalnum() else "-" for c in rung.name.lower()).strip("-")
     return f"{index:02d}-{'-'.join(w for w in words.split('-') if w)}"
-
-
-def run_result(run_dir: Path) -> dict | None:
-    """The final evaluation of a finished run, or None."""
-    status = run_dir / "status.json"
-    if not status.exists() or json.loads(status.read_text()).get("state") != "finished":
-        return None
-    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    last = [r for r in rows if "val/top1" in r][-1]
-    shipped = next(k for k in SHIPPED if k in last)
-    timing = run_dir / "ladder_time.json"
-    times = json.loads(timing.read_text()) if timing.exists() else {}
-    return {"metric": shipped, "top1": last[shipped], "plain_top1": last["val/top1"], "seconds": times.get("seconds"),
-            "cpu_seconds": times.get("cpu_seconds"),
-            "step": last["step"]}
 
 
 # Where a run's files are and how it is shown: not what decides its result.
@@ -208,7 +192,24 @@ class Record:
 
     def __init__(self, path: Path | None):
         self.path = path
-        self.runs = json.loads(path.read_text())["runs"] if path is not None and path.exists() else []
+        self.runs = self.read(path) if path is not None and path.exists() else []
+
+    @staticmethod
+    def read(path: Path) -> list[dict]:
+        """The record's runs; a record that is not one, or holds an impossible value (a top-1 of
+        1.5, -0.4, text, NaN), is refused naming the entry: it would be reported as a result."""
+        try:
+            runs = json.loads(path.read_text())["runs"]
+            if not isinstance(runs, list) or not all(isinstance(r, dict) for r in runs):
+                raise TypeError("'runs' is not a list of entries")
+            for entry in runs:
+                check_recorded_result(entry.get("result"), f"the entry {entry.get('rung')!r} seed "
+                                                           f"{entry.get('seed')!r} of record '{path}'")
+        except DamagedRun as err:
+            raise SystemExit(f"error: {err}. Fix or remove that entry (its run is trained again).") from None
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise SystemExit(f"error: record '{path}' is not a ladder record ({type(err).__name__}: {err}).") from None
+        return runs
 
     def entry(self, rung: str, seed: int) -> dict | None:
         return next((r for r in self.runs if r["rung"] == rung and r["seed"] == seed), None)
@@ -243,11 +244,18 @@ def result_of(record: Record, run_dir: Path, rung: str, seed: int, overrides: li
     """A finished run's result for this recipe: from its run directory, else from the record. A
     run of another recipe is not this rung's: when training, a finished run directory of another
     recipe is refused (the launcher would resume into it) and a recorded run is trained again."""
-    result = run_result(run_dir)
-    if result is not None:
-        from launcher.recipe import load_recipe
+    try:
+        result = run_result(run_dir)
+        if result is not None:
+            from launcher.recipe import load_recipe
 
-        ran = what_ran(load_recipe(run_dir / "recipe.yaml"))
+            ran = what_ran(load_recipe(run_dir / "recipe.yaml"))
+    except LauncherError as err:  # a damaged run directory is named and left out, never a traceback
+        if training:
+            raise SystemExit(f"error: {err}. Move {run_dir} away to train the run again.") from None
+        print(f"[ladder] {rung} seed {seed}: left out: {err}", file=sys.stderr)
+        result = None
+    if result is not None:
         if ran == recipe:
             if record.find(rung, seed, overrides, recipe) != result:
                 record.add(rung, seed, overrides, recipe, result)

@@ -319,6 +319,57 @@ def test_the_ladder_benchmark_runs_and_continues_where_it_stopped(tmp_path):
     assert "optimizer.lr: 0.5 -> " in refused.stderr
 
 
+def test_the_ladder_table_names_and_leaves_out_damaged_runs_and_refuses_impossible_records(tmp_path, monkeypatch,
+                                                                                           capsys):
+    """--table-only over damaged run directories used to stop with JSONDecodeError / IndexError /
+    a traceback, and a record with top1 1.5 was reported as "106.62 ± 37.57 %"."""
+    from benchmarks import ladder
+
+    runs = tmp_path / "runs"
+
+    def finished(rung: str, seed: int, metrics: str, recipe: bool = True, status: str = '{"state": "finished"}'):
+        run_dir = runs / rung / f"seed{seed}"
+        run_dir.mkdir(parents=True)
+        (run_dir / "status.json").write_text(status)
+        (run_dir / "metrics.jsonl").write_text(metrics)
+        if recipe:
+            (run_dir / "recipe.yaml").write_text("seed: 0\n")
+
+    finished("00-baseline", 0, "", status="")  # an empty status.json
+    finished("00-baseline", 1, '{"step": 10, "val/top1": 0.9}\n{"step": 20, "val/to')  # cut mid-line
+    finished("00-baseline", 2, '{"step": 10, "train/loss": 1.0}\n')  # no evaluation
+    finished("01-random-erasing", 0, '{"step": 10, "val/top1": 0.9}\n', recipe=False)
+    finished("01-random-erasing", 1, '{"step": 10, "val/top1": 1.5}\n')  # not an accuracy
+
+    def table(*extra: str) -> tuple[int, str]:
+        monkeypatch.setattr(sys, "argv", ["ladder.py", "--data", "digits", "--table-only", "--runs", str(runs),
+                                          "--rungs", "0", "1", *extra])
+        try:
+            code = ladder.main()
+        except SystemExit as stop:
+            code = stop.code
+        return code, str(code) + capsys.readouterr().err
+
+    code, err = table()
+    assert code == 1 and "Traceback" not in err and "no finished runs" in err, err
+    for words in ("00-baseline seed 0: left out: status file", "status.json' is unreadable",
+                  "00-baseline seed 1: left out: metrics file", "line 2 is not a whole JSON row",
+                  "00-baseline seed 2: left out: ", "holds no evaluation (no val/top1 row)",
+                  "01-random-erasing seed 0: left out: ", "has no recipe.yaml",
+                  "01-random-erasing seed 1: left out: ", "is 1.5, which is not an accuracy"):
+        assert words in err, (words, err)
+    for value in (1.5, -0.4, "0.9", float("nan")):
+        record = tmp_path / "record.json"
+        record.write_text(json.dumps({"runs": [{"rung": "00-baseline", "seed": 0, "overrides": [], "recipe": {},
+                                                "result": {"metric": "val/top1", "top1": value}}]}))
+        code, err = table("--record", str(record))
+        assert "error: top1 of the entry '00-baseline' seed 0 of record" in str(code) and \
+            f"is {value!r}, which is not an accuracy" in str(code), code
+    record.write_text("[1, 2]")
+    code, _ = table("--record", str(record))
+    assert "is not a ladder record" in str(code)
+
+
 def test_two_ladders_sharing_a_record_keep_each_others_runs(tmp_path):
     """Seeds run side by side in two ladder processes write one record: each addition re-reads it."""
     from benchmarks.ladder import Record

@@ -48,6 +48,9 @@ class RunSection(Section):
     dir: Optional[str] = Field(None, description="run directory; default runs/<recipe name>")
     log_every: int = Field(10, ge=1, description="optimizer steps between train rows in metrics.jsonl")
     progress: bool = Field(True, description="live progress bar on a terminal; otherwise (a log file, or false) one plain line per logged row")
+    experiment: Optional[dict[str, Any]] = Field(
+        None, description="set by launcher.experiment for each trial: {name, trial, rung, seed, combo}; trackers "
+                          "group a trial's run by it (W&B: group = experiment, job type = rung)")
 
     @field_validator("dir")
     @classmethod

@@ -108,6 +108,10 @@ class Plugin:
     # relaunched (job schedulers check for one before submitting).
     resumes_runs: ClassVar[bool] = False
 
+    # True for a plugin that only reports (loggers, dashboards): its options do not change what
+    # a run trains, so an experiment's record of a trial does not depend on them.
+    reports_only: ClassVar[bool] = False
+
     @classmethod
     def check_recipe(cls, recipe, options: PluginOptions) -> Optional[str]:
         """Return a reason if this plugin cannot run with this recipe (precision, strategy...)."""

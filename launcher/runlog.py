@@ -314,6 +314,21 @@ class RunDirLock:
         self.release()
         return None
 
+    @staticmethod
+    def held(run_dir: Path) -> bool:
+        """Whether a process (of any launch) holds the run directory's lock now. Asked by processes
+        that hold no lock on it themselves (closing the probe would drop theirs: POSIX locks)."""
+        path = run_dir / ".lock"
+        if not path.exists():
+            return False
+        with open(path, "a+") as probe:
+            try:
+                fcntl.lockf(probe, fcntl.LOCK_EX | fcntl.LOCK_NB, 0, 0)
+            except OSError as err:
+                return err.errno in (errno.EACCES, errno.EAGAIN)
+            fcntl.lockf(probe, fcntl.LOCK_UN, 0, 0)
+        return False
+
     def release(self) -> None:
         if self._file is not None:
             self._file.close()  # closing drops this process's locks

@@ -173,23 +173,33 @@ def submit(args) -> int:
     for run_dir, recipe in recipes:
         (run_dir / "slurm").mkdir(parents=True, exist_ok=True)
         (run_dir / "slurm" / "recipe.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
+    job_id, script_file = sbatch_script(sbatch, script, base)
+    for index, (run_dir, _) in enumerate(recipes):
+        task = f"{job_id}_{index}" if len(recipes) > 1 else job_id
+        record_job(run_dir, task, script_file)
+        print(f"submitted job {task}: run directory {run_dir}")
+    return 0
+
+
+def sbatch_script(sbatch: str, script: str, base: Path, suffix: str = "") -> tuple[str, Path]:
+    """Write the batch script under base/slurm/ and submit it; (job id, script file)."""
     stamp = time.strftime("%Y%m%d-%H%M%S")
-    script_file = base / "slurm" / f"submit-{stamp}.sbatch"
+    script_file = base / "slurm" / f"submit-{stamp}{suffix}.sbatch"
     script_file.parent.mkdir(parents=True, exist_ok=True)
     script_file.write_text(script)
     result = subprocess.run([sbatch, "--parsable", str(script_file)], capture_output=True, text=True)
     if result.returncode != 0:
         raise LauncherError(f"sbatch refused the job: {result.stderr.strip() or result.stdout.strip()} "
                             f"(script: {script_file}).")
-    job_id = result.stdout.strip().split(";")[0]
-    for index, (run_dir, _) in enumerate(recipes):
-        task = f"{job_id}_{index}" if len(recipes) > 1 else job_id
-        record = {"job_id": task, "submitted": time.time(), "script": str(script_file)}
-        jobs_file = run_dir / "slurm" / "jobs.json"
-        jobs = json.loads(jobs_file.read_text()) if jobs_file.exists() else []
-        jobs_file.write_text(json.dumps(jobs + [record], indent=1) + "\n")
-        print(f"submitted job {task}: run directory {run_dir}")
-    return 0
+    return result.stdout.strip().split(";")[0], script_file
+
+
+def record_job(run_dir: Path, task: str, script_file: Path) -> None:
+    """<run dir>/slurm/jobs.json: every job (array task) submitted for the run, the newest last."""
+    jobs_file = run_dir / "slurm" / "jobs.json"
+    jobs = json.loads(jobs_file.read_text()) if jobs_file.exists() else []
+    record = {"job_id": task, "submitted": time.time(), "script": str(script_file)}
+    jobs_file.write_text(json.dumps(jobs + [record], indent=1) + "\n")
 
 
 def job_state(job_id: str) -> dict:

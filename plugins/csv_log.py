@@ -35,6 +35,8 @@ def metrics_csv(jsonl_text: str) -> str:
 class CsvLog(Plugin):
     """Write metrics.csv next to metrics.jsonl (after each evaluation and at the end)."""
 
+    reports_only = True
+
     def setup(self, ctx) -> None:
         target = metrics_file(ctx.run_dir).with_suffix(".csv")
         if target.is_dir():

@@ -24,6 +24,8 @@ from launcher.registry import Plugin, PluginOptions, register
 class Report(Plugin):
     """Evaluation report at the end of the run: curves, confusion matrix, PR/ROC, report.json."""
 
+    reports_only = True
+
     class Options(PluginOptions):
         wandb: bool = Field(True, description="also log the images and table to the active wandb run, if any")
 

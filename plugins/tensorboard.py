@@ -24,6 +24,8 @@ from launcher.registry import Plugin, register
 class TensorBoardLogger(Plugin):
     """Log every metrics row as TensorBoard scalars (<run dir>/tensorboard)."""
 
+    reports_only = True
+
     writer = None
 
     @classmethod

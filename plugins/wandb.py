@@ -23,6 +23,8 @@ from launcher.runlog import atomic_write_text
 class WandbLogger(Plugin):
     """Log metrics to Weights & Biases (offline by default)."""
 
+    reports_only = True
+
     class Options(PluginOptions):
         project: str = Field("launcher", description="wandb project name")
         mode: Literal["offline", "online", "disabled"] = Field("offline", description="offline needs no network")
@@ -45,17 +47,23 @@ class WandbLogger(Plugin):
         run_id = id_file.read_text().strip() if resumed else secrets.token_hex(4)  # wandb's id alphabet
         ctx.run_dir.mkdir(parents=True, exist_ok=True)
         atomic_write_text(id_file, run_id + "\n")
+        # A trial of an experiment (launcher.experiment): grouped by experiment, typed by rung.
+        trial = ctx.recipe.run.experiment or {}
+        config = ctx.recipe.to_dict()
+        if trial:
+            config.update(experiment=trial.get("name"), rung=trial.get("rung"), trial=trial.get("trial"))
         self.run = wandb.init(
             id=run_id,
             resume="allow",
             project=self.options.project,
             entity=self.options.entity,
-            group=self.options.group,
+            group=self.options.group or trial.get("name"),
+            job_type=trial.get("rung"),
             mode=self.options.mode,
-            name=self.options.name or ctx.recipe.name,
+            name=self.options.name or (f"{trial['name']}/{trial['trial']}" if trial else ctx.recipe.name),
             tags=self.options.tags,
             dir=str(ctx.run_dir),
-            config=ctx.recipe.to_dict(),
+            config=config,
         )
 
     def on_log(self, ctx, row: dict) -> None:

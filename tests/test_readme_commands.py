@@ -50,7 +50,12 @@ README_COMMANDS = {
     "python -m launcher.shards imagefolder --src DIR --out data/mine": ("test", "tests/test_data.py::test_imagefolder_source"),
     "python -m launcher.shards npz --src arrays.npz --out data/mine": ("test", "tests/test_data.py::test_npz_source"),
     "python -m launcher.shards index 'data/other/train-{000000..000999}.tar'": ("test", "tests/test_data.py::test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first_use"),
-    "python benchmarks/ladder.py --out benchmarks/results/ladder_fashion.md": ("test", "tests/test_readme_commands.py::test_the_ladder_benchmark_runs_and_continues_where_it_stopped"),
+    "python -m launcher.experiment run experiments/fashion_mnist_ladder.yaml --parallel 2": ("test", "tests/test_readme_commands.py::test_the_shipped_fashion_experiment_runs_a_variant_apart_from_its_committed_record"),
+    "python -m launcher.experiment status experiments/fashion_mnist_ladder.yaml": ("test", "tests/test_experiment.py::test_report_and_status_of_an_experiment_that_has_not_run"),
+    "python -m launcher.experiment report experiments/fashion_mnist_ladder.yaml": ("test", "tests/test_readme_commands.py::test_the_readme_results_are_what_report_makes_of_the_committed_records"),
+    "python -m launcher.experiment submit experiments/cifar100_ladder.yaml --nodes 1 --gpus-per-node 1 --time 24:00:00 --max-parallel 8": ("test", "tests/test_experiment.py::test_the_cifar100_ladder_is_ready_for_a_cluster"),
+    "python -m launcher.experiment cancel experiments/cifar100_ladder.yaml": ("test", "tests/test_slurm.py::test_an_experiment_runs_as_a_job_array_that_requeues_and_cancels"),
+    "python -m launcher.shards fashion-mnist --src DIR --out data/fashion-mnist-1250 --shard-size 1250": ("test", "tests/test_readme_commands.py::test_the_shipped_fashion_experiment_runs_a_variant_apart_from_its_committed_record"),
     "python benchmarks/data_scale.py": ("test", "tests/test_readme_commands.py::test_the_data_scale_benchmark_runs"),
     "python benchmarks/startup.py --baseline 308766b": ("test", "tests/test_readme_commands.py::test_the_startup_benchmark_runs"),
     "make gpu-check": ("test", "tests/test_readme_commands.py::test_make_gpu_check_runs"),
@@ -258,177 +263,84 @@ def test_the_augment_speed_benchmark_runs(tmp_path):
     assert len(end_to_end) == 3 and all(float(line.split("|")[-2]) > 0 for line in end_to_end)
 
 
-def test_the_ladder_benchmark_runs_and_continues_where_it_stopped(tmp_path):
-    """benchmarks/ladder.py on IDX files in the real format (random images), 2 steps a run: a
-    cumulative rung and one alone, then a rerun with one more seed trains only the new seed's runs,
-    and a rerun without the run directories trains nothing (the record next to the report)."""
+def test_the_shipped_fashion_experiment_runs_a_variant_apart_from_its_committed_record(workdir, tmp_path):
+    """`python -m launcher.experiment run experiments/fashion_mnist_ladder.yaml --parallel 2` on IDX
+    files in the real format (random images), one seed of two rungs, 2 steps a trial: the command
+    line's overrides make a variant, whose trials, record and report live apart from the
+    experiment's own (the committed record is never touched)."""
     from tests.test_data import fake_idx_folder
 
-    fake_idx_folder(tmp_path / "idx", n_train=40, n_val=12)
-    out, runs = tmp_path / "ladder.md", tmp_path / "runs"
-    base = command("python benchmarks/ladder.py") + [
-        "--src", str(tmp_path / "idx"), "--data-dir", str(tmp_path / "data"), "--runs", str(runs), "--rungs", "0", "2",
-        "6", "--out", str(out), "train.max_steps=2", "model.name=wrn10_1", "data.batch_size=8", "data.num_workers=0"]
-    first = run_cli(base + ["--seeds", "0"], timeout=900)
-    assert first.returncode == 0, first.stderr[-3000:]
-    rows = [line for line in out.read_text().splitlines() if line.startswith(("| baseline", "| + ", "| mixup"))]
-    assert [row.split("|")[1].strip() for row in rows] == ["baseline", "+ label smoothing", "mixup / cutmix"]
-    assert all(row.split("|")[7].strip() == "1" for row in rows)  # one seed each
-    assert out.with_suffix(".png").stat().st_size > 10_000 and "| WRN-28-10, 300 epochs" in out.read_text()
-    recipe = yaml.safe_load((runs / "02-label-smoothing" / "seed0" / "recipe.yaml").read_text())
-    assert recipe["plugins"]["sam"] and recipe["plugins"]["label_smoothing"]  # cumulative: SAM is below it
-    assert "sam" not in yaml.safe_load((runs / "06-mixup-cutmix" / "seed0" / "recipe.yaml").read_text())["plugins"]
-    done = {p: p.read_bytes() for p in runs.glob("*/seed0/metrics.jsonl")}
-    second = run_cli(base + ["--seeds", "0", "1"], timeout=900)
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert second.stdout.count("[ladder] ") == 3 and "seed 0:" not in second.stdout  # finished runs are read
-    assert {p: p.read_bytes() for p in runs.glob("*/seed0/metrics.jsonl")} == done
-    assert all(row.split("|")[7].strip() == "2" for row in out.read_text().splitlines() if row.startswith("| + l"))
-    # The run directories gone (another machine, a new sitting): the finished runs' record next to
-    # the report keeps them, and nothing is trained again.
-    assert {r["seed"] for r in json.loads(out.with_suffix(".json").read_text())["runs"]} == {0, 1}
-    shutil.rmtree(runs)
-    third = run_cli(base + ["--seeds", "0", "1"], timeout=900)
-    assert third.returncode == 0 and "[ladder] " not in third.stdout, third.stderr[-3000:]
-    assert all(row.split("|")[7].strip() == "2" for row in out.read_text().splitlines() if row.startswith("| + l"))
-    # The recipe under the ladder changed since a run was recorded (as when recipes/fashion_mnist.yaml
-    # moved to batch 256 under the same overrides): that run is not reported as the new recipe's,
-    # and a rerun trains it again.
-    record = json.loads(out.with_suffix(".json").read_text())
-    changed = next(r for r in record["runs"] if r["rung"] == "02-label-smoothing" and r["seed"] == 1)
-    changed["recipe"]["optimizer.weight_decay"] = 0.01
-    out.with_suffix(".json").write_text(json.dumps(record))
-    table = run_cli(base + ["--seeds", "0", "1", "--table-only"], timeout=300)
-    assert table.returncode == 0, table.stderr[-3000:]
-    assert "02-label-smoothing seed 1: the recorded run was made with another recipe (optimizer.weight_decay: " \
-        "0.01 -> 0.0005); not reported" in table.stderr
-    seeds = {row.split("|")[1].strip(): row.split("|")[7].strip() for row in out.read_text().splitlines()
-             if row.startswith(("| baseline", "| + ", "| mixup"))}
-    assert seeds == {"baseline": "2", "+ label smoothing": "1", "mixup / cutmix": "2"}
-    fourth = run_cli(base + ["--seeds", "0", "1"], timeout=900)
-    assert fourth.returncode == 0, fourth.stderr[-3000:]
-    assert fourth.stdout.count("[ladder] ") == 1 and "[ladder] + label smoothing    seed 1:" in fourth.stdout
-    assert "training it again" in fourth.stderr
-    # A finished run directory of another recipe is refused, not read as this rung's.
-    run_dir = runs / "02-label-smoothing" / "seed1"
-    ran = yaml.safe_load((run_dir / "recipe.yaml").read_text())
-    ran["optimizer"]["lr"] = 0.5
-    (run_dir / "recipe.yaml").write_text(yaml.safe_dump(ran))
-    refused = run_cli(base + ["--seeds", "1", "--rungs", "2"], timeout=300)
-    assert refused.returncode != 0 and "holds a finished run of another recipe" in refused.stderr, refused.stderr[-3000:]
-    assert "optimizer.lr: 0.5 -> " in refused.stderr
+    fake_idx_folder(tmp_path / "idx", n_train=2600, n_val=60)
+    argv = command("python -m launcher.shards fashion-mnist --src DIR --out data/fashion-mnist-1250 --shard-size 1250")
+    shards = run_cli([str(tmp_path / "idx") if a == "DIR" else a for a in argv], cwd=workdir)
+    assert shards.returncode == 0, shards.stderr[-2000:]
+    (workdir / "experiments").mkdir(exist_ok=True)
+    shutil.copy(REPO / "experiments" / "fashion_mnist_ladder.yaml", workdir / "experiments")
+    before = (REPO / "benchmarks" / "results" / "ladder_fashion.json").read_bytes()
+    result = run_cli(command("python -m launcher.experiment run experiments/fashion_mnist_ladder.yaml --parallel 2")
+                     + ["--seeds", "0", "--rungs", "baseline", "+ SAM", "data.val=data/fashion-mnist-1250/val-{000000..000000}.tar",
+                        *CHEAP, "data.batch_size=8"], cwd=workdir, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    variant = next((workdir / "runs" / "fashion_mnist_ladder").glob("variant-*"))
+    assert sorted(e["trial"] for e in json.loads((variant / "record.json").read_text())["trials"]) == [
+        "00-baseline/seed-0", "01-sam/seed-0"]
+    assert "| + SAM | rho 0.05 | val/top1 |" in (variant / "report" / "report.md").read_text()
+    assert (REPO / "benchmarks" / "results" / "ladder_fashion.json").read_bytes() == before
 
 
-def test_the_ladder_table_names_and_leaves_out_damaged_runs_and_refuses_impossible_records(tmp_path, monkeypatch,
-                                                                                           capsys):
-    """--table-only over damaged run directories used to stop with JSONDecodeError / IndexError /
-    a traceback, and a record with top1 1.5 was reported as "106.62 ± 37.57 %"."""
-    from benchmarks import ladder
-
-    runs = tmp_path / "runs"
-
-    def finished(rung: str, seed: int, metrics: str, recipe: bool = True, status: str = '{"state": "finished"}'):
-        run_dir = runs / rung / f"seed{seed}"
-        run_dir.mkdir(parents=True)
-        (run_dir / "status.json").write_text(status)
-        (run_dir / "metrics.jsonl").write_text(metrics)
-        if recipe:
-            (run_dir / "recipe.yaml").write_text("seed: 0\n")
-
-    finished("00-baseline", 0, "", status="")  # an empty status.json
-    finished("00-baseline", 1, '{"step": 10, "val/top1": 0.9}\n{"step": 20, "val/to')  # cut mid-line
-    finished("00-baseline", 2, '{"step": 10, "train/loss": 1.0}\n')  # no evaluation
-    finished("01-random-erasing", 0, '{"step": 10, "val/top1": 0.9}\n', recipe=False)
-    finished("01-random-erasing", 1, '{"step": 10, "val/top1": 1.5}\n')  # not an accuracy
-
-    def table(*extra: str) -> tuple[int, str]:
-        monkeypatch.setattr(sys, "argv", ["ladder.py", "--data", "digits", "--table-only", "--runs", str(runs),
-                                          "--rungs", "0", "1", *extra])
-        try:
-            code = ladder.main()
-        except SystemExit as stop:
-            code = stop.code
-        return code, str(code) + capsys.readouterr().err
-
-    code, err = table()
-    assert code == 1 and "Traceback" not in err and "no finished runs" in err, err
-    for words in ("00-baseline seed 0: left out: status file", "status.json' is unreadable",
-                  "00-baseline seed 1: left out: metrics file", "line 2 is not a whole JSON row",
-                  "00-baseline seed 2: left out: ", "holds no evaluation (no val/top1 row)",
-                  "01-random-erasing seed 0: left out: ", "has no recipe.yaml",
-                  "01-random-erasing seed 1: left out: ", "is 1.5, which is not an accuracy"):
-        assert words in err, (words, err)
-    for value in (1.5, -0.4, "0.9", float("nan")):
-        record = tmp_path / "record.json"
-        record.write_text(json.dumps({"runs": [{"rung": "00-baseline", "seed": 0, "overrides": [], "recipe": {},
-                                                "result": {"metric": "val/top1", "top1": value}}]}))
-        code, err = table("--record", str(record))
-        assert "error: top1 of the entry '00-baseline' seed 0 of record" in str(code) and \
-            f"is {value!r}, which is not an accuracy" in str(code), code
-    record.write_text("[1, 2]")
-    code, _ = table("--record", str(record))
-    assert "is not a ladder record" in str(code)
+# The experiments whose tables README's Results section shows: experiment file -> committed report.
+README_EXPERIMENTS = {"fashion_mnist_ladder": "ladder_fashion", "fashion_mnist_5k_ladder": "ladder_fashion_5k"}
 
 
-def test_two_ladders_sharing_a_record_keep_each_others_runs(tmp_path):
-    """Seeds run side by side in two ladder processes write one record: each addition re-reads it."""
-    from benchmarks.ladder import Record
-
-    path = tmp_path / "ladder.json"
-    first, second = Record(path), Record(path)  # both read before either wrote, as two processes do
-    first.add("00-baseline", 0, ["a"], {"k": 1}, {"top1": 0.5})
-    second.add("00-baseline", 1, ["a"], {"k": 1}, {"top1": 0.6})
-    first.add("01-sam", 0, ["b"], {"k": 2}, {"top1": 0.7})
-    assert {(r["rung"], r["seed"]) for r in Record(path).runs} == {("00-baseline", 0), ("00-baseline", 1), ("01-sam", 0)}
-    assert Record(path).find("00-baseline", 1, ["a"], {"k": 1}) == {"top1": 0.6}
-    assert Record(path).find("00-baseline", 1, ["a"], {"k": 2}) is None  # another recipe
+def table_rows(text: str) -> dict[str, list[str]]:
+    """The first markdown table's rows by their first cell (rung names), header and separator left out."""
+    lines = text.splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("|"))
+    table = [line for line in lines[start:][:next((i for i, line in enumerate(lines[start:])
+                                                      if not line.startswith("|")), None)]]
+    cells = [[c.strip() for c in line.split("|")[1:-1]] for line in table[2:]]
+    names = [row[0] for row in cells]
+    assert len(set(names)) == len(names), "a rung name twice: rows are compared by name"
+    return {row[0]: row for row in cells}
 
 
-# The ladders whose tables README's Results section shows: --data name -> committed report.
-README_LADDERS = {"fashion-mnist": "ladder_fashion", "fashion-mnist-5k": "ladder_fashion_5k"}
+@pytest.mark.parametrize("experiment", sorted(README_EXPERIMENTS))
+def test_the_readme_results_are_what_report_makes_of_the_committed_records(tmp_path, experiment):
+    """README's Results table (the one after the link to the report) is the committed report's,
+    and that report is what `python -m launcher.experiment report` makes of the committed record
+    (no run directory, nothing trained); its statistics are scipy's on the record's values."""
+    from scipy import stats
 
-
-@pytest.mark.parametrize("ladder", sorted(README_LADDERS))
-def test_the_readme_results_are_the_committed_ladder_runs(tmp_path, ladder):
-    """README's Results table (the one after the link to the report) is the committed ladder
-    report's, and that report is what benchmarks/ladder.py makes of the committed record of
-    finished runs (no run directories)."""
-    committed = REPO / "benchmarks" / "results" / f"{README_LADDERS[ladder]}.md"
-    result = run_cli(command("python benchmarks/ladder.py") + [
-        "--data", ladder, "--table-only", "--runs", str(tmp_path / "none"), "--record", str(committed.with_suffix(".json")),
-        "--out", str(tmp_path / "ladder.md")], timeout=300)
+    committed = REPO / "benchmarks" / "results" / f"{README_EXPERIMENTS[experiment]}.md"
+    result = run_cli(command(f"python -m launcher.experiment report experiments/{experiment}.yaml")
+                     + ["--out", str(tmp_path / "report.md")], timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
-
-    def rows(text: str) -> dict[str, list[str]]:
-        cells = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
-                 if line.startswith(("| baseline", "| + ", "| mixup", "| EMA"))]
-        assert len({row[0] for row in cells}) == len(cells), "a rung name twice: rows are compared by name"
-        return {row[0]: row for row in cells}
-
-    regenerated, report = rows((tmp_path / "ladder.md").read_text()), rows(committed.read_text())
+    regenerated, report = table_rows((tmp_path / "report.md").read_text()), table_rows(committed.read_text())
     assert regenerated == report and len(report) == 8
-
-    def verdict(text: str) -> list[str]:  # the top rung against the baseline, in standard deviations
-        return [line for line in text.splitlines() if line.startswith("The top of the ladder (+ TTA)")]
-    assert len(verdict(committed.read_text())) == 1
-    assert verdict((tmp_path / "ladder.md").read_text()) == verdict(committed.read_text())
-    # ... and it says what the table's numbers say: the gain is the top rung's column, the spread
-    # the larger of the two rungs' standard deviations, "more" exactly when gain > 2 x spread.
-    gain, spread, more = re.search(r"against the baseline: ([-+]\d+\.\d+) points, .* rungs', (\d+\.\d+)\): "
-                                   r"(more|not more) than 2", verdict(committed.read_text())[0]).groups()
-    assert gain == report["+ TTA"][5]
-    assert float(spread) == max(float(report[name][3].split("± ")[1]) for name in ("baseline", "+ TTA"))
-    assert (more == "more") == (float(gain) > 2 * float(spread))
+    # The numbers, from the record: mean ± std, Student t interval, Welch's p against the baseline.
+    record = json.loads(committed.with_suffix(".json").read_text())["trials"]
+    values = {}
+    for entry in record:
+        values.setdefault(entry["rung"], []).append(100 * entry["result"]["top1"])
+    for name, row in report.items():
+        v = values[name]
+        mean, sem = sum(v) / len(v), stats.sem(v)
+        assert row[3] == f"{mean:.2f} ± {stats.tstd(v):.2f}" and row[5] == "3"
+        low, high = stats.t.interval(0.95, len(v) - 1, loc=mean, scale=sem)
+        assert row[4] == f"{low:.2f} - {high:.2f}"
+        if name != "baseline":
+            p = stats.ttest_ind(v, values["baseline"], equal_var=False).pvalue
+            shown = "< 0.001" if p < 0.001 else f"{p:.3f}"
+            assert row[6] == f"{mean - sum(values['baseline']) / 3:+.2f} (p {shown}{', noise' if p >= 0.05 else ''})"
     readme = (REPO / "README.md").read_text()
     section = readme[readme.index("\n## Results\n"):readme.index("\n## ", readme.index("\n## Results\n") + 5)]
     after_link = section[section.index(f"(benchmarks/results/{committed.name})"):]
     table = after_link[after_link.index("\n|"):].split("\n\n")[0]  # the first table after the link
-    shown = rows(table)
+    shown = table_rows(table)
     assert list(shown) == list(report)  # every rung, in the report's order
-    for name, (_, adds, top1, delta) in shown.items():
-        # the README's columns: rung, adds, top-1 (mean +- std of the seeds), points vs the baseline
-        assert report[name][6] == "3", f"{name}: the README promises 3 seeds a rung"
-        assert (adds, top1, delta) == (report[name][1], report[name][3], report[name][5]), name
+    for name, (_, adds, top1, ci, delta) in shown.items():
+        # the README's columns: rung, adds, top-1 (mean ± std), 95% interval, vs baseline (points, p)
+        assert (adds, top1, ci, delta) == (report[name][1], report[name][3], report[name][4], report[name][6]), name
 
 
 def test_the_data_scale_benchmark_runs(tmp_path):

@@ -176,6 +176,42 @@ def cancelled_for_good(tmp: Path, recipe: Path, interrupted: threading.Event) ->
     return run_dir
 
 
+def experiment_as_arrays(tmp: Path, digits, reached: threading.Event) -> Path:
+    """A 3-trial experiment (one rung, seeds 0-2) submitted as arrays of at most 2 tasks: an array
+    of seeds 0 and 1 (run 2 at a time) and a job for seed 2. Seeds 1 and 2 are cancelled through
+    `experiment cancel` (they checkpoint and do not requeue); seed 0 gets its time-limit warning,
+    requeues itself and resumes. Returns the experiment file."""
+    from tests.test_experiment import experiment_file
+
+    recipe = recipe_file(digits, tmp, "exp_recipe")
+    path = experiment_file(tmp, digits, "exp", recipe=str(recipe), overrides=[], seeds=[0, 1, 2],
+                           rungs=[{"name": "baseline"}])
+    experiment = tmp / "exp"
+    trials = [experiment / "00-baseline" / f"seed-{seed}" for seed in range(3)]
+    try:
+        proc = run_cli([sys.executable, "-m", "launcher.experiment", "submit", str(path), "--time", "30",
+                        "--grace", "600", "--max-parallel", "2", "--max-array-size", "2"], env=PACE)
+        assert proc.returncode == 0, proc.stderr
+        jobs = re.findall(r"submitted job (\d+): (\d) trial", proc.stdout)
+        assert [n for _, n in jobs] == ["2", "1"], proc.stdout
+        (array, _), (single, _) = jobs
+        assert [json.loads((t / "slurm" / "jobs.json").read_text())[-1]["job_id"] for t in trials] == [
+            f"{array}_0", f"{array}_1", single]
+        for run_dir in trials:
+            wait_for(lambda: trained_steps(run_dir) >= 100, 400, f"{run_dir} to reach step 100")
+    finally:
+        reached.set()
+    cancel = run_cli([sys.executable, "-m", "launcher.experiment", "cancel", str(path), "--seeds", "1", "2"])
+    assert cancel.returncode == 0 and cancel.stdout.count("cancelled job") == 2, cancel.stdout + cancel.stderr
+    shorten_time_limit(f"{array}_0")
+    wait_for(lambda: (lambda j: j.get("Restarts") == "1" and j.get("JobState") in ("PENDING", "RUNNING"))(
+        job(f"{array}_0")), 180, "the task to requeue itself")
+    subprocess.run(["scontrol", "update", f"JobId={array}_0", "TimeLimit=30"], check=True)
+    for job_id in (f"{array}_0", f"{array}_1", single):
+        wait_done(job_id)
+    return path
+
+
 @pytest.fixture(scope="module")
 def slurm_runs(cluster, digits, tmp_path_factory):
     """The long scenarios run side by side (the test cluster's nodes hold several jobs, and most of
@@ -192,7 +228,7 @@ def slurm_runs(cluster, digits, tmp_path_factory):
     fsdp = recipe_file(digits, tmp / "fsdp", "fsdp", epochs=2, distributed={"strategy": "fsdp"})
     # The interrupted scenarios must reach step 100 within their wait; the others start only once
     # they have (or have failed to): 18 ranks starting at once on 2 cores took CI past 400 s.
-    interrupted = {name: threading.Event() for name in ("time_limit", "scancel", "cancel")}
+    interrupted = {name: threading.Event() for name in ("time_limit", "scancel", "cancel", "experiment")}
 
     def after_the_interruptions(scenario):
         def run():
@@ -208,6 +244,7 @@ def slurm_runs(cluster, digits, tmp_path_factory):
             tmp, recipe, "scancel", lambda job_id: subprocess.run(["scancel", "--signal=USR1", job_id], check=True),
             interrupted["scancel"]),
         "cancel": lambda: cancelled_for_good(tmp, recipe, interrupted["cancel"]),
+        "experiment": lambda: experiment_as_arrays(tmp, digits, interrupted["experiment"]),
         "reference": after_the_interruptions(lambda: on_two_nodes_and_locally(recipe, tmp, "30")),
         "zero3": after_the_interruptions(lambda: on_two_nodes_and_locally(zero3, tmp / "zero3", "30")),
         "fsdp": after_the_interruptions(lambda: on_two_nodes_and_locally(fsdp, tmp / "fsdp", "30")),
@@ -261,6 +298,34 @@ def test_cancel_checkpoints_and_stops_for_good(slurm_runs):
     # Slurm forgets a finished job after MinJobAge: on a busy machine the second cancel may come later.
     assert again.returncode == 0 and re.search(r"(is CANCELLED|is unknown to Slurm now); nothing to cancel",
                                                again.stdout), again.stdout
+
+
+def test_an_experiment_runs_as_a_job_array_that_requeues_and_cancels(slurm_runs, tmp_path):
+    """`python -m launcher.experiment submit` on the test cluster: the trials as arrays (split at
+    --max-array-size, %K at --max-parallel); a task that hits its time-limit warning checkpoints,
+    requeues itself and resumes exactly (its weights equal a local run of its recipe); `cancel`
+    checkpoints and stops the others for good; `status` says where each stands, with its job."""
+    path = slurm_runs[1]["experiment"].result()
+    experiment = path.parent / "exp"
+    seed0 = experiment / "00-baseline" / "seed-0"
+    log = logs(seed0)
+    # The time-limit warning (or, on a loaded machine, the limit itself: SIGTERM) made it checkpoint.
+    assert "requeueing (restart 1" in log and "resumed from" in log and "run state: finished" in log, log
+    assert "#SBATCH --array=0-1%2" in next((experiment / "slurm").glob("submit-*-0.sbatch")).read_text()
+    local = run_cli([sys.executable, "-m", "launcher", str(seed0 / "slurm" / "recipe.yaml"),
+                     f"run.dir={tmp_path / 'local'}"])
+    assert local.returncode == 0, local.stderr[-3000:]
+    assert weights(seed0) == weights(tmp_path / "local")
+    for seed in (1, 2):
+        run_dir = experiment / "00-baseline" / f"seed-{seed}"
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+        assert "not requeueing" in logs(run_dir)
+    status = run_cli([sys.executable, "-m", "launcher.experiment", "status", str(path), "--json"])
+    states = {r["trial"]: (r["state"], r["job"]) for r in json.loads(status.stdout)}
+    assert [s for s, _ in states.values()] == ["finished", "interrupted", "interrupted"], states
+    assert all(job for _, job in states.values())
+    report = run_cli([sys.executable, "-m", "launcher.experiment", "report", str(path)])
+    assert report.returncode == 0 and "2 trial(s) not finished" in report.stdout, report.stdout + report.stderr
 
 
 def test_time_limits_in_slurm_forms():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 from typing import Any, Optional
 
@@ -75,6 +76,12 @@ def check_accuracy(value: Any, where: str) -> float:
     return float(value)
 
 
+def check_finite(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise DamagedRun(f"{where} is {value!r}, not a finite number")
+    return float(value)
+
+
 def run_result(run_dir: Path, metric: Optional[str] = None) -> Optional[dict]:
     """The final evaluation of a finished run: {metric, top1, plain_top1, step, ...}; None when
     the run has not finished; DamagedRun naming the file when a finished run cannot give one.
@@ -94,10 +101,12 @@ def run_result(run_dir: Path, metric: Optional[str] = None) -> Optional[dict]:
         raise DamagedRun(f"the last evaluation in '{run_dir / 'metrics.jsonl'}' has no '{chosen}' (it logs "
                          f"{', '.join(logged)})")
     where = f"'{run_dir / 'metrics.jsonl'}' step {last.get('step')}"
-    result = {"metric": chosen, "top1": check_accuracy(last[chosen], f"{chosen} in {where}"),
+    check = check_accuracy if re.search(r"top\d+$", chosen) else check_finite
+    # "top1" holds the chosen metric's value whatever it is (the records' field name since the ladders).
+    result = {"metric": chosen, "top1": check(last[chosen], f"{chosen} in {where}"),
               "plain_top1": check_accuracy(last["val/top1"], f"val/top1 in {where}"), "step": last.get("step")}
-    timing = run_dir / "ladder_time.json"
-    if timing.exists():
+    timing = next((t for t in (run_dir / "trial_time.json", run_dir / "ladder_time.json") if t.exists()), None)
+    if timing is not None:
         try:
             times = json.loads(timing.read_text())
             result.update(seconds=times.get("seconds"), cpu_seconds=times.get("cpu_seconds"))

@@ -16,6 +16,7 @@ The other commands (each with its own --help):
     python -m launcher.export RUN_DIR [--format onnx|torchscript]  a timm-loadable folder, ONNX or TorchScript
     python -m launcher.report RUN_DIR                         evaluation report: curves, confusion matrix, PR/ROC
     python -m launcher.slurm submit|status|cancel ...         Slurm jobs that requeue and resume
+    python -m launcher.experiment run|submit|status|report|cancel FILE   ladders, grids, seeds, searches
 """
 
 from __future__ import annotations

@@ -119,6 +119,9 @@ class RunContext:
     metrics: dict = field(default_factory=dict)  # the latest evaluation, reduced over ranks
     stop_training: bool = False  # set by a plugin on every rank alike (e.g. from reduced metrics)
     stop_reason: str = ""
+    # What status.json says when the run ends normally: "finished", or what the plugin that set
+    # stop_training says it is (a search's pruned trial: "pruned").
+    end_state: str = "finished"
     # Set (on every rank) when the run must stop before its end, e.g. preemption: no final
     # evaluation, no final weights, and the process exits with `exit_code`.
     interrupted: bool = False
@@ -456,7 +459,8 @@ def _train(ctx: RunContext) -> None:
     plugins.call("on_train_end", ctx)
     log.close()
     if ctx.is_main:
-        write_status(ctx.run_dir, "finished", step=ctx.step)
+        write_status(ctx.run_dir, ctx.end_state, step=ctx.step,
+                     **({"reason": ctx.stop_reason} if ctx.end_state != "finished" else {}))
 
 
 def _done(ctx: RunContext) -> bool:

@@ -75,7 +75,8 @@ class Recorder(Plugin):
 
     def transform_batch(self, ctx, batch):
         self._trace("transform_batch")
-        entry = {"epoch": ctx.epoch, "step": ctx.step, "ids": batch.ids.tolist(), "global_count": batch.global_count}
+        entry = {"epoch": ctx.epoch, "step": ctx.step, "ids": batch.ids.tolist(), "global_count": batch.global_count,
+                 "lr": ctx.optimizer.param_groups[0]["lr"]}
         self.steps.append(entry)
         if self.options.stream:  # survives a kill -9: one flushed line per step
             with open(ctx.run_dir / f"ids-rank{ctx.rank}.jsonl", "a") as f:
@@ -127,6 +128,7 @@ class Recorder(Plugin):
         self._trace("on_train_end")
         path = ctx.run_dir / f"recorder-rank{ctx.rank}.json"
         path.write_text(json.dumps({"rank": ctx.rank, "world_size": ctx.world_size, "steps": self.steps,
+                                    "recipe_lr": ctx.recipe.optimizer.lr,
                                     "evals": self.evals, "hooks": self.hooks,
                                     "compute_dtype": getattr(self, "compute_dtype", None),
                                     "engine_config": getattr(ctx.model, "_config", None) and {

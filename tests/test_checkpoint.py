@@ -171,6 +171,7 @@ PLUGIN_OPTIONS = {
     "lr_finder": None,  # declares itself incompatible with checkpoint (a throw-away sweep)
     "checkpoint": None,  # the mechanism under test
     "recorder": {"trace": False},
+    "optuna_pruning": "study",  # an Optuna trial to report to (the search's, made here)
 }
 
 
@@ -191,6 +192,11 @@ def test_every_plugin_survives_save_and_resume(name, digits, tmp_path):
         train(validate_recipe(small_recipe(digits, tmp_path / "teacher", train={"epochs": 1, "max_steps": 5})))
         options = {"distill": {"checkpoint": str(tmp_path / "teacher")},
                    "pretrained": {"weights": str(tmp_path / "teacher")}}[name]
+    if options == "study":  # a search's study with a running trial; the pruner never prunes
+        optuna = pytest.importorskip("optuna")
+        storage = f"sqlite:///{tmp_path / 'search.db'}"
+        optuna.create_study(study_name="s", storage=storage).ask()
+        options = {"storage": storage, "study": "s", "trial": 0, "pruner": "none"}
     for run, stops in (("straight", (20,)), ("resumed", (10, 20))):
         for stop in stops:
             train(recipe(digits, tmp_path / run, stop, plugins={name: options}))

@@ -246,3 +246,79 @@ def test_the_cifar100_ladder_is_ready_for_a_cluster(tmp_path, capsys):
                  f"data.val={info['val']}"]) == 0
     script = capsys.readouterr().out
     assert "#SBATCH --array=0-26%8" in script and script.count("/seed-") == 27 and "--gpus-per-node=1" in script
+
+
+def search_file(tmp_path: Path, digits: dict, **search) -> Path:
+    """A search over the learning rate on digits (wrn10_1 at 8 px, 2 epochs, an evaluation and a
+    checkpoint each epoch), trying 0.05 then 1e-6 first; the median pruner learns from one trial."""
+    return experiment_file(tmp_path, digits, "search", seeds=[0], overrides=[
+        f"data.train={digits['train']}", f"data.val={digits['val']}", "data.num_workers=0", "~plugins.report",
+        "model.name=wrn10_1", "data.image_size=8", "train.epochs=2", "train.eval_every=1",
+        "plugins.checkpoint={every_epochs: 1}", "plugins.recorder={trace: false}"],
+        search={"trials": 2, "parameters": {"optimizer.lr": {"low": 1e-6, "high": 0.3, "log": True}},
+                "enqueue": [{"optimizer.lr": 0.05}, {"optimizer.lr": 1e-6}], "startup_trials": 1, **search})
+
+
+def test_a_search_without_optuna_says_how_to_install_it(digits, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "optuna", None)  # `import optuna` raises ImportError
+    err = refused(["run", str(search_file(tmp_path, digits))], capsys)
+    assert "needs Optuna, which is not installed" in err and "pip install '.[search]'" in err
+    bad = search_file(tmp_path, digits, enqueue=[{"optimizer.momentum": 0.5}])
+    assert "search.enqueue names 'optimizer.momentum', which is not a searched parameter" in refused(
+        ["run", str(bad)], capsys)
+
+
+@pytest.mark.slow
+def test_a_search_decides_parameters_before_the_ranks_start_prunes_on_every_rank_and_resumes_its_trial(
+        digits, tmp_path, capsys):
+    """2-process trials. Trial 0 (lr 0.05) is interrupted (the driver killed with kill -9 after the
+    trial's first checkpoint) and continues its own Optuna trial when the search runs again; trial
+    1 (lr 1e-6) is below the median at its first evaluation and is pruned on both ranks together."""
+    pytest.importorskip("optuna")
+    import optuna
+
+    path = search_file(tmp_path, digits)
+    first = tmp_path / "search" / "search" / "trial-0000"
+    driver = _start_driver(path, "--processes", "2", LAUNCHER_TEST_STEP_PAUSE="0.2")
+    _wait_for(lambda: any((first / "checkpoints").glob("step-*")) if (first / "checkpoints").is_dir() else False)
+    os.kill(driver.pid, signal.SIGKILL)
+    driver.wait(timeout=60)
+    _wait_for(lambda: json.loads((first / "status.json").read_text())["state"] == "interrupted", timeout=120)
+    again = _start_driver(path, "--processes", "2")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:]
+    assert "0 done, 1 to resume" in out and "resumed from" in (first / "trial.log").read_text()
+    study = optuna.load_study(study_name="search", storage=f"sqlite:///{tmp_path / 'search' / 'search.db'}")
+    assert [(t.number, t.state.name, t.params["optimizer.lr"]) for t in study.trials] == [
+        (0, "COMPLETE", 0.05), (1, "PRUNED", 1e-6)]  # the interrupted trial kept its number: no third trial
+    assert sorted(p.name for p in (tmp_path / "search" / "search").iterdir()) == ["trial-0000", "trial-0001"]
+    pruned = tmp_path / "search" / "search" / "trial-0001"
+    status = json.loads((pruned / "status.json").read_text())
+    assert status["state"] == "pruned" and "pruned by the search" in status["reason"]
+    ranks = [json.loads((pruned / f"recorder-rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["recipe_lr"] for r in ranks] == [1e-6, 1e-6]  # the sampled value, on both ranks
+    assert [s["lr"] for s in ranks[0]["steps"]] == [s["lr"] for s in ranks[1]["steps"]]
+    steps = [len(r["steps"]) for r in ranks]
+    assert steps[0] == steps[1] == status["step"] < 2 * steps[0]  # both stopped at the first evaluation
+    assert (pruned / "checkpoints" / f"step-{status['step']:08d}").is_dir()
+    assert main(["report", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "| 1 | 1e-06 |" in out and "pruned" in out and "Best: trial 0" in out
+
+
+def test_the_shipped_search_resolves_its_trials(digits, tmp_path):
+    """experiments/digits_lr_search.yaml: its first trial is the enqueued point, in the recipe."""
+    pytest.importorskip("optuna")
+    from launcher.experiment.search import distributions, search_trial, study_of
+    from launcher.experiment.spec import load_experiment
+
+    experiment = load_experiment(REPO / "experiments" / "digits_lr_search.yaml",
+                                 [f"data.train={digits['train']}", f"data.val={digits['val']}"])
+    experiment.dir = tmp_path / "search"
+    study = study_of(experiment)
+    first = study.ask(distributions(experiment.spec.search))
+    trial = search_trial(experiment, first.number, {"optimizer.lr": 0.05, "optimizer.weight_decay": 5e-4})
+    assert first.params == {"optimizer.lr": 0.05, "optimizer.weight_decay": 5e-4}  # enqueued
+    recipe = experiment.trial_recipe(trial)
+    assert (recipe.optimizer.lr, recipe.train.epochs, recipe.plugins["optuna_pruning"]["trial"]) == (0.05, 4, 0)
+    assert recipe.plugins["optuna_pruning"]["startup_trials"] == 4

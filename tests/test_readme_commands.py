@@ -54,6 +54,7 @@ README_COMMANDS = {
     "python -m launcher.experiment status experiments/fashion_mnist_ladder.yaml": ("test", "tests/test_experiment.py::test_report_and_status_of_an_experiment_that_has_not_run"),
     "python -m launcher.experiment report experiments/fashion_mnist_ladder.yaml": ("test", "tests/test_readme_commands.py::test_the_readme_results_are_what_report_makes_of_the_committed_records"),
     "python -m launcher.experiment submit experiments/cifar100_ladder.yaml --nodes 1 --gpus-per-node 1 --time 24:00:00 --max-parallel 8": ("test", "tests/test_experiment.py::test_the_cifar100_ladder_is_ready_for_a_cluster"),
+    "python -m launcher.experiment run experiments/digits_lr_search.yaml": ("test", "tests/test_experiment.py::test_a_search_decides_parameters_before_the_ranks_start_prunes_on_every_rank_and_resumes_its_trial"),
     "python -m launcher.experiment cancel experiments/cifar100_ladder.yaml": ("test", "tests/test_slurm.py::test_an_experiment_runs_as_a_job_array_that_requeues_and_cancels"),
     "python -m launcher.shards fashion-mnist --src DIR --out data/fashion-mnist-1250 --shard-size 1250": ("test", "tests/test_readme_commands.py::test_the_shipped_fashion_experiment_runs_a_variant_apart_from_its_committed_record"),
     "python benchmarks/data_scale.py": ("test", "tests/test_readme_commands.py::test_the_data_scale_benchmark_runs"),

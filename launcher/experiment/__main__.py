@@ -119,6 +119,13 @@ def report(args) -> int:
     from launcher.experiment.gather import expected_recipes, gather
 
     experiment, trials, record = _load(args)
+    if experiment.spec.search is not None:  # a search runs the baseline with sampled parameters
+        from launcher.experiment.search import search_report
+
+        if search_report(experiment, args.out) is None:
+            raise LauncherError(f"Experiment {experiment.path}: the search has not started (no study in "
+                                f"{experiment.dir}). Run it: python -m launcher.experiment run {experiment.path}")
+        return 0
     expected = expected_recipes(experiment, trials)
     gathered = gather(experiment, trials, record, expected)
     if not gathered.results:
@@ -130,10 +137,6 @@ def report(args) -> int:
                             + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + f"; run directories under "
                             f"{experiment.dir}, record {experiment.record}).{why} Run it: python -m launcher.experiment "
                             f"run {experiment.path}")
-    if experiment.spec.search is not None:
-        from launcher.experiment.search import search_report
-
-        search_report(experiment, args.out)
     write(experiment, trials, record, expected, Path(args.out) if args.out else None)
     return 0
 

@@ -125,22 +125,31 @@ class Driver:
                 except ProcessLookupError:
                     pass
 
-    def run(self, pending: list) -> int:
+    def run(self, pending, total: Optional[int] = None) -> int:
+        """Run `pending` (a list of trials, or a callable that returns the next trial or None when
+        there is none to start now: a search asks its sampler as slots free up)."""
         handlers = {s: signal.signal(s, self._on_signal) for s in (signal.SIGINT, signal.SIGTERM)}
-        try:
+        if isinstance(pending, list):
             queue = list(pending)
             total = len(queue)
+            pending = lambda: queue.pop(0) if queue else None  # noqa: E731
+        try:
             done = 0
-            while queue or self.running:
-                while queue and self.free and self.stop_signal is None:
-                    self._start(queue.pop(0))
+            while True:
+                while self.free and self.stop_signal is None:
+                    trial = pending()
+                    if trial is None:
+                        break
+                    self._start(trial)
+                if not self.running:
+                    break  # nothing runs and nothing more could start
                 ended = self._reap()
                 if not ended:
                     time.sleep(0.1)
                     continue
                 for run, status, cpu in ended:
                     done += 1
-                    self._ended(run, status, cpu, f"{done}/{total}")
+                    self._ended(run, status, cpu, f"{done}/{total}" if total else f"{done}")
         finally:
             for signum, handler in handlers.items():
                 signal.signal(signum, handler)

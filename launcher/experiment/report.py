@@ -49,29 +49,36 @@ class Row:
         return self.rung + (f" ({combo_name(self.combo)})" if self.combo else "")
 
 
+# The t distribution from scipy.special (its quantile and CDF): scipy.stats gives the same numbers
+# (tests/test_experiment.py compares them) but takes 2 s to import, most of a report's time.
+
+
 def summary(values: list[float]) -> tuple[float, float, float]:
     """(mean, sample standard deviation, half-width of the 95% Student t interval); NaN where n is
     too small (std and interval need 2 values)."""
-    from scipy import stats
+    from scipy.special import stdtrit
 
     n = len(values)
     mean = statistics.fmean(values) if values else math.nan
     if n < 2:
         return mean, math.nan, math.nan
     std = statistics.stdev(values)
-    return mean, std, float(stats.t.ppf(0.975, n - 1) * std / math.sqrt(n))
+    return mean, std, float(stdtrit(n - 1, 0.975) * std / math.sqrt(n))
 
 
 def welch(a: list[float], b: list[float]) -> Optional[float]:
     """Welch's t-test p-value (two-sided) of b against a; None with fewer than 2 values a side.
     Two samples without any spread that differ are certainly different (p 0); equal ones, not (1)."""
-    from scipy import stats
+    from scipy.special import stdtr
 
     if len(a) < 2 or len(b) < 2:
         return None
-    if statistics.stdev(a) == 0 and statistics.stdev(b) == 0:
+    va, vb = statistics.variance(a) / len(a), statistics.variance(b) / len(b)
+    if va + vb == 0:
         return 1.0 if statistics.fmean(a) == statistics.fmean(b) else 0.0
-    return float(stats.ttest_ind(b, a, equal_var=False).pvalue)
+    t = (statistics.fmean(b) - statistics.fmean(a)) / math.sqrt(va + vb)
+    df = (va + vb) ** 2 / (va ** 2 / (len(a) - 1) + vb ** 2 / (len(b) - 1))  # Welch-Satterthwaite
+    return float(2 * stdtr(df, -abs(t)))
 
 
 def build_rows(experiment: Experiment, results: dict[str, dict], trials) -> list[Row]:

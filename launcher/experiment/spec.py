@@ -85,6 +85,20 @@ class SearchSpec(StrictModel):
     direction: Literal["maximize", "minimize"] = "maximize"
     seed: int = Field(0, description="the sampler's seed (the trials' seed is the experiment's first)")
     startup_trials: int = Field(5, ge=0, description="median pruner: trials that are never pruned, to learn from")
+    enqueue: list[dict[str, Any]] = Field(default_factory=list, description="parameter sets to try first (e.g. "
+                                                                            "the recipe's own values), in order")
+    storage: Literal["sqlite", "journal"] = Field(
+        "sqlite", description="where the study lives, beside the experiment: sqlite (Optuna's RDB storage, one "
+                              "machine) or journal (Optuna's journal file, for a shared file system)")
+
+    @model_validator(mode="after")
+    def _enqueued_are_parameters(self):
+        for point in self.enqueue:
+            unknown = sorted(set(point) - set(self.parameters))
+            if unknown:
+                raise ValueError(f"search.enqueue names {unknown[0]!r}, which is not a searched parameter "
+                                 f"({', '.join(self.parameters)})")
+        return self
 
 
 class ExperimentSpec(StrictModel):

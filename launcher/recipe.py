@@ -603,7 +603,8 @@ def _no_op_settings_refused(recipe: Recipe, source: str) -> None:
     from launcher.registry import recipe_precision
 
     distributed = recipe.distributed
-    if (distributed.strategy == "fsdp" and "fsdp_mixed_precision" in distributed.model_fields_set
+    # autocast, not the default: a resolved recipe (recipe.yaml, a job's recipe) names every key.
+    if (distributed.strategy == "fsdp" and distributed.fsdp_mixed_precision == "autocast"
             and recipe_precision(recipe) == "fp32"):
         raise LauncherError(f"Recipe {source}: distributed.fsdp_mixed_precision={distributed.fsdp_mixed_precision} "
                             "chooses how FSDP runs bf16, and this recipe trains in fp32 (no plugin sets a mixed "

@@ -126,6 +126,16 @@ def _wait_for(condition, timeout: float = 240) -> None:
         time.sleep(0.1)
 
 
+def _gone(pid: int) -> bool:
+    """The process has exited (a zombie its new parent has not reaped yet counts as gone)."""
+    import psutil
+
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
 def _holder_pid(run_dir: Path) -> int:
     """The trial's process, as its run directory's lock names it."""
     text = (run_dir / ".lock").read_text()
@@ -151,8 +161,7 @@ def test_an_experiment_killed_anywhere_ends_as_one_never_stopped_and_parallel_as
     os.kill(driver.pid, signal.SIGKILL)
     driver.wait(timeout=60)
     _wait_for(lambda: json.loads((second / "status.json").read_text())["state"] == "interrupted", timeout=120)
-    with pytest.raises(ProcessLookupError):
-        _wait_for(lambda: os.kill(trial, 0) and False, timeout=60)  # the trial is gone too
+    _wait_for(lambda: _gone(trial), timeout=60)  # the trial is gone too
     assert main(["status", str(b)]) == 0
     states = dict(line.split()[:2] for line in capsys.readouterr().out.splitlines()[:-1])
     assert states == {"00-baseline/seed-0": "interrupted", "01-label-smoothing/seed-0": "interrupted",
@@ -179,6 +188,11 @@ def test_an_experiment_killed_anywhere_ends_as_one_never_stopped_and_parallel_as
     assert len(tables[0]) == 2  # two rungs
     # A report trains nothing and reads the record: the same table again, even without the run directories.
     assert main(["report", str(b)]) == 0 and "| + label smoothing | 0.1 | val/top1 |" in capsys.readouterr().out
+    # --out replaces only a report it wrote.
+    mine = tmp_path / "notes.md"
+    mine.write_text("mine")
+    assert "exists and is not a report of this command" in refused(["report", str(b), "--out", str(mine)], capsys)
+    assert mine.read_text() == "mine"
 
 
 def test_damaged_trials_are_named_and_left_out_and_impossible_records_refused(digits, tmp_path, capsys):
@@ -271,9 +285,10 @@ def test_a_search_without_optuna_says_how_to_install_it(digits, tmp_path, capsys
 @pytest.mark.slow
 def test_a_search_decides_parameters_before_the_ranks_start_prunes_on_every_rank_and_resumes_its_trial(
         digits, tmp_path, capsys):
-    """2-process trials. Trial 0 (lr 0.05) is interrupted (the driver killed with kill -9 after the
-    trial's first checkpoint) and continues its own Optuna trial when the search runs again; trial
-    1 (lr 1e-6) is below the median at its first evaluation and is pruned on both ranks together."""
+    """2-process trials. Trial 0 (lr 0.05) is interrupted (`experiment cancel` after the trial's first
+    checkpoint: the driver hands SIGTERM to the trial, which checkpoints) and continues its own Optuna
+    trial when the search runs again; trial 1 (lr 1e-6) is below the median at its first evaluation
+    and is pruned on both ranks together."""
     pytest.importorskip("optuna")
     import optuna
 
@@ -281,9 +296,11 @@ def test_a_search_decides_parameters_before_the_ranks_start_prunes_on_every_rank
     first = tmp_path / "search" / "search" / "trial-0000"
     driver = _start_driver(path, "--processes", "2", LAUNCHER_TEST_STEP_PAUSE="0.2")
     _wait_for(lambda: any((first / "checkpoints").glob("step-*")) if (first / "checkpoints").is_dir() else False)
-    os.kill(driver.pid, signal.SIGKILL)
-    driver.wait(timeout=60)
-    _wait_for(lambda: json.loads((first / "status.json").read_text())["state"] == "interrupted", timeout=120)
+    assert main(["cancel", str(path)]) == 0
+    assert "sent SIGTERM to the driver" in capsys.readouterr().out
+    out, _ = driver.communicate(timeout=120)
+    assert driver.returncode == 75, out[-3000:]  # stopped: run it again to finish
+    assert json.loads((first / "status.json").read_text())["state"] == "interrupted"
     again = _start_driver(path, "--processes", "2")
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-3000:]

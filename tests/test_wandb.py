@@ -77,3 +77,34 @@ def test_a_resumed_run_continues_the_same_wandb_run(digits, tmp_path, monkeypatc
     assert inits[0]["id"] == inits[1]["id"] != inits[2]["id"]
     assert (tmp_path / "a" / "wandb_run_id").read_text().strip() == inits[0]["id"]
     assert (inits[0]["entity"], inits[0]["group"]) == ("lab", "g")
+
+
+def test_an_experiments_trials_are_grouped_by_experiment_with_the_rung_as_job_type(digits, tmp_path, monkeypatch):
+    """launcher.experiment writes run.experiment into each trial's recipe: W&B groups the trials by
+    experiment, types them by rung, names them by trial, and has rung and seed in the config."""
+    from launcher.experiment.spec import load_experiment
+    from tests.test_experiment import experiment_file
+
+    inits = []
+
+    class FakeRun:
+        def log(self, data, step):
+            pass
+
+        def finish(self):
+            pass
+
+    fake = types.ModuleType("wandb")
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.init = lambda **kwargs: inits.append(kwargs) or FakeRun()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    experiment = load_experiment(experiment_file(tmp_path, digits, "exp"))
+    experiment.extra = ["plugins.wandb={project: p}", "train.max_steps=2"]
+    trial = next(t for t in experiment.trials() if t.rung == "+ label smoothing" and t.seed == 1)
+    trial.overrides = experiment.trial_overrides(trial.rung_index, trial.combo)
+    train(experiment.trial_recipe(trial))
+    init = inits[0]
+    assert (init["group"], init["job_type"], init["name"]) == ("exp", "+ label smoothing",
+                                                               "exp/01-label-smoothing/seed-1")
+    assert (init["config"]["rung"], init["config"]["trial"], init["config"]["seed"]) == (
+        "+ label smoothing", "01-label-smoothing/seed-1", 1)

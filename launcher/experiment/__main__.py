@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import signal
+import socket
 import sys
 from pathlib import Path
 from typing import Optional
@@ -50,10 +51,9 @@ def _load(args, check: bool = False):
 
 def run(args) -> int:
     from launcher.experiment.gather import expected_recipes, gather
-    from launcher.experiment.local import Driver
+    from launcher.experiment.local import Driver, driving
     from launcher.experiment.results import run_result
     from launcher.experiment.spec import metric_of, percent
-    from launcher.runlog import RunDirLock
 
     experiment, trials, record = _load(args, check=True)  # every trial's recipe checked before any trains
     if experiment.spec.search is not None:
@@ -61,17 +61,11 @@ def run(args) -> int:
 
         return run_search(experiment, trials, record, args)
     expected = expected_recipes(experiment, trials)
-    lock = RunDirLock(experiment.dir)
-    problem = lock.acquire_main()
-    if problem:
-        raise LauncherError(problem.replace("run directory", "experiment folder").replace("another run",
-                                                                                         "another experiment driver"))
-    try:
+    with driving(experiment):
         gathered = gather(experiment, trials, record, expected, training=True)
         pending = [t for t in trials if t.name not in gathered.results]
         print(f"[experiment] {experiment.name}: {len(trials)} trials, {len(trials) - len(pending)} finished, "
               f"{len(pending)} to run ({args.parallel} at a time, {args.processes} process(es) each)", flush=True)
-        (experiment.dir / "driver.json").write_text(json.dumps({"pid": os.getpid(), "host": os.uname().nodename}))
         if experiment.extra:
             (experiment.dir / "variant.json").write_text(json.dumps({"overrides": experiment.extra}, indent=1) + "\n")
 
@@ -91,9 +85,6 @@ def run(args) -> int:
 
         driver = Driver(experiment, args.parallel, args.processes, finished)
         status = driver.run(pending)
-    finally:
-        (experiment.dir / "driver.json").unlink(missing_ok=True)
-        lock.release()
     write(experiment, trials, record, expected, None, quiet=True)
     if driver.failed:
         print(f"[experiment] {len(driver.failed)} trial(s) failed: "
@@ -137,7 +128,12 @@ def report(args) -> int:
                             + ", ".join(f"{n} {s}" for s, n in sorted(states.items())) + f"; run directories under "
                             f"{experiment.dir}, record {experiment.record}).{why} Run it: python -m launcher.experiment "
                             f"run {experiment.path}")
-    write(experiment, trials, record, expected, Path(args.out) if args.out else None)
+    out = Path(args.out) if args.out else None
+    if out is not None and out.exists() and not out.with_suffix(".table.json").exists():
+        # Only a report this command wrote (its .table.json beside it) is replaced: --out may be a typo.
+        raise LauncherError(f"--out '{out}' exists and is not a report of this command (no "
+                            f"{out.with_suffix('.table.json').name} beside it): choose another file.")
+    write(experiment, trials, record, expected, out)
     return 0
 
 
@@ -169,13 +165,18 @@ def cancel(args) -> int:
     stopped = 0
     driver = experiment.dir / "driver.json"
     if driver.exists() and not (args.seeds or args.rungs):
+        import psutil
+
         try:
             info = json.loads(driver.read_text())
-            os.kill(int(info["pid"]), signal.SIGTERM)
-            stopped += 1
-            print(f"[experiment] sent SIGTERM to the driver (pid {info['pid']}): its running trials checkpoint and "
-                  "stop")
-        except (ProcessLookupError, ValueError, KeyError, OSError):
+            process = psutil.Process(int(info["pid"]))
+            # The pid of a driver killed long ago may belong to another program now.
+            if info.get("host") == socket.gethostname() and "launcher.experiment" in " ".join(process.cmdline()):
+                process.send_signal(signal.SIGTERM)
+                stopped += 1
+                print(f"[experiment] sent SIGTERM to the driver (pid {info['pid']}): its running trials checkpoint "
+                      "and stop")
+        except (psutil.Error, ValueError, KeyError, TypeError, OSError):
             pass
     from launcher.experiment.slurm import cancel_jobs
 
@@ -202,7 +203,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     r.add_argument("--processes", type=_positive, default=1, help="processes (ranks) per trial")
     s = sub.add_parser("submit", help="submit the trials to Slurm as a job array")
     for p in (r, s):
-        p.add_argument("--seeds", type=int, nargs="+", default=None, help="only these of the experiment's seeds")
+        p.add_argument("--seeds", nargs="+", default=None, help="only these of the experiment's seeds")
         p.add_argument("--rungs", nargs="+", default=None, help="only these rungs (names or numbers, 0 = baseline)")
     s.add_argument("--nodes", type=_positive, default=1)
     s.add_argument("--gpus-per-node", type=int, default=0)
@@ -226,7 +227,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     rp.add_argument("--out", default=None, help="markdown file (default: the experiment's report:, else "
                                                 "<dir>/report/report.md); CSV, .table.json and PNG beside it")
     c = sub.add_parser("cancel", help="every running trial checkpoints and stops")
-    c.add_argument("--seeds", type=int, nargs="+", default=None, help="only the Slurm jobs of these seeds")
+    c.add_argument("--seeds", nargs="+", default=None, help="only the Slurm jobs of these seeds")
     c.add_argument("--rungs", nargs="+", default=None, help="only the Slurm jobs of these rungs")
     for p in sub.choices.values():
         p.add_argument("file", help="the experiment file (YAML)")
@@ -235,6 +236,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     if stray:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     args.overrides = rest
+    # --seeds and --rungs take several values: overrides written after them land there; move them back.
+    for name in ("seeds", "rungs"):
+        values = getattr(args, name, None) or []
+        args.overrides += [v for v in values if "=" in v or v.startswith("~")]
+        kept = [v for v in values if not ("=" in v or v.startswith("~"))]
+        if name == "seeds":
+            try:
+                kept = [int(v) for v in kept]
+            except ValueError:
+                parser.error(f"--seeds takes whole numbers, got {' '.join(kept)}")
+        setattr(args, name, kept or None)
     return run_command(lambda: {"run": run, "submit": submit, "status": status, "report": report,
                                 "cancel": cancel}[args.command](args))
 

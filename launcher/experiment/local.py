@@ -11,6 +11,7 @@ checkpoint too); a trial killed alone is resumed when the experiment runs again.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import os
@@ -91,6 +92,27 @@ def trial_command(recipe_file: Path, processes: int, on_gpu: bool) -> list[str]:
             "--dynamo_backend", "no", "-m", "launcher", str(recipe_file)]
 
 
+@contextlib.contextmanager
+def driving(experiment):
+    """One driver per experiment folder (its lock, as a run directory has), and driver.json naming
+    it, so that `cancel` can find it; removed when the driver ends."""
+    from launcher.runlog import RunDirLock
+
+    experiment.dir.mkdir(parents=True, exist_ok=True)
+    lock = RunDirLock(experiment.dir)
+    problem = lock.acquire_main()
+    if problem:
+        raise LauncherError(problem.replace("run directory", "experiment folder").replace(
+            "another run", "another experiment driver"))
+    info = experiment.dir / "driver.json"
+    try:
+        info.write_text(json.dumps({"pid": os.getpid(), "host": socket.gethostname()}) + "\n")
+        yield
+    finally:
+        info.unlink(missing_ok=True)
+        lock.release()
+
+
 @dataclass
 class Running:
     trial: object
@@ -166,8 +188,7 @@ class Driver:
         recipe = self.experiment.trial_recipe(trial)
         recipe_file = run_dir / "trial.yaml"  # what the trial trains, frozen when it starts
         recipe_file.write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
-        env = {**os.environ, "OMP_NUM_THREADS": str(slot.threads), "CUDA_VISIBLE_DEVICES": ",".join(slot.gpus),
-               "LAUNCHER_EXPERIMENT": f"{self.experiment.name}:{trial.name}"}
+        env = {**os.environ, "OMP_NUM_THREADS": str(slot.threads), "CUDA_VISIBLE_DEVICES": ",".join(slot.gpus)}
         log = open(run_dir / "trial.log", "a")
         log.write(f"[experiment] {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: "
                   f"trial {trial.name} starts\n")

@@ -111,16 +111,10 @@ def run_search(experiment: Experiment, trials, record, args) -> int:
     optuna = require_optuna()
 
     from launcher.experiment.gather import trial_state
-    from launcher.experiment.local import Driver
-    from launcher.runlog import RunDirLock
+    from launcher.experiment.local import Driver, driving
 
     spec = experiment.spec.search
-    lock = RunDirLock(experiment.dir)
-    experiment.dir.mkdir(parents=True, exist_ok=True)
-    problem = lock.acquire_main()
-    if problem:
-        raise LauncherError(problem.replace("run directory", "experiment folder"))
-    try:
+    with driving(experiment):
         study = study_of(experiment)
         TrialState = optuna.trial.TrialState
         known = known_trials(experiment)
@@ -170,8 +164,6 @@ def run_search(experiment: Experiment, trials, record, args) -> int:
         status = driver.run(next_trial, spec.trials)
         for trial, _ in driver.failed:
             tell(study, trial, "failed", experiment)
-    finally:
-        lock.release()
     search_report(experiment, None)
     return status
 

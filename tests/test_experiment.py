@@ -339,3 +339,34 @@ def test_the_shipped_search_resolves_its_trials(digits, tmp_path):
     recipe = experiment.trial_recipe(trial)
     assert (recipe.optimizer.lr, recipe.train.epochs, recipe.plugins["optuna_pruning"]["trial"]) == (0.05, 4, 0)
     assert recipe.plugins["optuna_pruning"]["startup_trials"] == 4
+
+
+def test_a_metric_no_trial_logs_is_named_with_what_the_trials_log(digits, tmp_path, capsys):
+    path = experiment_file(tmp_path, digits, metric="val_ema/top1")
+    run_dir = tmp_path / "exp" / "00-baseline" / "seed-0"
+    run_dir.mkdir(parents=True)
+    (run_dir / "status.json").write_text('{"state": "finished"}')
+    (run_dir / "metrics.jsonl").write_text('{"step": 6, "val/top1": 0.5, "val/loss": 1.2}\n')
+    (run_dir / "recipe.yaml").write_text("seed: 0\n")
+    err = refused(["report", str(path)], capsys)
+    assert "has no 'val_ema/top1' (it logs val/loss, val/top1)" in err, err
+
+
+def test_a_search_study_can_live_in_optunas_journal_file(digits, tmp_path):
+    """storage: journal (for a shared file system): the driver's study and the trial's plugin open
+    the same journal file."""
+    pytest.importorskip("optuna")
+    from launcher.experiment.search import distributions, storage_url, study_of
+    from launcher.experiment.spec import load_experiment
+    from plugins.optuna_pruning import open_storage
+
+    experiment = load_experiment(search_file(tmp_path, digits, storage="journal"))
+    study = study_of(experiment)
+    trial = study.ask(distributions(experiment.spec.search))
+    url = storage_url(experiment)
+    assert url == f"journal:{(tmp_path / 'search' / 'search.journal').resolve()}"
+    import optuna
+
+    seen = optuna.load_study(study_name="search", storage=open_storage(url))
+    assert [(t.number, t.params) for t in seen.trials if t.state.name == "RUNNING"] == [(0, {"optimizer.lr": 0.05})]
+    assert trial.number == 0 and (tmp_path / "search" / "search.journal").exists()

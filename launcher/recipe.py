@@ -23,8 +23,8 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from launcher.errors import LauncherError, did_you_mean, shorten
 from launcher.registry import validate_plugins
 from launcher.runlog import shard_info
-from launcher.schema import StrictModel
-from launcher.yamlfile import load_yaml
+from launcher.schema import StrictModel, explain_validation
+from launcher.yamlfile import load_yaml, read_mapping_file
 
 
 class Section(StrictModel):
@@ -516,22 +516,8 @@ def _walk(tree: dict, path: list[str], item: str, create: bool) -> Optional[dict
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> Recipe:
     """Read, override and validate a recipe, including each plugin's options."""
     path = Path(path)
-    if path.is_dir():
-        raise LauncherError(f"'{path}' is a folder, not a recipe file: give the path of a YAML recipe, e.g. "
-                            "recipes/digits.yaml (a finished run's recipe is RUN_DIR/recipe.yaml).")
-    if not path.is_file():
-        hint = ""
-        if path.parent.is_dir():
-            shipped = sorted(p.name for p in path.parent.glob("*.yaml"))
-            hint = did_you_mean(path.name, shipped) or (f" Recipes there: {', '.join(shipped)}." if shipped else "")
-        raise LauncherError(f"Recipe file '{path}' does not exist.{hint}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LauncherError(f"Recipe '{path}' is not a text file (not UTF-8): give the path of a YAML recipe.") from None
-    raw = load_yaml(text, f"Recipe '{path}'") or {}
-    if not isinstance(raw, dict):
-        raise LauncherError(f"Recipe '{path}' must be a YAML mapping of sections (model:, data:, train:, ...).")
+    raw = read_mapping_file(path, "Recipe", "recipes/digits.yaml (a finished run's recipe is RUN_DIR/recipe.yaml)",
+                            "sections (model:, data:, train:, ...)")
     return validate_recipe(apply_overrides(raw, list(overrides)), name=path.stem, source=str(path))
 
 
@@ -584,7 +570,7 @@ def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "re
     try:
         recipe = Recipe.model_validate(raw)
     except ValidationError as err:
-        raise LauncherError(_explain(err, source)) from None
+        raise LauncherError(explain_validation(err, Recipe, f"Recipe {source}")) from None
     recipe._name = name
     if recipe.model.pretrained or recipe.model.name.startswith(("hf-hub:", "hf_hub:")):
         _data_settings_from_pretrained_cfg(recipe)
@@ -694,42 +680,3 @@ def _non_finite(tree: Any, prefix: str = "") -> list[str]:
     if isinstance(tree, list):
         return [k for i, v in enumerate(tree) for k in _non_finite(v, f"{prefix}[{i}]")]
     return []
-
-
-def _explain(err: ValidationError, source: str) -> str:
-    """Turn pydantic's report into one paragraph naming each bad key and the fix."""
-    problems = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        key = ".".join(loc)
-        if e["type"] == "extra_forbidden":
-            valid = _valid_keys(Recipe, loc[:-1])
-            problems.append(
-                f"unknown key '{key}'.{did_you_mean(loc[-1], valid)} Valid keys here: {', '.join(sorted(valid))}"
-            )
-        elif e["type"] == "missing":
-            problems.append(f"missing required key '{key}'")
-        else:
-            got, message = e.get("input"), e["msg"].removeprefix("Value error, ")
-            if isinstance(got, dict) and e["type"] == "value_error":  # a section's own check names its keys
-                problems.append(message)
-            else:
-                shown = "a mapping" if isinstance(got, dict) else shorten(repr(got), 80)
-                problems.append(f"'{key}' = {shown}: {message}")
-    return f"Recipe {source} is invalid: " + "; ".join(problems) + "."
-
-
-def _valid_keys(model: type[BaseModel], loc: list[str]) -> list[str]:
-    for part in loc:
-        model = _section_type(getattr(model.model_fields.get(part), "annotation", None))
-        if model is None:
-            return []
-    return list(model.model_fields)
-
-
-def _section_type(annotation) -> Optional[type[BaseModel]]:
-    """The section class of a field typed `Section` or `Optional[Section]` (train.compile), else None."""
-    import typing
-
-    candidates = typing.get_args(annotation) if typing.get_origin(annotation) is Union else (annotation,)
-    return next((c for c in candidates if isinstance(c, type) and issubclass(c, BaseModel)), None)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import typing
 from typing import Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, ValidationInfo, field_validator
+from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 
@@ -106,3 +106,51 @@ class StrictModel(BaseModel):
         if problem:
             raise PydanticCustomError("number_expected", problem)
         return value
+
+
+def explain_validation(err: ValidationError, root: type[BaseModel], what: str) -> str:
+    """pydantic's report as one paragraph naming each bad key and the fix: "{what} is invalid:
+    unknown key 'data.batchsize'. Did you mean 'batch_size'? Valid keys here: ...; ..."."""
+    from launcher.errors import did_you_mean, shorten
+
+    problems = []
+    for e in err.errors():
+        loc = [str(p) for p in e["loc"]]
+        key = ".".join(loc)
+        if e["type"] == "extra_forbidden":
+            valid = valid_keys(root, loc[:-1])
+            problems.append(
+                f"unknown key '{key}'.{did_you_mean(loc[-1], valid)} Valid keys here: {', '.join(sorted(valid))}")
+        elif e["type"] == "missing":
+            problems.append(f"missing required key '{key}'")
+        else:
+            got, message = e.get("input"), e["msg"].removeprefix("Value error, ")
+            if isinstance(got, dict) and e["type"] == "value_error":  # a section's own check names its keys
+                problems.append(message)
+            else:
+                shown = "a mapping" if isinstance(got, dict) else shorten(repr(got), 80)
+                problems.append(f"'{key}' = {shown}: {message}")
+    return f"{what} is invalid: " + "; ".join(problems) + "."
+
+
+def valid_keys(root: type[BaseModel], loc: list[str]) -> list[str]:
+    """The keys of the section at `loc` (list positions skipped: rungs.0.name), [] for a free-form one."""
+    model: Any = root
+    for part in loc:
+        if part.isdigit():
+            continue
+        model = _model_in(getattr(model.model_fields.get(part), "annotation", None))
+        if model is None:
+            return []
+    return list(model.model_fields)
+
+
+def _model_in(annotation: Any) -> Any:
+    """The section class inside an annotation: Section, Optional[Section], list[Section]..."""
+    stack = [annotation]
+    while stack:
+        current = stack.pop()
+        if isinstance(current, type) and issubclass(current, BaseModel):
+            return current
+        stack += list(typing.get_args(current))
+    return None

@@ -89,3 +89,30 @@ def load_yaml(text: str, what: str) -> Any:
         raise LauncherError(f"{what} is not valid YAML: {err}") from None
     except RecursionError:
         raise LauncherError(f"{what} is nested too deeply to be a recipe.") from None
+
+
+def read_mapping_file(path, kind: str, example: str, holds: str) -> dict:
+    """A YAML file the user named that must hold a mapping (a recipe, an experiment file): one
+    paragraph for a folder, a missing file (with the nearest file there), not UTF-8, not YAML, not
+    a mapping. `kind` is "Recipe" or "Experiment"; `holds` what the mapping holds."""
+    from pathlib import Path
+
+    from launcher.errors import did_you_mean
+
+    path = Path(path)
+    if path.is_dir():
+        article = "an" if kind[0] in "AEIOU" else "a"
+        raise LauncherError(f"'{path}' is a folder, not {article} {kind.lower()} file: give the path of a YAML "
+                            f"file, e.g. {example}.")
+    if not path.is_file():
+        shipped = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
+        hint = did_you_mean(path.name, shipped) or (f" Files there: {', '.join(shipped)}." if shipped else "")
+        raise LauncherError(f"{kind} file '{path}' does not exist.{hint}")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise LauncherError(f"{kind} '{path}' is not a text file (not UTF-8): give the path of a YAML file.") from None
+    raw = load_yaml(text, f"{kind} '{path}'") or {}
+    if not isinstance(raw, dict):
+        raise LauncherError(f"{kind} '{path}' must be a YAML mapping of {holds}.")
+    return raw

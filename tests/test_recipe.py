@@ -125,11 +125,10 @@ def test_num_classes_comes_from_the_shard_writers_info_when_left_out(digits, tmp
 def _number_fields(model, prefix: str = ""):
     """Dotted names of every field of a schema that takes a number (int/float, optional, tuples and
     lists of them), sub-sections walked."""
-    from launcher.recipe import _section_type
-    from launcher.schema import _accepts, _element_annotation
+    from launcher.schema import _accepts, _element_annotation, _model_in
 
     for name, field in model.model_fields.items():
-        section = _section_type(field.annotation)
+        section = _model_in(field.annotation)
         if section is not None:
             yield from _number_fields(section, f"{prefix}{name}.")
             continue

@@ -27,8 +27,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import LauncherError, did_you_mean
-from launcher.schema import StrictModel
-from launcher.yamlfile import load_yaml
+from launcher.schema import StrictModel, explain_validation
+from launcher.yamlfile import read_mapping_file
 
 # metric: shipped takes, in each trial's last evaluation, the first of these it logged: the model
 # one would ship (EMA and TTA where the recipe has them on).
@@ -277,24 +277,12 @@ def _yaml_value(value: Any) -> str:
 def load_experiment(path: str | Path, extra: list[str] = ()) -> Experiment:
     """Read and validate an experiment file (not yet its trials' recipes: check_trials)."""
     path = Path(path)
-    if path.is_dir():
-        raise LauncherError(f"'{path}' is a folder, not an experiment file: give the path of a YAML file, e.g. "
-                            "experiments/fashion_mnist_ladder.yaml.")
-    if not path.is_file():
-        shipped = sorted(p.name for p in path.parent.glob("*.yaml")) if path.parent.is_dir() else []
-        hint = did_you_mean(path.name, shipped) or (f" Experiments there: {', '.join(shipped)}." if shipped else "")
-        raise LauncherError(f"Experiment file '{path}' does not exist.{hint}")
-    try:
-        text = path.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise LauncherError(f"Experiment file '{path}' is not a text file (not UTF-8).") from None
-    raw = load_yaml(text, f"Experiment file '{path}'")
-    if not isinstance(raw, dict):
-        raise LauncherError(f"Experiment file '{path}' must be a YAML mapping (recipe:, seeds:, rungs:, ...).")
+    raw = read_mapping_file(path, "Experiment", "experiments/fashion_mnist_ladder.yaml",
+                            "keys (recipe:, seeds:, rungs:, ...)")
     try:
         spec = ExperimentSpec.model_validate(raw)
     except ValidationError as err:
-        raise LauncherError(_explain(err, path)) from None
+        raise LauncherError(explain_validation(err, ExperimentSpec, f"Experiment file {path}")) from None
     for item in extra:
         if "=" not in item and not item.startswith("~"):
             raise LauncherError(f"'{item}' is not an override (key=value or ~key) for every trial.")
@@ -321,51 +309,6 @@ def _resolve_path(value: str, experiment_file: Path) -> Path:
         return given
     beside = experiment_file.parent / given
     return beside if beside.exists() else given
-
-
-def _explain(err: ValidationError, path: Path) -> str:
-    problems = []
-    for e in err.errors():
-        loc = [str(p) for p in e["loc"]]
-        key = ".".join(loc)
-        if e["type"] == "extra_forbidden":
-            valid = _valid_keys(loc[:-1])
-            problems.append(f"unknown key '{key}'.{did_you_mean(loc[-1], valid)} Valid keys here: "
-                            f"{', '.join(sorted(valid))}")
-        elif e["type"] == "missing":
-            problems.append(f"missing required key '{key}'")
-        else:
-            got = e.get("input")
-            shown = "a mapping" if isinstance(got, dict) else repr(got)[:80]
-            problems.append(f"'{key}' = {shown}: {e['msg'].removeprefix('Value error, ')}")
-    return f"Experiment file {path} is invalid: " + "; ".join(problems) + "."
-
-
-def _valid_keys(loc: list[str]) -> list[str]:
-    model: Any = ExperimentSpec
-    for part in loc:
-        if part.isdigit():
-            continue
-        annotation = getattr(model.model_fields.get(part), "annotation", None) if hasattr(model, "model_fields") \
-            else None
-        model = _model_in(annotation)
-        if model is None:
-            return []
-    return list(model.model_fields)
-
-
-def _model_in(annotation) -> Any:
-    import typing
-
-    from pydantic import BaseModel
-
-    stack = [annotation]
-    while stack:
-        current = stack.pop()
-        if isinstance(current, type) and issubclass(current, BaseModel):
-            return current
-        stack += list(typing.get_args(current))
-    return None
 
 
 def check_trials(experiment: Experiment, trials: list[Trial]) -> dict[tuple[str, str], Any]:

@@ -39,10 +39,8 @@ demo: $(VENV)/.installed-core data/digits/info.json
 		--mixed_precision no --dynamo_backend no -m launcher recipes/digits.yaml $(RUN_ARGS)
 
 # A whole-suite limit too (tests have their own, pyproject.toml): a process that hangs after the
-# tests, at exit, fails the run instead of holding CI until its own limit (90 min). One test at a
-# time the suite took 67 min on this 2-core machine (2026-12-04); on 2 workers, longest files first, 38 min
-# (2026-12-05), and 16-21.5 min with one torch thread per process (2026-12-06, tests/conftest.py).
-# 85 min leaves room for a slow day and still fails first.
+# tests, at exit, fails the run instead of holding CI until its own limit (90 min). 85 min is
+# several times what the suite takes on 2 cores, and still fails first.
 # TEST_WORKERS: pytest-xdist workers, each taking whole test files (--dist loadfile), so a file's
 # module fixtures (the Slurm cluster, shared reference runs) are built once. Much of a test's time
 # is spent waiting (for ranks to start, checkpoints, Slurm) with a core idle: 2 workers fill it.

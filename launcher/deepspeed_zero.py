@@ -17,8 +17,8 @@ What the core does here, and why:
   sections. DeepSpeed then keeps the model in that dtype (fp32 master weights in the
   optimizer), so inputs are cast to the model's dtype (DeepSpeed does not do it).
 - On CPU-only machines DeepSpeed needs the gloo backend and ACCELERATE_USE_DEEPSPEED in
-  the environment before Accelerate's state exists (../shared/FACTS.md); make_accelerator
-  (launcher/distributed.py) sets both.
+  the environment before Accelerate's state exists (without them Accelerate reports one
+  process on every rank); make_accelerator (launcher/distributed.py) sets both.
 - Weights leave DeepSpeed consolidated to fp32 (`full_state_dict`): the final weights,
   each checkpoint's model.safetensors and EMA updates (ZeRO-3 gathers the shards).
 - BatchNorm buffers are broadcast from rank 0 before each step's first forward pass, as DDP

@@ -92,7 +92,7 @@ def make_accelerator(recipe, options: dict):
         os.environ.update({"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",
                            "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": os.environ.get("MASTER_PORT", str(free_port()))})
     if not torch.cuda.is_available():
-        # ../shared/FACTS.md: without these Accelerate reports one process per rank under DeepSpeed.
+        # Without these Accelerate reports one process on every rank under DeepSpeed on a CPU.
         os.environ["ACCELERATE_USE_DEEPSPEED"] = "true"
         handlers = list(options.pop("kwargs_handlers", []))
         handlers.append(InitProcessGroupKwargs(backend="gloo"))

@@ -6,9 +6,10 @@
 #   slurm/cluster.sh stop     # stop the daemons (by their pid files)
 #   slurm/cluster.sh status   # sinfo
 #
-# State, logs and pid files live in $SLURM_TEST_DIR (default /tmp/launcher-slurm). The
-# configuration follows ../shared/FACTS.md; it is written to /etc/slurm/slurm.conf, the
-# place every Slurm command reads it from.
+# State, logs and pid files live in $SLURM_TEST_DIR (default /tmp/launcher-slurm). Debian's
+# slurm-wlm runs two slurmd on one host when each has its own NodeName, port and spool folder;
+# munged must run first. The configuration is written to /etc/slurm/slurm.conf, the place every
+# Slurm command reads it from.
 set -euo pipefail
 
 DIR=${SLURM_TEST_DIR:-/tmp/launcher-slurm}
@@ -36,7 +37,7 @@ configure() {
     host=$(hostname -s)
     mkdir -p "$DIR/state" "$DIR/spool" /etc/slurm
     cat > "$CONF" <<EOF
-# Written by slurm/cluster.sh: two emulated nodes on one host (see ../shared/FACTS.md).
+# Written by slurm/cluster.sh: two emulated nodes on one host.
 ClusterName=local
 SlurmctldHost=$host
 AuthType=auth/munge

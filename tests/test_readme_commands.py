@@ -1,4 +1,4 @@
-"""Every command shown in README.md and slurm/README.md is run by a test, with cheap settings,
+"""Every command shown in README.md, docs/*.md and slurm/README.md is run by a test, with cheap settings,
 so the documentation cannot drift from the code.
 
 README_COMMANDS lists each command as it appears (comments stripped). A command is either run
@@ -20,7 +20,7 @@ import yaml
 
 from tests.conftest import REPO, free_port, run_cli
 
-READMES = ("README.md", "slurm/README.md")
+READMES = ("README.md", "slurm/README.md", *sorted(str(p.relative_to(REPO)) for p in (REPO / "docs").glob("*.md")))
 CHEAP = ["train.max_steps=2", "run.progress=false"]
 
 # command -> ("here", what the test below does) or ("test", "tests/FILE.py::test_name")
@@ -30,6 +30,7 @@ README_COMMANDS = {
     "make demo": ("test", "tests/test_readme_commands.py::test_make_demo_runs"),
     "make test": ("test", "the whole suite: .ci/run runs exactly this command"),
     "python -m launcher recipes/digits.yaml": ("here", "quick start"),
+    "python -m launcher recipes/fashion_mnist.yaml": ("test", "tests/test_recipes_run.py::test_fashion_mnist_recipes_run_on_idx_written_shards"),
     "accelerate launch --multi_gpu --num_processes 2 -m launcher recipes/digits.yaml train.epochs=3 data.batch_size=32": ("here", "two processes"),
     "python -m launcher --check recipes/wrn.yaml model.name=wrn16_4": ("here", "launch commands"),
     "python -m launcher --list-plugins": ("test", "tests/test_cli.py::test_list_plugins_command"),
@@ -92,6 +93,19 @@ def readme_commands() -> set[str]:
                 found.add(re.split(r"\s{2,}#", command)[0].strip())
             i += 1
     return found
+
+
+def test_the_readme_is_short_and_every_link_in_the_docs_leads_somewhere():
+    """README.md is the front door (at most ~200 lines); the rest is in docs/, each page linked from
+    it, and no relative link in README, docs or tests/README points at nothing."""
+    readme = (REPO / "README.md").read_text()
+    assert len(readme.splitlines()) <= 200
+    pages = sorted(p.name for p in (REPO / "docs").glob("*.md"))
+    assert len(pages) >= 10 and all(f"(docs/{name})" in readme for name in pages), pages
+    for path in [REPO / "README.md", REPO / "tests" / "README.md", *(REPO / "docs").glob("*.md")]:
+        for target in re.findall(r"\]\(([^)\s#]+)(?:#[^)]*)?\)", path.read_text()):
+            if not re.match(r"https?:|mailto:", target):
+                assert (path.parent / target).exists(), f"{path.relative_to(REPO)} links to {target}, which does not exist"
 
 
 def test_every_readme_command_has_a_test():
@@ -307,7 +321,7 @@ def table_rows(text: str) -> dict[str, list[str]]:
 
 @pytest.mark.parametrize("experiment", sorted(README_EXPERIMENTS))
 def test_the_readme_results_are_what_report_makes_of_the_committed_records(tmp_path, experiment):
-    """README's Results table (the one after the link to the report) is the committed report's,
+    """docs/results.md's table (the one after the link to the report) is the committed report's,
     and that report is what `python -m launcher.experiment report` makes of the committed record
     (no run directory, nothing trained); its statistics are scipy's on the record's values."""
     from scipy import stats
@@ -333,9 +347,8 @@ def test_the_readme_results_are_what_report_makes_of_the_committed_records(tmp_p
             p = stats.ttest_ind(v, values["baseline"], equal_var=False).pvalue
             shown = "< 0.001" if p < 0.001 else f"{p:.3f}"
             assert row[6] == f"{mean - sum(values['baseline']) / 3:+.2f} (p {shown}{', noise' if p >= 0.05 else ''})"
-    readme = (REPO / "README.md").read_text()
-    section = readme[readme.index("\n## Results\n"):readme.index("\n## ", readme.index("\n## Results\n") + 5)]
-    after_link = section[section.index(f"(benchmarks/results/{committed.name})"):]
+    section = (REPO / "docs" / "results.md").read_text()
+    after_link = section[section.index(f"(../benchmarks/results/{committed.name})"):]
     table = after_link[after_link.index("\n|"):].split("\n\n")[0]  # the first table after the link
     shown = table_rows(table)
     assert list(shown) == list(report)  # every rung, in the report's order

@@ -1,9 +1,9 @@
 """Augmentation of whole batches where they land (data.augment_on: device).
 
-For 32-pixel images the per-sample transforms in the loader workers cost more than the model
-(Fashion-MNIST, wrn10_2, one CPU process: 379 us a sample for crop + flip, against 10 us as
-batched tensor ops). So for the ops below the loader only decodes, and the batch, still uint8,
-is augmented and normalised on the training device in a few tensor operations:
+For 32-pixel images the per-sample transforms in the loader workers cost as much as a small
+model's step, and batched tensor ops cost a small fraction of that (benchmarks/augment_speed.py
+measures both). So for the ops below the loader only decodes, and the batch, still uint8, is
+augmented and normalised on the training device in a few tensor operations:
 
     random_resized_crop  torchvision's RandomResizedCrop (bilinear): one grid_sample for the crops
                          that upscale; a crop larger than the output keeps torchvision's antialiased

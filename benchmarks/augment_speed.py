@@ -43,8 +43,8 @@ import torch  # noqa: E402
 from benchmarks.emit_results import emit  # noqa: E402
 from launcher.data import seed_for_sample  # noqa: E402
 from launcher.data.augment import sample_keys  # noqa: E402
-from launcher.recipe import AugmentSection, DataSection  # noqa: E402
-from launcher.transforms import ImageTransform  # noqa: E402
+from launcher.config.recipe import AugmentSection, DataSection  # noqa: E402
+from launcher.data.transforms import ImageTransform  # noqa: E402
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
 RECIPES = {"crop 4 + flip": dict(crop_padding=4, hflip=0.5),
@@ -151,8 +151,8 @@ def end_to_end(steps: int, warmup: int, repeats: int, workdir: Path) -> dict[str
     from launcher.data import index_shards, decode_image
     from launcher.data.augment import BatchAugment
     from launcher.loop import train
-    from launcher.recipe import validate_recipe
-    from launcher.shards import main as write_shards
+    from launcher.config.recipe import validate_recipe
+    from launcher.data.writer import main as write_shards
 
     shards = workdir / "shards"
     if not (shards / "info.json").exists():

@@ -42,8 +42,8 @@ MEASURE = r"""
 import json, resource, sys, time
 import numpy as np
 from launcher.data import EpochPlan, TrainStream, batches, index_shards
-from launcher.recipe import DataSection
-from launcher.transforms import ImageTransform
+from launcher.config.recipe import DataSection
+from launcher.data.transforms import ImageTransform
 pattern, cache, mode = sys.argv[1], sys.argv[2], sys.argv[3]
 imported_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 start = time.perf_counter()

@@ -189,8 +189,8 @@ class DiskWatcher:
 
 
 def _transform():
-    from launcher.recipe import DataSection
-    from launcher.transforms import ImageTransform
+    from launcher.config.recipe import DataSection
+    from launcher.data.transforms import ImageTransform
 
     data = DataSection(train="x", batch_size=BATCH, image_size=32, augment={"crop_padding": 4, "hflip": 0.5})
     return ImageTransform(data, 3, train=True)
@@ -205,7 +205,7 @@ def _decode(jpg: bytes):
 def _launcher(env: dict, cache: Path, resume_state):
     """(batches, state function, bytes-fetched function) of the launcher's reader."""
     from launcher.data import EpochPlan, TrainStream, batches, index_shards
-    from launcher.remote import FetchOptions
+    from launcher.data.remote.store import FetchOptions
 
     index = index_shards(env["s3_pattern"], "data.train", cache_dir=str(cache),
                          fetch=FetchOptions(s3_endpoint=env["endpoint"], cache_limit=8 * env["shard_bytes"],

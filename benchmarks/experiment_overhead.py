@@ -63,7 +63,7 @@ def main() -> int:
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(REPO)}
     work = Path(tempfile.mkdtemp(prefix="experiment-overhead-"))
     try:
-        from launcher.shards import main as write_shards
+        from launcher.data.writer import main as write_shards
 
         assert write_shards(["digits", "--out", str(work / "digits")]) == 0
         data = json.loads((work / "digits" / "info.json").read_text())

@@ -119,7 +119,7 @@ def run(name: str, work: Path, model: dict, data: dict, steps: int, env: dict, p
     path.write_text(yaml.safe_dump(recipe))
     env = {**os.environ, "PYTHONPATH": str(REPO), "LAUNCHER_PLUGINS": "benchmarks.fsdp_memory",
            "BENCH_MEMORY_OUT": str(out), **env}
-    from launcher.distributed import free_port
+    from launcher.strategies.select import free_port
 
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", str(processes),
                "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port",
@@ -131,7 +131,7 @@ def run(name: str, work: Path, model: dict, data: dict, steps: int, env: dict, p
 
 
 def synthetic_shards(work: Path, samples: int, size: int, classes: int) -> dict:
-    from launcher.shards import main as write_shards
+    from launcher.data.writer import main as write_shards
 
     assert write_shards(["synthetic", "--out", str(work / "shards"), "--num-classes", str(classes), "--train",
                          str(samples), "--val", "16", "--size", str(size)]) == 0

@@ -48,9 +48,9 @@ from launcher.data import EpochPlan, TrainStream, batches, index_shards, on_devi
 from launcher.loop import set_gpu_numerics, train  # noqa: E402
 from launcher.models import create_model, memory_format  # noqa: E402
 from launcher.optim import create_optimizer, default_param_groups  # noqa: E402
-from launcher.recipe import validate_recipe  # noqa: E402
+from launcher.config.recipe import validate_recipe  # noqa: E402
 from launcher.registry import Plugin, PluginOptions, register  # noqa: E402
-from launcher.transforms import ImageTransform  # noqa: E402
+from launcher.data.transforms import ImageTransform  # noqa: E402
 
 # Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; matched
 # against torch.cuda.get_device_name() in this order (first match wins).

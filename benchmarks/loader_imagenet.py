@@ -51,8 +51,8 @@ def write_photos(root: Path, samples: int) -> None:
 
 def launcher_rate(pattern: str, augment: dict) -> float:
     from launcher.data import EpochPlan, TrainStream, batches, index_shards
-    from launcher.recipe import DataSection
-    from launcher.transforms import ImageTransform
+    from launcher.config.recipe import DataSection
+    from launcher.data.transforms import ImageTransform
 
     data = DataSection(train=pattern, batch_size=BATCH, image_size=224, mean=[0.485, 0.456, 0.406],
                        std=[0.229, 0.224, 0.225], augment=augment)
@@ -97,7 +97,7 @@ def main() -> int:
     import torch
 
     torch.set_num_threads(1)  # one worker's work, as a loader worker runs it
-    from launcher.shards import main as shards
+    from launcher.data.writer import main as shards
 
     tmp = Path(tempfile.mkdtemp(prefix="loader-imagenet-"))
     write_photos(tmp / "photos", args.samples)

@@ -12,7 +12,7 @@ from timm.scheduler import CosineLRScheduler
 from torch.utils.data import DataLoader
 
 from launcher.data import EpochPlan, TrainStream, index_shards
-from launcher.transforms import ImageTransform
+from launcher.data.transforms import ImageTransform
 
 
 def plain_train(recipe, max_steps: int) -> tuple[torch.nn.Module, list[float]]:

@@ -22,7 +22,7 @@ import torch  # noqa: E402
 
 from benchmarks.loop_overhead import launcher_run, medians  # noqa: E402
 from benchmarks.emit_results import emit  # noqa: E402
-from launcher.shards import main as write_shards  # noqa: E402
+from launcher.data.writer import main as write_shards  # noqa: E402
 
 
 def main() -> int:

@@ -22,9 +22,9 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.emit_results import emit  # noqa: E402
 from launcher.loop import train  # noqa: E402
-from launcher.recipe import load_recipe  # noqa: E402
+from launcher.config.recipe import load_recipe  # noqa: E402
 from launcher.registry import Plugin, register  # noqa: E402
-from launcher.shards import main as write_shards  # noqa: E402
+from launcher.data.writer import main as write_shards  # noqa: E402
 
 
 ACTIVE = False  # set while timing resumes; the plugin is in both runs so their recipes match

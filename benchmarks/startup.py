@@ -61,7 +61,7 @@ def main() -> int:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        from launcher.shards import main as write_shards
+        from launcher.data.writer import main as write_shards
 
         if write_shards(["digits", "--out", str(tmp / "digits")]) != 0:
             raise SystemExit("could not write the digits shards")

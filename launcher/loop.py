@@ -7,7 +7,7 @@ The plugin hooks (launcher.registry.HOOKS) are called at the points marked H bel
 each in recipe order. Notify hooks return nothing; transform hooks return their value.
 
     options  = H accelerator_options(ctx, {cpu, ...})     # amp sets mixed_precision; DeepSpeed's config
-    accelerator = Accelerator(**options); ctx.strategy   # DDP, DeepSpeed ZeRO or FSDP (launcher/distributed.py)
+    accelerator = Accelerator(**options); ctx.strategy   # DDP, DeepSpeed ZeRO or FSDP (launcher/strategies/select.py)
     index the shards, build the model (seeded)
     groups = H param_groups(ctx, weight-decay groups)     # discriminative LRs
     optimizer (timm) over the groups, schedule (timm), criterion
@@ -62,7 +62,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from launcher.distributed import initial_accelerator_options, make_accelerator, make_strategy
+from launcher.strategies.select import initial_accelerator_options, make_accelerator, make_strategy
 from launcher.console import Console
 from launcher.data import (Batch, EpochPlan, EvalStream, PersistentWorkers, ShardIndex, TrainStream, batches,
                            fetch_options, index_shards, on_device)
@@ -73,9 +73,9 @@ from launcher.optim import create_optimizer, create_schedule, default_param_grou
 from launcher.registry import PluginSet, build_plugins
 from launcher.runlog import (MetricsLog, RunDirLock, check_writable_run_dir, final_weights, manifest, metrics_file,
                             start_run_dir, write_status)
-from launcher.strategy import broadcast_buffers
-from launcher.transforms import ImageTransform
-from launcher.watchdog import RankWatchdog
+from launcher.strategies.base import broadcast_buffers
+from launcher.data.transforms import ImageTransform
+from launcher.cluster.watchdog import RankWatchdog
 
 
 def cross_entropy(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -90,7 +90,7 @@ class RunContext:
 
     recipe: Any
     accelerator: Any = None
-    strategy: Any = None  # DataParallel (launcher/strategy.py), DeepSpeedZeRO or FullyShardedDataParallel
+    strategy: Any = None  # DataParallel (launcher/strategies/base.py), DeepSpeedZeRO or FullyShardedDataParallel
     model: Optional[nn.Module] = None  # the prepared (possibly DDP-wrapped) model
     optimizer: Optional[torch.optim.Optimizer] = None
     scheduler: Any = None  # a timm scheduler, stepped per optimizer step

@@ -21,7 +21,7 @@ def preflight(recipe) -> list[str]:
         pretrained_weights_file(recipe.model.pretrained_file)  # missing: an error now, not in the queue
 
     from launcher.data.index import fetch_options
-    from launcher.remote import Remote, kind
+    from launcher.data.remote.store import Remote, kind
 
     commands = []
     for key in ("train", "val"):
@@ -51,9 +51,9 @@ def check_model_name(name: str) -> None:
     """Raise on a model name timm does not know (a pretrained tag, `name.tag`, is allowed).
 
     Importing timm takes 6 s here, longer than the rest of --check: the launcher's WideResNets and
-    the names timm's model files register are known without it (launcher/model_names.py); any
+    the names timm's model files register are known without it (launcher/models/names.py); any
     other name (a deprecated alias, a model a plugin registers, a misspelling) is asked of timm."""
-    from launcher.model_names import known_without_timm
+    from launcher.models.names import known_without_timm
 
     if name.split(".", 1)[0] in known_without_timm():
         return

@@ -36,7 +36,7 @@ from typing import Any, Callable, ClassVar, Optional
 from pydantic import ValidationError
 
 from launcher.errors import LauncherError, did_you_mean
-from launcher.schema import StrictModel
+from launcher.config.schema import StrictModel
 
 ENTRY_POINT_GROUP = "launcher.plugins"
 
@@ -69,7 +69,7 @@ HOOKS: dict[str, str] = {
 
 class PluginOptions(StrictModel):
     """Base class of a plugin's options: typed fields with defaults; unknown keys are errors; a
-    number option takes numbers only (launcher/schema.py)."""
+    number option takes numbers only (launcher/config/schema.py)."""
 
 
 class Plugin:
@@ -220,7 +220,7 @@ def parse_options(name: str, raw: Optional[dict]) -> PluginOptions:
 
 
 # The support table's axes, and where a recipe falls on them. They live here, not in
-# launcher/distributed.py, because a recipe's precision is a plugin's to set (amp): asking it
+# launcher/strategies/select.py, because a recipe's precision is a plugin's to set (amp): asking it
 # from distributed.py made the two modules import each other.
 PRECISIONS = ("fp32", "bf16", "fp16")
 # Columns of the support table: DDP, DeepSpeed ZeRO stages, FSDP.

@@ -18,7 +18,7 @@ What a checkpoint holds (checkpoints/step-NNNNNNNN/):
                       hash, metrics.jsonl rows to keep, the size and SHA-256 of each file, and
                       the SHA-256 of its own content (meta_sha256: an edited meta.json is skipped)
 The strategy writes and reads the weights and optimizer state (save_checkpoint /
-load_checkpoint in launcher/strategy.py, deepspeed_zero.py, fsdp.py), the run context its
+load_checkpoint in launcher/strategies/base.py, deepspeed_zero.py, fsdp.py), the run context its
 progress (RunContext.progress_state); this plugin decides when and where, and makes it atomic
 and verified.
 The data position needs no worker state: what a step reads, and every augmentation draw,
@@ -66,7 +66,7 @@ from pydantic import Field
 
 from launcher.errors import LauncherError
 from launcher.lazy import lazy
-from launcher.recipe import MISSING, flatten, schema_default
+from launcher.config.recipe import MISSING, flatten, schema_default
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import atomic_write_text, checkpoints_dir, file_sha256, strict_json
 
@@ -161,7 +161,7 @@ def verify(folder: Path) -> Optional[str]:
                 if problem:
                     return problem
         if "fsdp/.metadata" in meta["files"]:
-            from launcher.fsdp import sharded_checkpoint_problem
+            from launcher.strategies.fsdp import sharded_checkpoint_problem
 
             problem = sharded_checkpoint_problem(folder / "fsdp")
             if problem:
@@ -178,7 +178,7 @@ def _unsafe_pickle(path: Path) -> Optional[str]:
 
     allowed = []
     if "deepspeed" in path.parts:
-        from launcher.deepspeed_zero import deepspeed_checkpoint_types
+        from launcher.strategies.deepspeed import deepspeed_checkpoint_types
 
         allowed = deepspeed_checkpoint_types()
     try:

@@ -26,8 +26,8 @@ from launcher.errors import LauncherError
 from launcher.lazy import lazy
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import final_weights, recipe_file
-from launcher.weights import load_into
-from launcher.yamlfile import load_yaml
+from launcher.models.weights import load_into
+from launcher.config.yamlfile import load_yaml
 
 torch = lazy("torch")
 F = lazy("torch.nn.functional")

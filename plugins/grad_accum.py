@@ -62,7 +62,7 @@ class GradientAccumulation(Plugin):
             if options.mode == "auto":
                 return ("mode auto probes k at the first step, but DeepSpeed fixes its accumulation steps when the "
                         "engine is built; set mode: fixed with micro_batches")
-            from launcher.deepspeed_zero import read_deepspeed_json
+            from launcher.strategies.deepspeed import read_deepspeed_json
 
             given = read_deepspeed_json(recipe.distributed.deepspeed_config).get("gradient_accumulation_steps", "auto")
             if given not in ("auto", options.micro_batches):

@@ -22,7 +22,7 @@ from pydantic import Field
 from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.runlog import final_weights
-from launcher.weights import listed, mismatches, read_state_dict
+from launcher.models.weights import listed, mismatches, read_state_dict
 
 
 def resolve_weights(path: str) -> Path:

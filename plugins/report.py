@@ -1,4 +1,4 @@
-"""report: write the evaluation report (launcher/report.py) at the end of a run: training
+"""report: write the evaluation report (launcher/commands/report.py) at the end of a run: training
 curves, confusion matrix, per-class PR and ROC curves (PNGs) and report.json with
 precision / recall / F1 / AUC per class, into <run dir>/report/. The same report on demand:
 `python -m launcher.report RUN_DIR`.
@@ -42,7 +42,7 @@ class Report(Plugin):
             from safetensors.torch import load_model
 
             from launcher.models import create_model
-            from launcher.report import predict, write_report
+            from launcher.commands.report import predict, write_report
             from launcher.runlog import final_weights
 
             weights = final_weights(ctx.run_dir)

@@ -88,7 +88,7 @@ def pytest_runtest_protocol(item, nextitem):
 
 
 def write_shards(out: Path, *args: str) -> dict:
-    from launcher.shards import main
+    from launcher.data.writer import main
 
     assert main([*args, "--out", str(out)]) == 0
     return json.loads((out / "info.json").read_text())
@@ -158,7 +158,7 @@ def run_cli(args: list[str], env: dict | None = None, timeout: int = 600, cwd: P
     return subprocess.CompletedProcess(args, proc.returncode, stdout, stderr)
 
 
-from launcher.distributed import free_port  # noqa: E402,F401  (tests import it from here)
+from launcher.strategies.select import free_port  # noqa: E402,F401  (tests import it from here)
 
 
 # `accelerate launch` without the `accelerate` CLI's own start-up: the same launch_command, but

@@ -11,8 +11,8 @@ import torch.distributed as dist
 
 from launcher.data import EpochPlan, TrainStream, batches, index_shards
 from launcher.data.loader import PersistentWorkers
-from launcher.recipe import validate_recipe
-from launcher.transforms import ImageTransform
+from launcher.config.recipe import validate_recipe
+from launcher.data.transforms import ImageTransform
 
 
 class CollectingFirst:

@@ -17,8 +17,8 @@ from torchvision.transforms.v2 import functional as F
 from launcher.data import EpochPlan, TrainStream, batches, index_shards, on_device
 from launcher.data.augment import BatchAugment, erase_by_copies, erase_by_mask, pixel_normals, sample_keys
 from launcher.errors import LauncherError
-from launcher.recipe import AugmentSection, validate_recipe
-from launcher.transforms import ImageTransform
+from launcher.config.recipe import AugmentSection, validate_recipe
+from launcher.data.transforms import ImageTransform
 from tests.conftest import small_recipe
 
 MEAN, STD = [0.49, 0.48, 0.45], [0.25, 0.24, 0.26]
@@ -221,7 +221,7 @@ def test_augment_on_auto_takes_the_device_when_every_op_is_batched_and_a_run_kee
     mid-run): one written before the key existed ran on the loader, and its checkpoints resume."""
     import yaml
 
-    from launcher.recipe import schema_default
+    from launcher.config.recipe import schema_default
     from plugins.checkpoint import recipe_differences
 
     def resolved(run_dir: Path, augment: dict) -> str:

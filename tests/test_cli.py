@@ -81,7 +81,7 @@ def test_bad_input_from_the_real_command_has_no_traceback(digits, tmp_path):
 def test_list_plugins_option_errors_and_check_answer_without_torch_or_timm(digits):
     """`--list-plugins`, a bad plugin option and `--check` answer without importing torch, timm or
     accelerate: plugins import them on first use (launcher/lazy.py), and --check knows timm's model
-    names from its source files (launcher/model_names.py). A name not found there is asked of timm,
+    names from its source files (launcher/models/names.py). A name not found there is asked of timm,
     so a misspelt one is still refused."""
     recipe = str(REPO / "recipes" / "digits.yaml")
     check = ["--check", recipe, f"data.train={digits['train']}", f"data.val={digits['val']}"]
@@ -107,7 +107,7 @@ def test_the_model_names_read_from_timms_source_are_timms_registry():
     import timm
 
     import launcher.models  # noqa: F401  (registers the WideResNets)
-    from launcher.model_names import known_without_timm
+    from launcher.models.names import known_without_timm
 
     # Other tests of this session register models of their own: compare with timm's and ours.
     registry = {n for n in timm.list_models()
@@ -168,8 +168,8 @@ ALIAS_BOMB = "a0: &a0 [x]\n" + "".join(f"a{i}: &a{i} [{', '.join([f'*a{i - 1}'] 
 
 @pytest.mark.timeout(60)  # before the fix, --check walked the 9^10 references for ever
 def test_yaml_aliases_that_explode_or_refer_to_themselves_are_refused_at_once(digits, tmp_path, capsys):
-    from launcher.evaluate import main as evaluate
-    from launcher.report import main as report
+    from launcher.commands.evaluate import main as evaluate
+    from launcher.commands.report import main as report
 
     bomb, loop = tmp_path / "bomb.yaml", tmp_path / "loop.yaml"
     bomb.write_text(ALIAS_BOMB)

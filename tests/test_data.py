@@ -18,8 +18,8 @@ from launcher.data import (EpochPlan, EvalStream, TrainStream, batches, decode_i
                            index_shards)
 from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
-from launcher.recipe import validate_recipe
-from launcher.transforms import ImageTransform
+from launcher.config.recipe import validate_recipe
+from launcher.data.transforms import ImageTransform
 from tests.conftest import REPO, small_recipe, write_shards
 
 
@@ -273,7 +273,7 @@ def test_the_writer_leaves_an_index_next_to_each_shard_and_runs_read_it_instead_
     with pytest.raises(LauncherError, match=r"the index '.*a-0.tar.index.npz' does not match its shard '.*a-0.tar': "
                                             r"it records \d+ bytes, the shard has \d+\. .*launcher.shards index"):
         index_shards(str(copy / "a-0.tar"), "t", cache_dir=str(tmp_path / "c"))
-    from launcher.shards import main
+    from launcher.data.writer import main
 
     assert main(["index", str(copy / "a-0.tar")]) == 0
     assert len(index_shards(str(copy / "a-0.tar"), "t", cache_dir=str(tmp_path / "c"))) == 237
@@ -283,7 +283,7 @@ def test_shards_of_other_tools_are_indexed_by_the_index_command_or_once_on_first
     import shutil
 
     from launcher.data import index_file_next_to
-    from launcher.shards import main
+    from launcher.data.writer import main
 
     urls = [Path(u) for u in expand_pattern(digits["train"])]
     foreign = tmp_path / "foreign"
@@ -506,7 +506,7 @@ def cifar_damage(src: Path, marker: Path) -> dict:
 @pytest.mark.parametrize("case", ["runs code", "code in the meta file", "truncated", "fewer labels", "label 57",
                                   "CIFAR-100 batch", "rows of another size"])
 def test_hostile_or_damaged_cifar_files_run_nothing_and_are_one_paragraph(case, tmp_path, capsys):
-    from launcher.shards import main
+    from launcher.data.writer import main
 
     src, marker = tmp_path / "cifar-10-batches-py", tmp_path / "code-ran"
     fake_cifar10(src)
@@ -531,7 +531,7 @@ def test_hostile_or_damaged_cifar_files_run_nothing_and_are_one_paragraph(case, 
     ("not an npz", "is not an .npz file"),
 ])
 def test_npz_arrays_that_do_not_mean_one_thing_are_refused(case, words, tmp_path, capsys):
-    from launcher.shards import main
+    from launcher.data.writer import main
 
     rng = np.random.default_rng(0)
     arrays = {"x_train": rng.integers(0, 255, (100, 4, 4, 3), dtype=np.uint8), "y_train": np.arange(100) % 3,
@@ -604,7 +604,7 @@ def test_mnist_family_sources_from_their_idx_files(source, tmp_path):
 def test_the_real_fashion_mnist_files_read_as_the_data_set_says():
     """The files in ../shared (Debian's dataset-fashion-mnist): 60k + 10k 28x28 images, 6,000 and
     1,000 of each class (the data set's README)."""
-    from launcher.shards import idx_arrays
+    from launcher.data.writer import idx_arrays
 
     src = REPO.parent / "shared" / "data" / "fashion-mnist"
     if not src.is_dir():
@@ -638,7 +638,7 @@ def idx_damage(folder: Path) -> dict:
 @pytest.mark.parametrize("case", ["truncated gzip", "labels for images", "not IDX", "short data", "counts differ",
                                   "label range", "missing file"])
 def test_damaged_idx_files_are_one_paragraph_naming_the_file(case, tmp_path, capsys):
-    from launcher.shards import main
+    from launcher.data.writer import main
 
     fake_idx_folder(tmp_path / "idx")
     damage, words = idx_damage(tmp_path / "idx")[case]
@@ -672,7 +672,7 @@ def idx_header_damage(folder: Path) -> dict:
 def test_idx_headers_that_lie_are_refused_reading_no_more_than_they_promise(case, tmp_path, capsys):
     import tracemalloc
 
-    from launcher.shards import main
+    from launcher.data.writer import main
 
     fake_idx_folder(tmp_path / "idx")
     damage, words = idx_header_damage(tmp_path / "idx")[case]
@@ -690,7 +690,7 @@ def test_idx_headers_that_lie_are_refused_reading_no_more_than_they_promise(case
 
 
 def test_mnist_family_without_src_names_debians_folder(tmp_path, capsys):
-    from launcher.shards import IDX_DEFAULT_SRC, main
+    from launcher.data.writer import IDX_DEFAULT_SRC, main
 
     if IDX_DEFAULT_SRC["kmnist"].is_dir():
         pytest.skip("this machine has /usr/share/datasets/kmnist")
@@ -716,7 +716,7 @@ def test_the_writer_never_deletes_data_it_was_not_asked_to_replace(digits, tmp_p
     write that fails leaves the old one as it was); a folder holding anything else never is."""
     from PIL import Image
 
-    from launcher.shards import main
+    from launcher.data.writer import main
 
     out = tmp_path / "digits"
     write_shards(out, "digits")
@@ -762,7 +762,7 @@ def test_imagefolder_output_inside_its_source_is_refused(tmp_path, capsys):
     (classes [cat, dog, shards]), and a name sorting earlier would shift every label."""
     from PIL import Image
 
-    from launcher.shards import main
+    from launcher.data.writer import main
 
     for c in ("cat", "dog"):
         (tmp_path / "photos" / c).mkdir(parents=True)
@@ -834,7 +834,7 @@ def test_data_that_goes_bad_during_training_names_shard_and_sample_and_marks_the
     import shutil
 
     from launcher.loop import train
-    from launcher.recipe import validate_recipe
+    from launcher.config.recipe import validate_recipe
     from tests.conftest import small_recipe
 
     info = digits_png if fmt == "png" else digits
@@ -965,7 +965,7 @@ def test_an_index_that_leaves_out_samples_or_is_malformed_is_one_clear_error(dig
 def test_the_index_command_on_hostile_shards(tmp_path, capsys):
     """Truncated and non-tar files are refused naming them; a member path with `..` is indexed as
     a sample key and nothing is written outside the shard's folder (members are never extracted)."""
-    from launcher.shards import main as shards_main
+    from launcher.data.writer import main as shards_main
 
     def add(tar, name, data):
         info = tarfile.TarInfo(name)

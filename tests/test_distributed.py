@@ -1,4 +1,4 @@
-"""Multi-node, DeepSpeed and FSDP (launcher/distributed.py, deepspeed_zero.py,
+"""Multi-node, DeepSpeed and FSDP (launcher/strategies/select.py, deepspeed_zero.py,
 fsdp.py, watchdog.py).
 
 Equivalence on the CPU (gloo), with the tolerances and why:
@@ -43,7 +43,7 @@ import torch
 import yaml
 
 from launcher.errors import LauncherError
-from launcher.recipe import validate_recipe
+from launcher.config.recipe import validate_recipe
 from tests.conftest import ACCELERATE_LAUNCH, REPO, accelerate_cmd, free_port, run_cli, small_recipe
 
 # One process and two (or DDP and ZeRO) add the same per-sample gradients in another order; the
@@ -136,7 +136,7 @@ def test_deepspeed_keys_need_the_deepspeed_strategy(digits, tmp_path):
 
 
 def test_a_deepspeed_json_file_is_checked_against_the_recipe(digits, tmp_path):
-    from launcher.deepspeed_zero import deepspeed_config, finish_deepspeed_config
+    from launcher.strategies.deepspeed import deepspeed_config, finish_deepspeed_config
 
     def recipe_with(config, **distributed):
         path = tmp_path / "ds.json"
@@ -211,7 +211,7 @@ class Ranks:
     """Two RankWatchdogs on one in-process TCPStore; exits are recorded, not performed."""
 
     def __init__(self, timeout=2.0):
-        from launcher.watchdog import RankWatchdog
+        from launcher.cluster.watchdog import RankWatchdog
 
         port = free_port()
         self.server = torch.distributed.TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False)
@@ -460,7 +460,7 @@ def test_fsdp_with_sam_clipping_accumulation_layer_lrs_and_distillation_matches_
         result = run_cli([*accelerate_cmd(2), "launcher", str(recipe)])
         assert result.returncode == 0, result.stderr[-3000:]
     # The options took effect: equal results alone would also come from options silently ignored.
-    from launcher.fsdp import size_based_units
+    from launcher.strategies.fsdp import size_based_units
 
     sharding = options.get("fsdp_sharding", "full")
     fsdp = json.loads((tmp_path / "fsdp" / "recorder-rank0.json").read_text())["fsdp"]
@@ -658,7 +658,7 @@ def assert_deepspeed_pickles_are_loaded_safely(checkpoint: Path, tmp_path: Path)
     import shutil
     from types import SimpleNamespace
 
-    from launcher.deepspeed_zero import safe_deepspeed_loading
+    from launcher.strategies.deepspeed import safe_deepspeed_loading
     from launcher.errors import LauncherError
     from plugins.checkpoint import verify
     from tests.test_checkpoint import _Evil, resign
@@ -695,7 +695,7 @@ def test_a_damaged_newest_fsdp_checkpoint_is_skipped_for_an_older_one_like_a_ddp
     import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
 
-    from launcher.fsdp import sharded_checkpoint_problem
+    from launcher.strategies.fsdp import sharded_checkpoint_problem
     from launcher.loop import train
     from plugins.checkpoint import verify
     from tests.test_checkpoint import _Evil, resign
@@ -733,7 +733,7 @@ def test_a_tampered_fsdp_checkpoint_is_refused_and_its_code_never_runs(tmp_path)
 
     import torch.distributed.checkpoint as dcp
 
-    from launcher.fsdp import load_sharded
+    from launcher.strategies.fsdp import load_sharded
     from tests.test_checkpoint import _Evil
 
     state = {"model": {"w": torch.arange(6.0)}, "optimizer": {"param_groups": [{"lr": 0.1, "params": ["w"]}]}}
@@ -764,7 +764,7 @@ def one_rank_fsdp(digits):
 
     import torch.distributed as dist
 
-    from launcher.fsdp import FullyShardedDataParallel
+    from launcher.strategies.fsdp import FullyShardedDataParallel
 
     def make(mixed_precision="no", **options):
         plugins = {"amp": {"dtype": mixed_precision}} if mixed_precision != "no" else {}

@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from launcher.loop import train
-from launcher.recipe import validate_recipe
+from launcher.config.recipe import validate_recipe
 from plugins.ema import ExponentialMovingAverage
 from tests.conftest import small_recipe
 
@@ -24,7 +24,7 @@ class Accel:
 
 
 def plain_strategy():
-    from launcher.strategy import DataParallel
+    from launcher.strategies.base import DataParallel
 
     return DataParallel(Accel)
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from launcher.evaluate import main
+from launcher.commands.evaluate import main
 from launcher.loop import train
-from launcher.recipe import validate_recipe
+from launcher.config.recipe import validate_recipe
 from tests.conftest import read_only_folder, small_recipe
 
 
@@ -52,9 +52,9 @@ def test_predict_classifies_shards_and_image_files_alike(finished, digits, tmp_p
     from PIL import Image
 
     from launcher.data import decode_image, index_shards
-    from launcher.evaluate import load_run_model
-    from launcher.predict import main as predict
-    from launcher.report import predict as report_probabilities
+    from launcher.commands.evaluate import load_run_model
+    from launcher.commands.predict import main as predict
+    from launcher.commands.report import predict as report_probabilities
 
     assert predict([str(finished), digits["val"], "--out", str(tmp_path / "shards.csv"), "--top-k", "3"]) == 0
     with open(tmp_path / "shards.csv") as f:
@@ -84,8 +84,8 @@ def test_export_gives_a_timm_folder_and_torchscript_that_compute_the_same(finish
     import timm
     import torch
 
-    from launcher.evaluate import load_run_model
-    from launcher.export import main as export
+    from launcher.commands.evaluate import load_run_model
+    from launcher.commands.export import main as export
 
     recipe, model, _, _ = load_run_model(finished, "model")
     images = torch.randn(4, 3, 16, 16)
@@ -114,8 +114,8 @@ def test_onnx_export_computes_the_same_logits_in_onnxruntime(finished, tmp_path,
     import onnxruntime
     import torch
 
-    from launcher.evaluate import load_run_model
-    from launcher.export import main as export
+    from launcher.commands.evaluate import load_run_model
+    from launcher.commands.export import main as export
 
     assert export([str(finished), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
     assert "onnxruntime vs PyTorch: largest difference" in capsys.readouterr().out
@@ -134,7 +134,7 @@ def test_export_of_a_timm_model_loads_through_timms_own_pretrained_path(digits, 
     import yaml
     from safetensors.torch import save_model
 
-    from launcher.export import main as export
+    from launcher.commands.export import main as export
 
     run = tmp_path / "run"
     (run / "final").mkdir(parents=True)
@@ -192,7 +192,7 @@ def _sha(path) -> str:
 def test_export_never_writes_into_the_runs_weights_nor_replaces_files_unasked(finished, tmp_path, capsys):
     """`export RUN --weights ema --out RUN/final` replaced final/model.safetensors with the EMA
     weights; --weights model there was a SameFileError traceback; torchscript wrote into final/."""
-    from launcher.export import main as export
+    from launcher.commands.export import main as export
 
     run = _copy_run(finished, tmp_path / "run")
     before = {p.relative_to(run): _sha(p) for p in run.rglob("*") if p.is_file()}
@@ -224,8 +224,8 @@ def test_commands_written_in_a_run_directory_are_not_run_unasked(finished, digit
     ran `pipe:` commands written there."""
     import yaml
 
-    from launcher.evaluate import main as evaluate
-    from launcher.report import main as report
+    from launcher.commands.evaluate import main as evaluate
+    from launcher.commands.report import main as report
 
     run = _copy_run(finished, tmp_path / "run")
     marker = tmp_path / "PWNED"
@@ -248,8 +248,8 @@ def test_commands_written_in_a_run_directory_are_not_run_unasked(finished, digit
 def test_evaluate_predict_and_export_explain_bad_weights_recipes_and_outputs(finished, digits, tmp_path, capsys):
     import yaml
 
-    from launcher.evaluate import main as evaluate
-    from launcher.predict import main as predict
+    from launcher.commands.evaluate import main as evaluate
+    from launcher.commands.predict import main as predict
 
     (tmp_path / "not.safetensors").write_bytes(b"\xff" * 8 + b"{}")  # a header length of 2**64 - 1
     (tmp_path / "html.safetensors").write_text("<html>not weights</html>")
@@ -289,7 +289,7 @@ def test_predict_on_odd_inputs(finished, digits, tmp_path, capsys):
     import numpy as np
     from PIL import Image
 
-    from launcher.predict import main as predict
+    from launcher.commands.predict import main as predict
 
     (tmp_path / "empty").mkdir()
     assert predict([str(finished), str(tmp_path / "empty"), "--out", str(tmp_path / "e.csv")]) == 2

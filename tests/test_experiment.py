@@ -238,7 +238,7 @@ def test_the_cifar100_ladder_is_ready_for_a_cluster(tmp_path, capsys):
     3 seeds), and `submit --dry-run` on stand-in shards prints one array of its 27 trials, 8 at a time."""
     from launcher.experiment.gather import expected_recipes
     from launcher.experiment.spec import load_experiment
-    from launcher.shards import main as write_shards
+    from launcher.data.writer import main as write_shards
 
     experiment = load_experiment(REPO / "experiments" / "cifar100_ladder.yaml")
     trials = experiment.trials()

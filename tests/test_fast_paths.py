@@ -11,8 +11,8 @@ import torch
 from launcher.data import EpochPlan, TrainStream, batches, index_shards, on_device
 from launcher.models import memory_format
 from launcher.optim import create_optimizer, fused_kwargs
-from launcher.recipe import ModelSection, OptimizerSection, validate_recipe
-from launcher.transforms import ImageTransform
+from launcher.config.recipe import ModelSection, OptimizerSection, validate_recipe
+from launcher.data.transforms import ImageTransform
 from tests.conftest import small_recipe
 
 

@@ -146,7 +146,7 @@ def test_the_cuda_fast_paths_are_taken_and_a_compiled_run_follows_the_eager_one(
     import timm
 
     from launcher.loop import train
-    from launcher.recipe import validate_recipe
+    from launcher.config.recipe import validate_recipe
     from launcher.registry import Plugin, register
 
     seen = {}
@@ -181,7 +181,7 @@ def test_device_augmentation_on_cuda_equals_the_cpu():
     import numpy as np
 
     from launcher.data.augment import BatchAugment, sample_keys
-    from launcher.recipe import AugmentSection
+    from launcher.config.recipe import AugmentSection
 
     images = torch.randint(0, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
     keys = sample_keys(0, 1, np.arange(256))

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from launcher.data import Batch
 from launcher.errors import LauncherError
 from launcher.loop import RunContext, train
-from launcher.recipe import validate_recipe
+from launcher.config.recipe import validate_recipe
 from launcher.registry import Plugin, PluginOptions, PluginSet, register
 from plugins.grad_accum import GradientAccumulation
 from tests.conftest import small_recipe
@@ -41,7 +41,7 @@ def sgd_steps(k, batches, momentum=0.9):
     model = mlp()
     import types
 
-    from launcher.strategy import DataParallel
+    from launcher.strategies.base import DataParallel
 
     accelerator = Accelerator(cpu=True)
     ddp = types.SimpleNamespace(distributed=types.SimpleNamespace(strategy="ddp", stage=None))

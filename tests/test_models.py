@@ -9,7 +9,7 @@ import torch
 import launcher  # noqa: F401  (registers the WRNs)
 from launcher.errors import LauncherError
 from launcher.models import create_model
-from launcher.recipe import ModelSection
+from launcher.config.recipe import ModelSection
 
 
 @pytest.mark.parametrize("name, classes, millions", [

@@ -81,7 +81,7 @@ def test_freezing_then_unfreezing_keeps_ranks_in_step_under_ddp(digits, tmp_path
     from accelerate.utils import set_seed
 
     from launcher.models import create_model
-    from launcher.recipe import validate_recipe
+    from launcher.config.recipe import validate_recipe
 
     set_seed(0)
     initial = create_model(validate_recipe(raw).model)
@@ -98,8 +98,8 @@ def _saved_weights_loss(recipe_file, weights) -> float:
     from safetensors.torch import load_model
 
     from launcher.models import create_model
-    from launcher.recipe import load_recipe
-    from launcher.report import predict
+    from launcher.config.recipe import load_recipe
+    from launcher.commands.report import predict
 
     recipe = load_recipe(str(recipe_file), [])
     model = create_model(recipe.model)

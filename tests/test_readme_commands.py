@@ -199,7 +199,7 @@ def test_the_launch_commands_run(workdir, tmp_path):
 def test_the_slurm_commands_render_a_script(workdir, tmp_path, monkeypatch, capsys):
     """The submit commands, as dry runs in this process (the real cluster runs are in
     tests/test_slurm.py)."""
-    from launcher.slurm import main
+    from launcher.cluster.slurm import main
     from tests.conftest import write_shards
 
     info = write_shards(tmp_path / "cifar", "synthetic", "--num-classes", "100", "--train", "16", "--val", "8")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from launcher.errors import LauncherError
-from launcher.recipe import apply_overrides, load_recipe, validate_recipe
+from launcher.config.recipe import apply_overrides, load_recipe, validate_recipe
 from tests.conftest import REPO, small_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))
@@ -125,7 +125,7 @@ def test_num_classes_comes_from_the_shard_writers_info_when_left_out(digits, tmp
 def _number_fields(model, prefix: str = ""):
     """Dotted names of every field of a schema that takes a number (int/float, optional, tuples and
     lists of them), sub-sections walked."""
-    from launcher.schema import _accepts, _element_annotation, _model_in
+    from launcher.config.schema import _accepts, _element_annotation, _model_in
 
     for name, field in model.model_fields.items():
         section = _model_in(field.annotation)
@@ -142,7 +142,7 @@ def test_every_number_in_the_schema_refuses_true_and_numeric_text(digits, tmp_pa
     """Pydantic's lax mode read `hflip: true` as a flip probability of 1.0 (every training image
     mirrored). Every number of every section and of every plugin's options refuses a boolean, and
     a quoted number where text is not also allowed."""
-    from launcher.recipe import Recipe
+    from launcher.config.recipe import Recipe
     from launcher.registry import discover
 
     cases = list(_number_fields(Recipe))

@@ -9,9 +9,10 @@ import types
 import pytest
 
 from launcher import registry
+from tests.conftest import REPO
 from launcher.errors import LauncherError
 from launcher.loop import train
-from launcher.recipe import validate_recipe
+from launcher.config.recipe import validate_recipe
 from launcher.registry import Plugin, PluginOptions, PluginSet, register
 from tests.conftest import small_recipe
 
@@ -180,6 +181,36 @@ def _imports_of_the_project() -> dict[str, set[str]]:
     return graph
 
 
+def _libraries_of_the_project() -> dict[str, set[str]]:
+    """Module -> every module name it imports (third-party included), by parsing."""
+    import ast
+
+    out = {}
+    for path in sorted([*(REPO / "launcher").rglob("*.py"), *(REPO / "plugins").glob("*.py")]):
+        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                names |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names.add(node.module)
+        out[module] = names
+    return out
+
+
+def test_the_documented_commands_still_run_from_their_entry_modules(capsys):
+    """`python -m launcher.evaluate` and the others are short entry modules over launcher/commands,
+    launcher/cluster and launcher/data: each answers --help."""
+    import importlib
+
+    for name in ("evaluate", "predict", "export", "report", "lr_find", "shards", "slurm"):
+        entry = importlib.import_module(f"launcher.{name}")
+        with pytest.raises(SystemExit) as stop:
+            entry.main(["--help"])
+        assert stop.value.code == 0 and "usage:" in capsys.readouterr().out, name
+    assert importlib.import_module("launcher.node").main.__module__ == "launcher.cluster.node"
+
+
 def test_the_import_graph_has_no_circle_and_plugins_stand_alone():
     graph = _imports_of_the_project()
     assert {"launcher.loop", "plugins.checkpoint", "launcher.data", "launcher.data.loader"} <= set(graph)
@@ -190,6 +221,20 @@ def test_the_import_graph_has_no_circle_and_plugins_stand_alone():
     for module, targets in graph.items():
         if module.startswith("launcher."):
             assert not any(t.startswith("plugins.") for t in targets), (module, targets)  # the core names no plugin
+        if module.startswith("launcher.commands."):
+            # The commands share launcher.commands.finished_run and never import each other.
+            others = {t for t in targets if t.startswith("launcher.commands.") and t != "launcher.commands.finished_run"}
+            assert not others, (module, others)
+    # The libraries of DeepSpeed and FSDP are known to the strategies alone.
+    for module, libraries in _libraries_of_the_project().items():
+        if not module.startswith("launcher.strategies."):
+            assert not {name for name in libraries if name.split(".")[0] == "deepspeed"
+                        or name.startswith(("torch.distributed.fsdp", "torch.distributed.checkpoint"))}, module
+    # Each room is a subpackage: the entry modules of the documented commands are all that stays flat.
+    flat = sorted(p.stem for p in (REPO / "launcher").glob("*.py"))
+    assert flat == ["__init__", "__main__", "after_import", "console", "errors", "evaluate", "export", "lazy", "loop",
+                    "lr_find", "node", "optim", "predict", "preflight", "registry", "report", "runlog", "shards",
+                    "slurm"], flat
     # Depth-first search for a cycle; the path is the message.
     state: dict[str, int] = {}
 

@@ -13,8 +13,8 @@ import pytest
 from PIL import Image
 
 from launcher.loop import train
-from launcher.recipe import validate_recipe
-from launcher.report import compute
+from launcher.config.recipe import validate_recipe
+from launcher.commands.report import compute
 from tests.conftest import run_cli, small_recipe
 
 
@@ -85,7 +85,7 @@ def test_a_run_writes_the_report(reported_run):
 
 
 def test_the_epoch_axis_maps_steps_to_epochs():
-    from launcher.report import epoch_axis
+    from launcher.commands.report import epoch_axis
 
     # 2 epochs of 45 steps, logged every 5 steps (the last step of each epoch logged too)
     rows = [{"step": s, "epoch": (s - 1) // 45, "train/loss": 1.0} for s in list(range(5, 91, 5))]
@@ -101,7 +101,7 @@ def test_averages_equal_scikit_learns_and_many_classes_show_the_most_confused_pa
     from sklearn.metrics import average_precision_score, roc_auc_score
     from sklearn.preprocessing import label_binarize
 
-    from launcher.report import plot_confusion, plot_pr_roc
+    from launcher.commands.report import plot_confusion, plot_pr_roc
 
     rng = np.random.default_rng(0)
     labels = np.arange(1000) % 100

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from launcher.data import Batch
 from launcher.loop import RunContext, train
-from launcher.recipe import validate_recipe
+from launcher.config.recipe import validate_recipe
 from launcher.registry import PluginSet
 from plugins.sam import SharpnessAwareMinimization
 from tests.conftest import small_recipe
@@ -50,7 +50,7 @@ def launcher_sam_step(model, x, y, lr, **options):
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=False)
-    from launcher.strategy import DataParallel
+    from launcher.strategies.base import DataParallel
 
     accelerator = Accelerator(cpu=True)
     ctx = RunContext(recipe=None, accelerator=accelerator, strategy=DataParallel(accelerator), model=model,

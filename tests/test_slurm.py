@@ -329,7 +329,7 @@ def test_an_experiment_runs_as_a_job_array_that_requeues_and_cancels(slurm_runs,
 
 
 def test_time_limits_in_slurm_forms():
-    from launcher.slurm import time_limit_seconds
+    from launcher.cluster.slurm import time_limit_seconds
 
     assert [time_limit_seconds(t) for t in ("30", "4:30", "1:00:00", "2-0", "1-1:30", "1-0:0:5")] == \
         [1800, 270, 3600, 172800, 91800, 86405]
@@ -343,7 +343,7 @@ def test_the_nodes_say_torch_elastics_exit_barrier_race_in_one_line(capsys):
 
     from torch.distributed.elastic.agent.server import api
 
-    from launcher.node import _quiet_exit_barrier, quiet_exit_barrier_race
+    from launcher.cluster.node import _quiet_exit_barrier, quiet_exit_barrier_race
 
     records = []
     handler = logging.Handler()
@@ -463,7 +463,7 @@ def test_bad_input_fails_before_the_queue(cluster, digits, tmp_path):
 def test_bad_submissions_are_refused_before_a_script_is_written(digits, tmp_path, capsys, args, message):
     """Checked without a cluster (dry runs in this process): what a run would check first, and
     no user value may add a line of its own to the batch script."""
-    from launcher.slurm import main
+    from launcher.cluster.slurm import main
 
     recipe = recipe_file(digits, tmp_path, "bad", epochs=1)
     try:

@@ -18,10 +18,10 @@ import torch
 
 from launcher.data import EpochPlan, TrainStream, batches, expand_pattern, index_shards
 from launcher.errors import LauncherError
-from launcher.recipe import validate_recipe
+from launcher.config.recipe import validate_recipe
 from launcher.registry import Plugin, PluginOptions, register
-from launcher.remote import FetchOptions
-from launcher.transforms import ImageTransform
+from launcher.data.remote.store import FetchOptions
+from launcher.data.transforms import ImageTransform
 from tests.conftest import small_recipe
 
 WINDOW = 36  # half a shard: a lane reads about two shards at a time, so a small cache can hold them
@@ -120,7 +120,7 @@ def test_a_resumed_epoch_fetches_only_what_its_remaining_steps_read(remote_digit
 def test_remote_shards_without_index_files_are_indexed_once_per_machine_or_by_the_index_command(
         remote_digits20, object_store, tmp_path, monkeypatch, capsys):
     import launcher.data.index_files as data
-    from launcher.shards import main
+    from launcher.data.writer import main
 
     info, options = remote_digits20, FetchOptions(s3_endpoint=object_store.endpoint)
     local = index_shards(info["train"], "data.train")
@@ -153,8 +153,8 @@ def test_the_index_command_writes_one_index_for_a_remote_set_read_by_a_cold_star
     reads it in one request, a warm one not at all, and a shard replaced since is indexed on its own."""
     import launcher.data.index_files as index_files
     from launcher.data.index_files import index_file_next_to, set_index_url
-    from launcher.remote import Remote
-    from launcher.shards import main
+    from launcher.data.remote.store import Remote
+    from launcher.data.writer import main
 
     options = FetchOptions(s3_endpoint=object_store.endpoint)
     store = Remote(options)

@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-from launcher import remote
+from launcher.data.remote import store as remote
 from launcher.data.index_files import (
     _KEY_RE,
     IMAGE_EXTS,
@@ -19,8 +19,8 @@ from launcher.data.index_files import (
     remote_shard_indexes,
 )
 from launcher.errors import LauncherError
-from launcher.remote import FetchOptions
-from launcher.shard_cache import ShardCache
+from launcher.data.remote.store import FetchOptions
+from launcher.data.remote.cache import ShardCache
 
 # ---------------------------------------------------------------- shard lists
 

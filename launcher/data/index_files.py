@@ -18,11 +18,11 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from launcher import remote
+from launcher.data.remote import store as remote
 from launcher.errors import LauncherError
-from launcher.remote import FetchOptions
+from launcher.data.remote.store import FetchOptions
 from launcher.runlog import atomic_write_bytes, file_sha256
-from launcher.shard_cache import ShardCache
+from launcher.data.remote.cache import ShardCache
 
 IMAGE_EXTS = ("npy", "png", "jpg", "jpeg", "webp", "ppm", "bmp")
 LABEL_EXTS = ("cls", "cls.txt", "label", "target")

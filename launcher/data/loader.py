@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, IterableDataset
 
 from launcher.data.stream import Batch, _ShardReader
 from launcher.errors import LauncherError
-from launcher.shard_cache import needs_of
+from launcher.data.remote.cache import needs_of
 
 
 def batches(stream: _ShardReader, num_workers: int, pin_memory: bool = False,

@@ -84,7 +84,7 @@ def slots(parallel: int, processes: int) -> list[Slot]:
 def trial_command(recipe_file: Path, processes: int, on_gpu: bool) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "launcher", str(recipe_file)]
-    from launcher.distributed import free_port
+    from launcher.strategies.select import free_port
 
     # launcher.node: accelerate launch, with SIGTERM handed to the ranks (no 30 s limit, no traceback).
     return [sys.executable, "-m", "launcher.node", "--multi_gpu", "--num_processes", str(processes),

@@ -24,7 +24,7 @@ def what_ran(recipe) -> dict:
     off their defaults only: a key added to the schema later (with a default that keeps what runs
     did) leaves old records valid; any change of what a run does makes a different dict."""
     from launcher.data.augment import SAME_ON_BOTH_PATHS
-    from launcher.recipe import flatten
+    from launcher.config.recipe import flatten
     from launcher.registry import parse_options
 
     from launcher.registry import get_plugin_class

@@ -17,7 +17,7 @@ from launcher.errors import LauncherError
 
 def max_array_size() -> int:
     """The cluster's MaxArraySize (array indices run 0 .. MaxArraySize - 1); Slurm's default 1001."""
-    from launcher.slurm import _require
+    from launcher.cluster.slurm import _require
 
     result = subprocess.run([_require("scontrol"), "show", "config"], capture_output=True, text=True)
     found = re.search(r"^MaxArraySize\s*=\s*(\d+)", result.stdout, re.MULTILINE)
@@ -27,8 +27,8 @@ def max_array_size() -> int:
 def submit_experiment(experiment, trials, record, args) -> int:
     from launcher.experiment.gather import expected_recipes, gather, trial_state
     from launcher.registry import check_run_dir
-    from launcher.slurm import _refuse_control_characters, _require, build_script, record_job, sbatch_script
-    from launcher.slurm import time_limit_seconds
+    from launcher.cluster.slurm import _refuse_control_characters, _require, build_script, record_job, sbatch_script
+    from launcher.cluster.slurm import time_limit_seconds
 
     if experiment.spec.search is not None:
         raise LauncherError("submit runs ladders and grids; a search decides each trial from the ones before it, so "
@@ -84,7 +84,7 @@ def cancel_jobs(experiment, trials) -> int:
     import shutil
 
     from launcher.experiment.gather import job_of
-    from launcher.slurm import ACTIVE_STATES, job_state
+    from launcher.cluster.slurm import ACTIVE_STATES, job_state
 
     if shutil.which("scancel") is None:
         return 0

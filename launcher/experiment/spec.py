@@ -27,8 +27,8 @@ from typing import Any, Literal, Optional, Union
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from launcher.errors import LauncherError, did_you_mean
-from launcher.schema import StrictModel, explain_validation
-from launcher.yamlfile import read_mapping_file
+from launcher.config.schema import StrictModel, explain_validation
+from launcher.config.yamlfile import read_mapping_file
 
 # metric: shipped takes, in each trial's last evaluation, the first of these it logged: the model
 # one would ship (EMA and TTA where the recipe has them on).
@@ -248,7 +248,7 @@ class Experiment:
         trial it is (trackers group by it)."""
         import json
 
-        from launcher.recipe import load_recipe
+        from launcher.config.recipe import load_recipe
 
         about = {"name": self.name, "trial": trial.name, "rung": trial.rung, "seed": trial.seed, "combo": trial.combo}
         return load_recipe(self.recipe, [*trial.overrides, f"seed={trial.seed}", f"run.dir={trial.run_dir}",

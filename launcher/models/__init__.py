@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from timm.models import register_model
 
 from launcher.errors import LauncherError, did_you_mean
-from launcher.model_names import WRN_SIZES
+from launcher.models.names import WRN_SIZES
 
 
 def make_norm(kind: str, channels: int) -> nn.Module:
@@ -204,7 +204,7 @@ def load_pretrained_weights(section, kwargs: dict) -> nn.Module:
     if section.pretrained_file:
         # Read here, not by timm, so that a damaged file, a pickle or a file of another model is an
         # error naming the file (timm's state_dict source takes it as it is).
-        from launcher.weights import listed, mismatches, read_state_dict
+        from launcher.models.weights import listed, mismatches, read_state_dict
 
         file = pretrained_weights_file(section.pretrained_file)
         state = read_state_dict(file, "model.pretrained_file")

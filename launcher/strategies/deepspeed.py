@@ -18,7 +18,7 @@ What the core does here, and why:
   optimizer), so inputs are cast to the model's dtype (DeepSpeed does not do it).
 - On CPU-only machines DeepSpeed needs the gloo backend and ACCELERATE_USE_DEEPSPEED in
   the environment before Accelerate's state exists (without them Accelerate reports one
-  process on every rank); make_accelerator (launcher/distributed.py) sets both.
+  process on every rank); make_accelerator (launcher/strategies/select.py) sets both.
 - Weights leave DeepSpeed consolidated to fp32 (`full_state_dict`): the final weights,
   each checkpoint's model.safetensors and EMA updates (ZeRO-3 gathers the shards).
 - BatchNorm buffers are broadcast from rank 0 before each step's first forward pass, as DDP
@@ -35,7 +35,7 @@ from typing import Optional
 
 import torch
 
-from launcher.strategy import GatheredWeights, broadcast_buffers
+from launcher.strategies.base import GatheredWeights, broadcast_buffers
 from launcher.errors import LauncherError
 
 # DeepSpeed JSON sections the recipe owns: the optimizer and schedule come from the recipe's

@@ -20,7 +20,7 @@ from typing import Optional
 
 import torch
 
-from launcher.strategy import GatheredWeights, broadcast_buffers
+from launcher.strategies.base import GatheredWeights, broadcast_buffers
 from launcher.errors import LauncherError
 
 

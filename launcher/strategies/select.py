@@ -10,8 +10,8 @@ machines, GPUs with NCCL or CPUs with gloo); the recipe, not the launch flags, d
 the strategy, so a checkpoint always knows what wrote it.
 
 This module builds the Accelerator (checking the launch flags against the recipe) and picks the
-strategy: DataParallel (launcher/strategy.py), DeepSpeedZeRO (launcher/deepspeed_zero.py, with
-the DeepSpeed config built from the recipe) or FullyShardedDataParallel (launcher/fsdp.py).
+strategy: DataParallel (launcher/strategies/base.py), DeepSpeedZeRO (launcher/strategies/deepspeed.py, with
+the DeepSpeed config built from the recipe) or FullyShardedDataParallel (launcher/strategies/fsdp.py).
 """
 
 from __future__ import annotations
@@ -22,10 +22,10 @@ from typing import Any
 
 import torch
 
-from launcher.deepspeed_zero import DeepSpeedZeRO, deepspeed_config, finish_deepspeed_config
+from launcher.strategies.deepspeed import DeepSpeedZeRO, deepspeed_config, finish_deepspeed_config
 from launcher.errors import LauncherError
-from launcher.fsdp import FullyShardedDataParallel
-from launcher.strategy import DataParallel
+from launcher.strategies.fsdp import FullyShardedDataParallel
+from launcher.strategies.base import DataParallel
 
 # Read once, before a DeepSpeed run in this process sets it itself.
 LAUNCHED_WITH_DEEPSPEED = os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() == "true"

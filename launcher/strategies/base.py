@@ -1,6 +1,6 @@
 """What every distributed strategy does: DataParallel (DDP, or one process) and the base of the
-strategies whose weights live in shards; launcher/deepspeed_zero.py and launcher/fsdp.py build
-on them, launcher/distributed.py picks one for the recipe."""
+strategies whose weights live in shards; launcher/strategies/deepspeed.py and launcher/strategies/fsdp.py build
+on them, launcher/strategies/select.py picks one for the recipe."""
 
 from __future__ import annotations
 

@@ -23,13 +23,13 @@ from pydantic import BaseModel, Field, ValidationError, ValidationInfo, field_va
 from launcher.errors import LauncherError, did_you_mean, shorten
 from launcher.registry import validate_plugins
 from launcher.runlog import shard_info
-from launcher.schema import StrictModel, explain_validation
-from launcher.yamlfile import load_yaml, read_mapping_file
+from launcher.config.schema import StrictModel, explain_validation
+from launcher.config.yamlfile import load_yaml, read_mapping_file
 
 
 class Section(StrictModel):
     """A recipe section: unknown keys are errors, values are type-checked (no silent coercion
-    of "abc", "0.5" or true to a number: see launcher/schema.py)."""
+    of "abc", "0.5" or true to a number: see launcher/config/schema.py)."""
 
 
 MAX_NAME_BYTES = 255  # NAME_MAX of ext4, xfs, btrfs, APFS, NTFS
@@ -122,7 +122,7 @@ class AugmentSection(Section):
     def _known_policy(cls, value):
         if value is None or value in TORCHVISION_AUGMENT:
             return value
-        from launcher.transforms import timm_augmentation
+        from launcher.data.transforms import timm_augmentation
 
         try:
             timm_augmentation(value, 224, (0.5, 0.5, 0.5), "bilinear")
@@ -225,7 +225,7 @@ class DataSection(Section):
     @field_validator("cache_limit")
     @classmethod
     def _a_size(cls, value):
-        from launcher.remote import parse_size
+        from launcher.data.remote.store import parse_size
 
         parse_size(value)  # '20GB' and the like; a ValueError names the value
         return value
@@ -315,7 +315,7 @@ class ScheduleSection(Section):
 
 
 class DistributedSection(Section):
-    """How the processes share the work (see launcher/distributed.py and the README's table)."""
+    """How the processes share the work (see launcher/strategies/select.py and the README's table)."""
 
     strategy: Literal["ddp", "deepspeed", "fsdp"] = Field(
         "ddp", description="ddp: every rank holds the whole model (Accelerate's DDP); deepspeed: ZeRO through Accelerate; "
@@ -384,7 +384,7 @@ class DistributedSection(Section):
             return None
         if self.zero_stage is not None:
             return self.zero_stage
-        from launcher.deepspeed_zero import read_deepspeed_json
+        from launcher.strategies.deepspeed import read_deepspeed_json
 
         return int(read_deepspeed_json(self.deepspeed_config).get("zero_optimization", {}).get("stage", 2))
 

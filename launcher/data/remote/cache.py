@@ -37,7 +37,7 @@ from typing import Optional
 import numpy as np
 
 from launcher.errors import LauncherError
-from launcher.remote import Remote, kind
+from launcher.data.remote.store import Remote, kind
 
 FAILED = "FAILED"  # a file in the cache folder: the fetcher stopped; its text is the error
 

@@ -1,0 +1,1 @@
+"""Running on a cluster: Slurm jobs, the per-node launcher, the rank watchdog."""

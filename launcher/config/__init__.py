@@ -1,0 +1,1 @@
+"""Recipes and experiment-free configuration: the typed schema, overrides, YAML reading."""

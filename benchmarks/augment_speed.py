@@ -151,7 +151,7 @@ def end_to_end(steps: int, warmup: int, repeats: int, workdir: Path) -> dict[str
     from launcher.data import index_shards, decode_image
     from launcher.data.augment import BatchAugment
     from launcher.loop import train
-    from launcher.config.recipe import validate_recipe
+    from launcher.config.load import validate_recipe
     from launcher.data.writer import main as write_shards
 
     shards = workdir / "shards"

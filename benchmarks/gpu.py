@@ -46,9 +46,9 @@ import torch.nn.functional as F  # noqa: E402
 from benchmarks.emit_results import emit  # noqa: E402
 from launcher.data import EpochPlan, TrainStream, batches, index_shards, on_device  # noqa: E402
 from launcher.loop import set_gpu_numerics, train  # noqa: E402
-from launcher.models import create_model, memory_format  # noqa: E402
+from launcher.models.factory import create_model, memory_format  # noqa: E402
 from launcher.optim import create_optimizer, default_param_groups  # noqa: E402
-from launcher.config.recipe import validate_recipe  # noqa: E402
+from launcher.config.load import validate_recipe  # noqa: E402
 from launcher.registry import Plugin, PluginOptions, register  # noqa: E402
 from launcher.data.transforms import ImageTransform  # noqa: E402
 

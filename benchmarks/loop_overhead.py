@@ -27,7 +27,8 @@ from benchmarks.plain_loop import plain_train  # noqa: E402
 from benchmarks.emit_results import emit  # noqa: E402
 from launcher.data import EpochPlan, TrainStream, batches, index_shards  # noqa: E402
 from launcher.loop import train  # noqa: E402
-from launcher.config.recipe import AugmentSection, load_recipe  # noqa: E402
+from launcher.config.recipe import AugmentSection
+from launcher.config.load import load_recipe  # noqa: E402
 from launcher.registry import Plugin, register  # noqa: E402
 from launcher.data.writer import main as write_shards  # noqa: E402
 from launcher.data.transforms import ImageTransform  # noqa: E402

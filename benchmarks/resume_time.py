@@ -22,7 +22,7 @@ sys.path.insert(0, str(REPO))
 
 from benchmarks.emit_results import emit  # noqa: E402
 from launcher.loop import train  # noqa: E402
-from launcher.config.recipe import load_recipe  # noqa: E402
+from launcher.config.load import load_recipe  # noqa: E402
 from launcher.registry import Plugin, register  # noqa: E402
 from launcher.data.writer import main as write_shards  # noqa: E402
 

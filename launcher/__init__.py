@@ -7,7 +7,7 @@ __version__ = "0.1.0"
 
 
 def _register_wide_resnets() -> None:
-    from launcher import models  # noqa: F401  (registers wrn{depth}_{width} into timm's registry)
+    from launcher.models import factory  # noqa: F401  (registers wrn{depth}_{width} into timm's registry)
 
 
 # Importing the package registers the CIFAR WideResNets into timm's model registry, but without

@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise LauncherError("--check needs a recipe file: python -m launcher --check recipes/digits.yaml")
         if args[0].startswith("-"):
             raise LauncherError(f"Unknown option '{args[0]}'. {USAGE}")
-        from launcher.config.recipe import load_recipe
+        from launcher.config.load import load_recipe
 
         recipe = load_recipe(args[0], args[1:])
         if check_only:

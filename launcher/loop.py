@@ -6,7 +6,10 @@ a checkpoint saves (progress_state / load_progress_state).
 The plugin hooks (launcher.registry.HOOKS) are called at the points marked H below,
 each in recipe order. Notify hooks return nothing; transform hooks return their value.
 
-    options  = H accelerator_options(ctx, {cpu, ...})     # amp sets mixed_precision; DeepSpeed's config
+Over 500 lines: the loop, its setup and its evaluation are kept in one file on purpose, so that
+one read from top to bottom shows everything a step does and where every plugin hook runs.
+
+    options  = H accelerator_options(ctx, {cpu, ...})     # amp sets mixed_precision
     accelerator = Accelerator(**options); ctx.strategy   # DDP, DeepSpeed ZeRO or FSDP (launcher/strategies/select.py)
     index the shards, build the model (seeded)
     groups = H param_groups(ctx, weight-decay groups)     # discriminative LRs
@@ -67,7 +70,7 @@ from launcher.console import Console
 from launcher.data import (Batch, EpochPlan, EvalStream, PersistentWorkers, ShardIndex, TrainStream, batches,
                            fetch_options, index_shards, on_device)
 from launcher.errors import LauncherError
-from launcher.models import (compile_in_place, compiled_for_inference, create_model, explain_compile_failure,
+from launcher.models.factory import (compile_in_place, compiled_for_inference, create_model, explain_compile_failure,
                              memory_format)
 from launcher.optim import create_optimizer, create_schedule, default_param_groups
 from launcher.registry import PluginSet, build_plugins

@@ -16,7 +16,7 @@ def preflight(recipe) -> list[str]:
 
     check_model_name(recipe.model.name)
     if recipe.model.pretrained_file:
-        from launcher.models import pretrained_weights_file
+        from launcher.models.factory import pretrained_weights_file
 
         pretrained_weights_file(recipe.model.pretrained_file)  # missing: an error now, not in the queue
 
@@ -59,7 +59,7 @@ def check_model_name(name: str) -> None:
         return
     import timm
 
-    import launcher.models  # noqa: F401  (registers the WideResNets with timm)
+    import launcher.models.factory  # noqa: F401  (registers the WideResNets with timm)
 
     if not timm.is_model(name):
         raise LauncherError(f"Unknown model '{name}' (model.name).{did_you_mean(name, timm.list_models())}")

@@ -99,6 +99,18 @@ class Plugin:
         """The training precision this plugin sets ("bf16", "fp16"), if it sets one."""
         return None
 
+    # What a strategy that runs the optimizer step itself (DeepSpeed) must be told, declared
+    # instead of written into its config by the plugin: the strategy builds its config once.
+    @classmethod
+    def accumulation_steps(cls, options: PluginOptions) -> Optional[int]:
+        """Micro-batches per optimizer step, if this plugin splits the batch."""
+        return None
+
+    @classmethod
+    def clipping_norm(cls, options: PluginOptions) -> Optional[float]:
+        """The 2-norm this plugin clips the gradients to, if it clips."""
+        return None
+
     # True for a plugin whose `criterion` hook returns a new loss that ignores the criterion it
     # receives (focal loss): it must come before any plugin that changes the loss through that
     # hook, or their change would be dropped; the recipe loader refuses the other order.
@@ -242,6 +254,16 @@ def recipe_precision(recipe) -> str:
         if precision:
             return precision
     return "fp32"
+
+
+def recipe_declares(recipe, what: str):
+    """The first value a plugin of the recipe declares for `what` (accumulation_steps,
+    clipping_norm), or None."""
+    for name, raw in recipe.plugins.items():
+        value = getattr(get_plugin_class(name), what)(parse_options(name, raw))
+        if value is not None:
+            return value
+    return None
 
 
 def support_keys(strategy: str, precision: str) -> list[str]:

@@ -1,5 +1,9 @@
 """checkpoint: crash-proof checkpoints and exact resume.
 
+Over 500 lines, for now: the file format, the recipe-change rules, RNG capture, signals and when
+to save live here together; moving the format and the signal handling into the core is the next
+step of the house-keeping (issue "The house, round 2").
+
 Relaunching the same command continues from the newest complete checkpoint in
 <run dir>/checkpoints (resume: auto), as if nothing had happened: same samples, same
 augmentation draws, same weights bit for bit, same metrics.jsonl rows (apart from their

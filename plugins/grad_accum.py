@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import gc
 import json
-from typing import Literal
+from typing import Literal, Optional
 
 from pydantic import Field
 
@@ -62,12 +62,6 @@ class GradientAccumulation(Plugin):
             if options.mode == "auto":
                 return ("mode auto probes k at the first step, but DeepSpeed fixes its accumulation steps when the "
                         "engine is built; set mode: fixed with micro_batches")
-            from launcher.strategies.deepspeed import read_deepspeed_json
-
-            given = read_deepspeed_json(recipe.distributed.deepspeed_config).get("gradient_accumulation_steps", "auto")
-            if given not in ("auto", options.micro_batches):
-                return (f"micro_batches={options.micro_batches} but the DeepSpeed config sets "
-                        f"gradient_accumulation_steps={given}; they must agree (remove it from the JSON file)")
         if recipe.distributed.strategy == "fsdp" and options.mode == "auto":
             return ("mode auto retries a step that ran out of memory, which is not tested under FSDP yet; set "
                     "mode: fixed with micro_batches")
@@ -76,10 +70,9 @@ class GradientAccumulation(Plugin):
                     "data.batch_size is the batch per optimizer step, which grad_accum splits")
         return None
 
-    def accelerator_options(self, ctx, options: dict) -> dict:
-        if "deepspeed_config" in options:
-            options["deepspeed_config"]["gradient_accumulation_steps"] = self.k
-        return options
+    @classmethod
+    def accumulation_steps(cls, options) -> Optional[int]:
+        return options.micro_batches  # DeepSpeed's gradient_accumulation_steps (mode fixed there)
 
     def micro_batches(self, ctx, count: int) -> int:
         batch = ctx.batch

@@ -48,17 +48,9 @@ class GradientClipping(Plugin):
 
     last_norm = None
 
-    def accelerator_options(self, ctx, options: dict) -> dict:
-        config = options.get("deepspeed_config")
-        if config is not None:
-            current = config.get("gradient_clipping", 0.0)
-            if current not in (0.0, "auto", self.options.max_norm):
-                from launcher.errors import LauncherError
-
-                raise LauncherError(f"The DeepSpeed config sets gradient_clipping={current}, but plugins.grad_clip."
-                                    f"max_norm={self.options.max_norm}; remove it from the JSON file.")
-            config["gradient_clipping"] = self.options.max_norm
-        return options
+    @classmethod
+    def clipping_norm(cls, options) -> Optional[float]:
+        return options.max_norm  # DeepSpeed's gradient_clipping (2-norm only there)
 
     def before_optimizer_step(self, ctx) -> None:
         if ctx.recipe.distributed.strategy == "deepspeed":

@@ -41,7 +41,7 @@ class Report(Plugin):
         if ctx.is_main:
             from safetensors.torch import load_model
 
-            from launcher.models import create_model
+            from launcher.models.factory import create_model
             from launcher.commands.report import predict, write_report
             from launcher.runlog import final_weights
 

@@ -11,7 +11,7 @@ import torch.distributed as dist
 
 from launcher.data import EpochPlan, TrainStream, batches, index_shards
 from launcher.data.loader import PersistentWorkers
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from launcher.data.transforms import ImageTransform
 
 

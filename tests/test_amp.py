@@ -11,7 +11,7 @@ import torch
 
 from launcher.errors import LauncherError
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from launcher.registry import Plugin, register
 from tests.conftest import small_recipe
 

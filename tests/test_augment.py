@@ -17,7 +17,8 @@ from torchvision.transforms.v2 import functional as F
 from launcher.data import EpochPlan, TrainStream, batches, index_shards, on_device
 from launcher.data.augment import BatchAugment, erase_by_copies, erase_by_mask, pixel_normals, sample_keys
 from launcher.errors import LauncherError
-from launcher.config.recipe import AugmentSection, validate_recipe
+from launcher.config.recipe import AugmentSection
+from launcher.config.load import validate_recipe
 from launcher.data.transforms import ImageTransform
 from tests.conftest import small_recipe
 

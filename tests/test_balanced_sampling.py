@@ -9,7 +9,7 @@ import pytest
 
 from launcher.data import EpochPlan
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from plugins.balanced_sampling import class_sampling_weights
 from tests.conftest import small_recipe, write_shards
 

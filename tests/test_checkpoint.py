@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from launcher import registry
 from launcher.errors import LauncherError
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from plugins.checkpoint import list_checkpoints, recipe_differences, verify
 from tests.conftest import metric_rows, small_recipe
 

@@ -106,7 +106,7 @@ def test_the_model_names_read_from_timms_source_are_timms_registry():
     """--check's model names without importing timm: exactly timm's registry, and the WideResNets."""
     import timm
 
-    import launcher.models  # noqa: F401  (registers the WideResNets)
+    import launcher.models.factory  # noqa: F401  (registers the WideResNets)
     from launcher.models.names import known_without_timm
 
     # Other tests of this session register models of their own: compare with timm's and ours.

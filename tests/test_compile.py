@@ -21,8 +21,8 @@ from timm.models import register_model
 
 from launcher.errors import LauncherError
 from launcher.loop import train
-from launcher.models import WideResNet
-from launcher.config.recipe import validate_recipe
+from launcher.models.factory import WideResNet
+from launcher.config.load import validate_recipe
 from tests.conftest import accelerate_cmd, metric_rows, run_cli, small_recipe
 
 PLUGINS = {"grad_accum": {"micro_batches": 2}, "sam": {"rho": 0.05}, "ema": {"decay": 0.9}, "tta": {}}

@@ -6,7 +6,7 @@ import csv
 import json
 
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from tests.conftest import small_recipe
 
 

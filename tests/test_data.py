@@ -18,7 +18,7 @@ from launcher.data import (EpochPlan, EvalStream, TrainStream, batches, decode_i
                            index_shards)
 from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from launcher.data.transforms import ImageTransform
 from tests.conftest import REPO, small_recipe, write_shards
 
@@ -604,7 +604,7 @@ def test_mnist_family_sources_from_their_idx_files(source, tmp_path):
 def test_the_real_fashion_mnist_files_read_as_the_data_set_says():
     """The files in ../shared (Debian's dataset-fashion-mnist): 60k + 10k 28x28 images, 6,000 and
     1,000 of each class (the data set's README)."""
-    from launcher.data.writer import idx_arrays
+    from launcher.data.sources import idx_arrays
 
     src = REPO.parent / "shared" / "data" / "fashion-mnist"
     if not src.is_dir():
@@ -690,7 +690,8 @@ def test_idx_headers_that_lie_are_refused_reading_no_more_than_they_promise(case
 
 
 def test_mnist_family_without_src_names_debians_folder(tmp_path, capsys):
-    from launcher.data.writer import IDX_DEFAULT_SRC, main
+    from launcher.data.sources import IDX_DEFAULT_SRC
+    from launcher.data.writer import main
 
     if IDX_DEFAULT_SRC["kmnist"].is_dir():
         pytest.skip("this machine has /usr/share/datasets/kmnist")
@@ -834,7 +835,7 @@ def test_data_that_goes_bad_during_training_names_shard_and_sample_and_marks_the
     import shutil
 
     from launcher.loop import train
-    from launcher.config.recipe import validate_recipe
+    from launcher.config.load import validate_recipe
     from tests.conftest import small_recipe
 
     info = digits_png if fmt == "png" else digits
@@ -868,7 +869,7 @@ def test_a_process_that_keeps_a_training_error_still_exits_with_its_loader_worke
               "import launcher.data.stream\n"
               "from launcher.errors import LauncherError\n"
               "from launcher.loop import train\n"
-              "from launcher.recipe import validate_recipe\n"
+              "from launcher.config.load import validate_recipe\n"
               "def broken(data, ext, **_):\n"
               "    raise ValueError('not an image')\n"
               "launcher.data.stream.decode_image = broken  # in the workers too (forked)\n"

@@ -43,7 +43,7 @@ import torch
 import yaml
 
 from launcher.errors import LauncherError
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from tests.conftest import ACCELERATE_LAUNCH, REPO, accelerate_cmd, free_port, run_cli, small_recipe
 
 # One process and two (or DDP and ZeRO) add the same per-sample gradients in another order; the
@@ -136,7 +136,7 @@ def test_deepspeed_keys_need_the_deepspeed_strategy(digits, tmp_path):
 
 
 def test_a_deepspeed_json_file_is_checked_against_the_recipe(digits, tmp_path):
-    from launcher.strategies.deepspeed import deepspeed_config, finish_deepspeed_config
+    from launcher.strategies.deepspeed import deepspeed_config
 
     def recipe_with(config, **distributed):
         path = tmp_path / "ds.json"
@@ -154,20 +154,31 @@ def test_a_deepspeed_json_file_is_checked_against_the_recipe(digits, tmp_path):
     # The file's stage is used when the recipe sets none; a contradiction is refused.
     recipe = recipe_with({"zero_optimization": {"stage": 3, "reduce_bucket_size": 1000}})
     assert recipe.distributed.stage == 3
-    config = deepspeed_config(recipe)
+    config = deepspeed_config(recipe, "no")
     assert config["zero_optimization"] == {"stage": 3, "reduce_bucket_size": 1000,
                                            "stage3_gather_16bit_weights_on_model_save": True}
     with pytest.raises(LauncherError, match="zero_stage=1 but .* sets zero_optimization.stage=3"):
-        deepspeed_config(recipe_with({"zero_optimization": {"stage": 3}}, zero_stage=1))
+        recipe_with({"zero_optimization": {"stage": 3}}, zero_stage=1)  # refused when the recipe loads
     # Precision: the recipe's maps to DeepSpeed's sections; a file that says otherwise is refused.
-    config = finish_deepspeed_config(recipe, deepspeed_config(recipe), "bf16")
+    config = deepspeed_config(recipe, "bf16")
     assert config["bf16"] == {"enabled": True} and config["fp16"] == {"enabled": False}
     assert config["train_micro_batch_size_per_gpu"] == 32 and config["gradient_clipping"] == 0.0
-    recipe = recipe_with({"bf16": {"enabled": True}})
     with pytest.raises(LauncherError, match="bf16.enabled=True, but the recipe's precision \\(fp32\\)"):
-        finish_deepspeed_config(recipe, deepspeed_config(recipe), "no")
-    # Accumulation: the plugin's k must agree with the file's.
-    with pytest.raises(LauncherError, match="micro_batches=2 but the DeepSpeed config sets gradient_accumulation"):
+        recipe_with({"bf16": {"enabled": True}})  # refused when the recipe loads
+    # Accumulation and clipping: what the plugins declare must agree with the file; the strategy
+    # builds the config from the declarations (no plugin edits the JSON).
+    with pytest.raises(LauncherError, match="sets gradient_clipping=0.5, but plugins.grad_clip.max_norm gives 1.0"):
+        path = tmp_path / "ds.json"
+        path.write_text(json.dumps({"gradient_clipping": 0.5}))
+        validate_recipe(small_recipe(digits, tmp_path, plugins={"grad_clip": {"max_norm": 1.0}},
+                                     distributed={"strategy": "deepspeed", "deepspeed_config": str(path)}))
+    declared = validate_recipe(small_recipe(digits, tmp_path, plugins={"grad_accum": {"micro_batches": 4},
+                                                                       "grad_clip": {"max_norm": 2.0}},
+                                            distributed={"strategy": "deepspeed"}))
+    config = deepspeed_config(declared, "no")
+    assert (config["gradient_accumulation_steps"], config["gradient_clipping"],
+            config["train_micro_batch_size_per_gpu"]) == (4, 2.0, 8)
+    with pytest.raises(LauncherError, match="sets gradient_accumulation_steps=4, but plugins.grad_accum.micro_batches"):
         path = tmp_path / "ds.json"
         path.write_text(json.dumps({"gradient_accumulation_steps": 4}))
         validate_recipe(small_recipe(digits, tmp_path, plugins={"grad_accum": {"micro_batches": 2}},
@@ -810,7 +821,7 @@ def _trained_against_a_plain_copy(strategy, model, steps=3, bf16=False):
 def _wrn(**kwargs):
     import timm
 
-    import launcher.models  # noqa: F401  (registers the WideResNets with timm)
+    import launcher.models.factory  # noqa: F401  (registers the WideResNets with timm)
 
     torch.manual_seed(0)
     return timm.create_model("wrn10_1", num_classes=10, **kwargs)

@@ -12,7 +12,7 @@ import torch.nn as nn
 from safetensors.torch import load_file
 
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from plugins.ema import ExponentialMovingAverage
 from tests.conftest import small_recipe
 

@@ -8,7 +8,7 @@ import pytest
 
 from launcher.commands.evaluate import main
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from tests.conftest import read_only_folder, small_recipe
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from launcher.data import EpochPlan, TrainStream, batches, index_shards, on_device
-from launcher.models import memory_format
+from launcher.models.factory import memory_format
 from launcher.optim import create_optimizer, fused_kwargs
-from launcher.config.recipe import ModelSection, OptimizerSection, validate_recipe
+from launcher.config.recipe import ModelSection, OptimizerSection
+from launcher.config.load import validate_recipe
 from launcher.data.transforms import ImageTransform
 from tests.conftest import small_recipe
 

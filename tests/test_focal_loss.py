@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from plugins.focal_loss import balanced_weights, focal_loss
 from tests.conftest import small_recipe
 

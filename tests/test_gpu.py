@@ -146,7 +146,7 @@ def test_the_cuda_fast_paths_are_taken_and_a_compiled_run_follows_the_eager_one(
     import timm
 
     from launcher.loop import train
-    from launcher.config.recipe import validate_recipe
+    from launcher.config.load import validate_recipe
     from launcher.registry import Plugin, register
 
     seen = {}

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from launcher.data import Batch
 from launcher.errors import LauncherError
 from launcher.loop import RunContext, train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from launcher.registry import Plugin, PluginOptions, PluginSet, register
 from plugins.grad_accum import GradientAccumulation
 from tests.conftest import small_recipe

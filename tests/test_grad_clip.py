@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from plugins.grad_clip import GradientClipping
 from tests.conftest import small_recipe
 

@@ -11,8 +11,8 @@ from accelerate.utils import set_seed
 
 from launcher.errors import LauncherError
 from launcher.loop import train
-from launcher.models import create_model
-from launcher.config.recipe import validate_recipe
+from launcher.models.factory import create_model
+from launcher.config.load import validate_recipe
 from plugins.layer_lr import layer_blocks
 from tests.conftest import small_recipe
 

@@ -15,7 +15,7 @@ from benchmarks.plain_loop import plain_train
 from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.optim import create_optimizer, create_schedule, default_param_groups
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from tests.conftest import small_recipe
 
 

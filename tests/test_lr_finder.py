@@ -67,7 +67,7 @@ def test_the_command_writes_plot_and_json(digits, tmp_path):
 
 def test_a_recipe_with_checkpoints_is_refused_for_the_plugin(digits, tmp_path):
     from launcher.errors import LauncherError
-    from launcher.config.recipe import validate_recipe
+    from launcher.config.load import validate_recipe
 
     raw = small_recipe(digits, tmp_path, schedule={"name": "constant", "warmup_epochs": 0},
                        plugins={"lr_finder": {}, "checkpoint": {}})

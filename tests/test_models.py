@@ -8,7 +8,7 @@ import torch
 
 import launcher  # noqa: F401  (registers the WRNs)
 from launcher.errors import LauncherError
-from launcher.models import create_model
+from launcher.models.factory import create_model
 from launcher.config.recipe import ModelSection
 
 
@@ -52,7 +52,7 @@ def test_wrn_uses_kaiming_fan_out_init():
 
 
 def test_wrn_depth_must_be_6n_plus_4():
-    from launcher.models import WideResNet
+    from launcher.models.factory import WideResNet
 
     with pytest.raises(ValueError, match="6n\\+4"):
         WideResNet(depth=27)

@@ -80,8 +80,8 @@ def test_freezing_then_unfreezing_keeps_ranks_in_step_under_ddp(digits, tmp_path
     import torch
     from accelerate.utils import set_seed
 
-    from launcher.models import create_model
-    from launcher.config.recipe import validate_recipe
+    from launcher.models.factory import create_model
+    from launcher.config.load import validate_recipe
 
     set_seed(0)
     initial = create_model(validate_recipe(raw).model)
@@ -97,8 +97,8 @@ def _saved_weights_loss(recipe_file, weights) -> float:
     import torch
     from safetensors.torch import load_model
 
-    from launcher.models import create_model
-    from launcher.config.recipe import load_recipe
+    from launcher.models.factory import create_model
+    from launcher.config.load import load_recipe
     from launcher.commands.report import predict
 
     recipe = load_recipe(str(recipe_file), [])

@@ -9,7 +9,7 @@ import math
 import pytest
 
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from plugins.overfit_batch import diagnose
 from tests.conftest import small_recipe
 

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from launcher.errors import LauncherError
-from launcher.config.recipe import apply_overrides, load_recipe, validate_recipe
+from launcher.config.load import apply_overrides, load_recipe, validate_recipe
 from tests.conftest import REPO, small_recipe
 
 RECIPES = sorted((REPO / "recipes").glob("*.yaml"))

@@ -12,7 +12,7 @@ from launcher import registry
 from tests.conftest import REPO
 from launcher.errors import LauncherError
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from launcher.registry import Plugin, PluginOptions, PluginSet, register
 from tests.conftest import small_recipe
 
@@ -196,6 +196,16 @@ def _libraries_of_the_project() -> dict[str, set[str]]:
                 names.add(node.module)
         out[module] = names
     return out
+
+
+def test_no_module_is_over_500_lines_without_saying_why():
+    import ast
+
+    for path in sorted([*(REPO / "launcher").rglob("*.py"), *(REPO / "plugins").glob("*.py")]):
+        text = path.read_text()
+        if len(text.splitlines()) > 500:
+            docstring = ast.get_docstring(ast.parse(text)) or ""
+            assert "Over 500 lines" in docstring, f"{path.relative_to(REPO)} has {len(text.splitlines())} lines"
 
 
 def test_the_documented_commands_still_run_from_their_entry_modules(capsys):

@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from launcher.commands.report import compute
 from tests.conftest import run_cli, small_recipe
 

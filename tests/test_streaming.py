@@ -18,7 +18,7 @@ import torch
 
 from launcher.data import EpochPlan, TrainStream, batches, expand_pattern, index_shards
 from launcher.errors import LauncherError
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from launcher.registry import Plugin, PluginOptions, register
 from launcher.data.remote.store import FetchOptions
 from launcher.data.transforms import ImageTransform

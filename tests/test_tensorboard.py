@@ -8,7 +8,7 @@ import shutil
 import pytest
 
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from tests.conftest import small_recipe
 
 pytest.importorskip("tensorboard")

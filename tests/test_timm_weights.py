@@ -13,8 +13,9 @@ import torch
 from safetensors.torch import save_file
 
 from launcher.errors import LauncherError
-from launcher.models import create_model
-from launcher.config.recipe import ModelSection, validate_recipe
+from launcher.models.factory import create_model
+from launcher.config.recipe import ModelSection
+from launcher.config.load import validate_recipe
 from tests.conftest import REPO, run_cli, small_recipe
 
 NAME = "resnet10t.c3_in1k"

@@ -13,7 +13,8 @@ from torchvision.transforms import v2
 
 from launcher.data import seed_for_sample
 from launcher.errors import LauncherError
-from launcher.config.recipe import DataSection, validate_recipe
+from launcher.config.recipe import DataSection
+from launcher.config.load import validate_recipe
 from launcher.data.transforms import ImageTransform, timm_augmentation
 from tests.conftest import REPO
 
@@ -127,7 +128,7 @@ def test_timm_augmentation_strings_work_on_grey_images_filling_with_the_grey_mea
     """A grey recipe (Fashion-MNIST: in_chans 1) with a timm string passed --check and died at step
     0: timm fills shears, translations and rotations with an RGB triple, which PIL refuses for a
     one-channel image. The fill is now the grey mean, one value."""
-    from launcher.config.recipe import load_recipe
+    from launcher.config.load import load_recipe
 
     recipe = load_recipe(REPO / "recipes" / "fashion_mnist.yaml",
                          [f"data.augment.auto_augment={config}", "data.augment_on=loader"])

@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from launcher.data import EvalStream, batches, index_shards
 from launcher.errors import LauncherError
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from launcher.data.transforms import ImageTransform
 from plugins.tta import shifted
 from tests.conftest import small_recipe

@@ -8,7 +8,7 @@ import sys
 import types
 
 from launcher.loop import train
-from launcher.config.recipe import validate_recipe
+from launcher.config.load import validate_recipe
 from tests.conftest import small_recipe
 
 

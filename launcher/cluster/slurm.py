@@ -139,7 +139,7 @@ def submit(args) -> int:
     import yaml
 
     from launcher.preflight import preflight
-    from launcher.config.recipe import load_recipe
+    from launcher.config.load import load_recipe
     from launcher.registry import check_run_dir, get_plugin_class
 
     if not re.fullmatch(r"(\d+-)?\d{1,3}(:\d{2}){0,2}", args.time):

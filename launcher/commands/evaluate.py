@@ -78,7 +78,7 @@ def _evaluate_command(args) -> int:
 
     overrides = list(args.overrides)
     if args.tta:
-        from launcher.config.recipe import load_recipe
+        from launcher.config.load import load_recipe
         from launcher.runlog import recipe_file
 
         if recipe_file(args.run_dir).is_file() and "tta" not in load_recipe(recipe_file(args.run_dir)).plugins:

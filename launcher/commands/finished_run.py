@@ -26,8 +26,8 @@ def load_run_model(run_dir: Path, weights: str, overrides: list[str] = (), allow
     """(recipe, model in eval mode on the device, weights path) of a run directory; weights is
     model, ema or a .safetensors path. shards_read: the recipe's shard keys the caller will read
     (their pipe: commands need allow_pipe, see load_run_recipe)."""
-    from launcher.models import create_model
-    from launcher.config.recipe import load_run_recipe
+    from launcher.models.factory import create_model
+    from launcher.config.load import load_run_recipe
     from launcher.runlog import final_weights, recipe_file
     from launcher.models.weights import load_into
 

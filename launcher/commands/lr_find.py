@@ -36,7 +36,7 @@ def main(argv: list[str] | None = None) -> int:
         import yaml
 
         from launcher.loop import train
-        from launcher.config.recipe import load_recipe
+        from launcher.config.load import load_recipe
         from launcher.registry import get_plugin_class
         from launcher.runlog import final_weights
 
@@ -66,7 +66,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _refusing_plugins(recipe_file: str, overrides: list[str]) -> dict[str, str]:
     """Plugins whose check_recipe refuses the sweep's recipe, with their reasons."""
-    from launcher.config.recipe import Recipe, apply_overrides
+    from launcher.config.recipe import Recipe
+    from launcher.config.load import apply_overrides
     from launcher.registry import get_plugin_class, parse_options
     from launcher.config.yamlfile import load_yaml
 

@@ -339,8 +339,8 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def _report_command(args) -> int:
-    from launcher.models import create_model
-    from launcher.config.recipe import load_run_recipe
+    from launcher.models.factory import create_model
+    from launcher.config.load import load_run_recipe
     from launcher.models.weights import load_into
 
     recipe_path = recipe_file(args.run_dir)

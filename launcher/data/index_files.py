@@ -1,6 +1,10 @@
 """One shard's index: where each sample of a tar shard lives (byte offset, size, image type, label),
 read from the tar headers once and kept in an index file next to the shard, in the machine's
 cache, or next to a remote shard in its store; every index is checked before use.
+
+Over 500 lines: the index file's format, its checks and the three places an index can come
+from (next to the shard, the machine's cache, the store beside a remote shard, one object for a
+whole remote set) share one format and one set of checks; split apart, each would repeat them.
 """
 
 from __future__ import annotations

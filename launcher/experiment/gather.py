@@ -58,7 +58,7 @@ def gather(experiment: Experiment, trials: list[Trial], record: Record, expected
     """Each trial's state and, for finished ones, its result. A finished run directory that ran
     another recipe than its trial's is left out (when training: refused, since the launcher would
     resume into it); one that is damaged is left out with the reason."""
-    from launcher.config.recipe import load_recipe
+    from launcher.config.load import load_recipe
 
     metric = metric_of(experiment.spec)
     out = Gathered()

@@ -248,7 +248,7 @@ class Experiment:
         trial it is (trackers group by it)."""
         import json
 
-        from launcher.config.recipe import load_recipe
+        from launcher.config.load import load_recipe
 
         about = {"name": self.name, "trial": trial.name, "rung": trial.rung, "seed": trial.seed, "combo": trial.combo}
         return load_recipe(self.recipe, [*trial.overrides, f"seed={trial.seed}", f"run.dir={trial.run_dir}",

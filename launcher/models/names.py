@@ -1,5 +1,5 @@
 """Model names known without importing timm (6 s here), for `--check`: the launcher's WideResNets
-(launcher/models/__init__.py registers them) and the names timm's own model files register."""
+(launcher/models/factory.py registers them) and the names timm's own model files register."""
 
 from __future__ import annotations
 

@@ -8,11 +8,10 @@ when the recipe loads; the README's support table is generated from the same
 declarations).
 
 What the core does here, and why:
-- The DeepSpeed config is built from the recipe (batch per micro-step, accumulation
-  steps, ZeRO stage, offload, precision) and handed to plugins through the
-  `accelerator_options` hook as options["deepspeed_config"] (grad_accum sets the
-  accumulation steps, grad_clip DeepSpeed's clipping); a user JSON file is the starting
-  point, and any value it sets must agree with the recipe's.
+- The DeepSpeed config is built here, once (deepspeed_config), from the recipe: batch per
+  micro-step, ZeRO stage, offload, precision, and what plugins declare (grad_accum's
+  accumulation steps, grad_clip's norm); a user JSON file is the starting point, read once,
+  and any value it sets must agree with the recipe's. Plugins never edit the JSON.
 - Precision: the recipe's (Plugin.precision, i.e. amp) maps to DeepSpeed's bf16/fp16
   sections. DeepSpeed then keeps the model in that dtype (fp32 master weights in the
   optimizer), so inputs are cast to the model's dtype (DeepSpeed does not do it).
@@ -62,8 +61,13 @@ def read_deepspeed_json(path: Optional[str]) -> dict:
     return config
 
 
-def deepspeed_config(recipe) -> dict:
-    """DeepSpeed's config from the recipe; the user's JSON file is the starting point."""
+def deepspeed_config(recipe, precision: str) -> dict:
+    """DeepSpeed's whole config, built here once: the user's JSON file is the starting point, and
+    the recipe fills in the ZeRO stage and offload, the batch per micro-step, what its plugins
+    declare (accumulation steps, clipping: Plugin.accumulation_steps, Plugin.clipping_norm) and
+    the precision. A value the file sets that the recipe contradicts is refused, naming both."""
+    from launcher.registry import recipe_declares
+
     section = recipe.distributed
     config = read_deepspeed_json(section.deepspeed_config)
     zero = dict(config.get("zero_optimization", {}))
@@ -79,8 +83,14 @@ def deepspeed_config(recipe) -> dict:
         # Lets engine-level saving gather the weights; our own consolidation is full_state_dict.
         zero.setdefault("stage3_gather_16bit_weights_on_model_save", True)
     config["zero_optimization"] = zero
-    config.setdefault("gradient_accumulation_steps", 1)  # grad_accum's accelerator_options sets its k
-    # No clipping unless the grad_clip plugin asks: Accelerate would otherwise fill in 1.0.
+    gas = recipe_declares(recipe, "accumulation_steps") or 1
+    config = _agree(config, "gradient_accumulation_steps", gas, "plugins.grad_accum.micro_batches (1 without it)")
+    norm = recipe_declares(recipe, "clipping_norm")
+    if norm is not None:
+        if config.get("gradient_clipping", 0.0) in (0.0, "auto"):  # 0: the file does not clip
+            config["gradient_clipping"] = norm
+        config = _agree(config, "gradient_clipping", norm, "plugins.grad_clip.max_norm")
+    # No clipping unless a plugin asks (or the file does): Accelerate would otherwise fill in 1.0.
     config.setdefault("gradient_clipping", 0.0)
     config.setdefault("steps_per_print", 10 ** 9)  # the loop logs; DeepSpeed's own step prints are noise
     config.setdefault("wall_clock_breakdown", False)
@@ -88,13 +98,6 @@ def deepspeed_config(recipe) -> dict:
     # ZeRO, and offload runs them on the CPU copy instead of forcing DeepSpeed's CPU Adam.
     config.setdefault("zero_allow_untested_optimizer", True)
     config.setdefault("zero_force_ds_cpu_optimizer", False)
-    return config
-
-
-def finish_deepspeed_config(recipe, config: dict, precision: str) -> dict:
-    """The config after the plugins' accelerator_options: batch size per micro-step and the
-    precision sections, each checked against what the user's JSON file set."""
-    gas = int(config["gradient_accumulation_steps"])
     config = _agree(config, "train_micro_batch_size_per_gpu", -(-recipe.data.batch_size // gas),
                     "data.batch_size / the number of micro-batches")
     for dtype in ("bf16", "fp16"):
@@ -106,9 +109,6 @@ def finish_deepspeed_config(recipe, config: dict, precision: str) -> dict:
         config.setdefault("data_types", {}).setdefault("buffer_dtype", precision)
     if precision == "fp16":
         config["fp16"].setdefault("loss_scale", 0)  # dynamic loss scaling, as torch's GradScaler
-        if not torch.cuda.is_available():
-            raise LauncherError("DeepSpeed's fp16 needs a GPU: its CPU backend has no fp16 loss scaling. On the "
-                                "CPU use plugins.amp.dtype=bf16, or no amp plugin.")
     return config
 
 

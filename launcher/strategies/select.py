@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from launcher.strategies.deepspeed import DeepSpeedZeRO, deepspeed_config, finish_deepspeed_config
+from launcher.strategies.deepspeed import DeepSpeedZeRO, deepspeed_config
 from launcher.errors import LauncherError
 from launcher.strategies.fsdp import FullyShardedDataParallel
 from launcher.strategies.base import DataParallel
@@ -37,12 +37,11 @@ def initial_accelerator_options(recipe) -> dict:
     section = recipe.distributed
     if section.strategy == "deepspeed":
         options["cpu"] = False  # Accelerate's DeepSpeed path is skipped with cpu=True; DeepSpeed has a CPU backend
-        options["deepspeed_config"] = deepspeed_config(recipe)
     return options
 
 
 def make_accelerator(recipe, options: dict):
-    """Accelerator(**options), after turning options['deepspeed_config'] into Accelerate's plugin."""
+    """Accelerator(**options); under DeepSpeed with the config the strategy builds from the recipe."""
     from accelerate import Accelerator
     from accelerate.utils import InitProcessGroupKwargs
 
@@ -73,8 +72,7 @@ def make_accelerator(recipe, options: dict):
             f"recipe {'compiles with ' + wanted if wanted != 'no' else 'does not compile'}. The recipe decides: "
             f"launch with --dynamo_backend no, or set train.compile={{backend: {launched}}}.")
     options["dynamo_backend"] = "no"
-    config = options.pop("deepspeed_config", None)
-    if config is None:
+    if recipe.distributed.strategy != "deepspeed":
         if LAUNCHED_WITH_DEEPSPEED:
             raise LauncherError("accelerate launch was given --use_deepspeed (or a DeepSpeed accelerate config), but "
                                 "the recipe's distributed.strategy is ddp. The recipe decides: drop --use_deepspeed, "
@@ -86,7 +84,10 @@ def make_accelerator(recipe, options: dict):
     # the once-per-line default printed this ~90 times a rank; nothing a user can act on.
     warnings.filterwarnings("ignore", category=FutureWarning,
                             message=r"`torch\.distributed\.(reduce_scatter_tensor|all_gather_into_tensor)` is deprecated")
-    config = finish_deepspeed_config(recipe, config, options.get("mixed_precision", "no"))
+    config = deepspeed_config(recipe, options.get("mixed_precision", "no"))
+    if config["fp16"]["enabled"] and not torch.cuda.is_available():
+        raise LauncherError("DeepSpeed's fp16 needs a GPU: its CPU backend has no fp16 loss scaling. On the CPU use "
+                            "plugins.amp.dtype=bf16, or no amp plugin.")
     if "LOCAL_RANK" not in os.environ:
         # One process without a launcher (python -m launcher): DeepSpeed still needs a process group.
         os.environ.update({"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1",

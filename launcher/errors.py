@@ -27,6 +27,23 @@ def did_you_mean(word: str, choices: Iterable[str]) -> str:
     return f" Did you mean '{guess}'?" if guess else ""
 
 
+def whole_number(least: int) -> Callable[[str], int]:
+    """An argparse type: a whole number of at least `least` ("'x' is not a whole number", "0 must
+    be at least 1"), for every command's counts and sizes."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
+        if value < least:
+            raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
+        return value
+
+    return parse
+
+
 def shorten(text: str, keep: int = 60) -> str:
     """A value as an error message shows it: a 10 MB value must not become a 10 MB message."""
     return text if len(text) <= keep else f"{text[:keep]}... ({len(text):,} characters)"

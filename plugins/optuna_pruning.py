@@ -21,18 +21,6 @@ from launcher.errors import LauncherError
 from launcher.registry import Plugin, PluginOptions, register
 
 
-def open_storage(storage: str):
-    """An Optuna storage from the launcher's form: an RDB URL (sqlite:///path) or journal:PATH."""
-    import optuna
-
-    if storage.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        return JournalStorage(JournalFileBackend(storage[len("journal:"):]))
-    return optuna.storages.RDBStorage(storage)
-
-
 @register("optuna_pruning")
 class OptunaPruning(Plugin):
     """Report evaluations to an Optuna trial; stop on every rank when it is pruned (a search's trials)."""
@@ -62,13 +50,14 @@ class OptunaPruning(Plugin):
             import optuna
 
             optuna.logging.set_verbosity(optuna.logging.WARNING)
-            pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=self.options.startup_trials),
-                      "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-                      "none": optuna.pruners.NopPruner}[self.options.pruner]()
+            from launcher.experiment.search import make_pruner, open_storage
+
             study = optuna.load_study(study_name=self.options.study, storage=open_storage(self.options.storage),
-                                      pruner=pruner)
-            trial_id = study._storage.get_trial_id_from_study_id_trial_number(study._study_id, self.options.trial)
-            self._trial = optuna.trial.Trial(study, trial_id)
+                                      pruner=make_pruner(self.options.pruner, self.options.startup_trials))
+            # Optuna hands out Trial objects only from ask(); a trial asked by the driver is reopened by
+            # its id (FrozenTrial._trial_id: Optuna has no public way to do it).
+            frozen = next(t for t in study.get_trials(deepcopy=False) if t.number == self.options.trial)
+            self._trial = optuna.trial.Trial(study, frozen._trial_id)
         return self._trial
 
     def on_evaluate(self, ctx, metrics: dict) -> None:

@@ -274,7 +274,7 @@ def test_evaluate_predict_and_export_explain_bad_weights_recipes_and_outputs(fin
     assert "cannot be created" in capsys.readouterr().err
     with pytest.raises(SystemExit) as stop:
         predict([str(finished), digits["val"], "--batch-size", "0"])
-    assert stop.value.code == 2 and "must be 1 or more" in capsys.readouterr().err
+    assert stop.value.code == 2 and "0 must be at least 1" in capsys.readouterr().err
     with read_only_folder(tmp_path / "readonly") as readonly:
         assert predict([str(finished), digits["val"], "--out", str(readonly / "p.csv")]) == 2
         assert "not writable" in capsys.readouterr().err

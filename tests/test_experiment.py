@@ -170,6 +170,9 @@ def test_an_experiment_killed_anywhere_ends_as_one_never_stopped_and_parallel_as
     out_b, _ = again.communicate(timeout=600)
     out_a, _ = parallel.communicate(timeout=600)
     assert parallel.returncode == 0, out_a[-3000:]
+    lines = out_a.splitlines()  # --parallel 2 ran two trials at once: both started before either finished
+    first_end = next(i for i, line in enumerate(lines) if ": finished in" in line)
+    assert sum(": started (" in line for line in lines[:first_end]) == 2, out_a
     assert again.returncode == 0, out_b[-3000:]
     assert "4 trials, 0 finished, 4 to run" in out_b  # the interrupted ones resume: not finished yet
     for log in (first / "trial.log", second / "trial.log"):
@@ -356,9 +359,8 @@ def test_a_search_study_can_live_in_optunas_journal_file(digits, tmp_path):
     """storage: journal (for a shared file system): the driver's study and the trial's plugin open
     the same journal file."""
     pytest.importorskip("optuna")
-    from launcher.experiment.search import distributions, storage_url, study_of
+    from launcher.experiment.search import distributions, open_storage, storage_url, study_of
     from launcher.experiment.spec import load_experiment
-    from plugins.optuna_pruning import open_storage
 
     experiment = load_experiment(search_file(tmp_path, digits, storage="journal"))
     study = study_of(experiment)

@@ -50,7 +50,8 @@ def test_real_wandb_offline_run_writes_its_files_without_network(digits, tmp_pat
     assert len(offline_runs) == 1 and list(offline_runs[0].glob("*.wandb"))
 
 
-def test_a_resumed_run_continues_the_same_wandb_run(digits, tmp_path, monkeypatch):
+def fake_wandb_recording_inits(monkeypatch) -> list[dict]:
+    """A stand-in wandb module whose runs accept everything; returns the list of wandb.init kwargs."""
     inits = []
 
     class FakeRun:
@@ -61,9 +62,14 @@ def test_a_resumed_run_continues_the_same_wandb_run(digits, tmp_path, monkeypatc
             pass
 
     fake = types.ModuleType("wandb")
-    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
+    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)  # other libraries probe for wandb
     fake.init = lambda **kwargs: inits.append(kwargs) or FakeRun()
     monkeypatch.setitem(sys.modules, "wandb", fake)
+    return inits
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(digits, tmp_path, monkeypatch):
+    inits = fake_wandb_recording_inits(monkeypatch)
 
     def run(folder, max_steps):
         options = {"wandb": {"project": "p", "entity": "lab", "group": "g"}, "checkpoint": {"every_steps": 10}}
@@ -85,19 +91,7 @@ def test_an_experiments_trials_are_grouped_by_experiment_with_the_rung_as_job_ty
     from launcher.experiment.spec import load_experiment
     from tests.test_experiment import experiment_file
 
-    inits = []
-
-    class FakeRun:
-        def log(self, data, step):
-            pass
-
-        def finish(self):
-            pass
-
-    fake = types.ModuleType("wandb")
-    fake.__spec__ = importlib.machinery.ModuleSpec("wandb", None)
-    fake.init = lambda **kwargs: inits.append(kwargs) or FakeRun()
-    monkeypatch.setitem(sys.modules, "wandb", fake)
+    inits = fake_wandb_recording_inits(monkeypatch)
     experiment = load_experiment(experiment_file(tmp_path, digits, "exp"))
     experiment.extra = ["plugins.wandb={project: p}", "train.max_steps=2"]
     trial = next(t for t in experiment.trials() if t.rung == "+ label smoothing" and t.seed == 1)

@@ -30,7 +30,7 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from launcher.errors import LauncherError, run_command
+from launcher.errors import LauncherError, run_command, whole_number
 from launcher.runlog import checkpoints_dir, status_file
 
 TEMPLATE = Path(__file__).resolve().parents[2] / "slurm" / "train.sbatch"
@@ -281,22 +281,26 @@ def status(args) -> int:
     return 0
 
 
-def _whole_number(text: str, least: int) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < least:
-        raise argparse.ArgumentTypeError(f"{value} must be at least {least}")
-    return value
-
-
-def _positive(text: str) -> int:
-    return _whole_number(text, 1)
-
-
-def _not_negative(text: str) -> int:
-    return _whole_number(text, 0)
+def add_job_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a job's resources and batch script, shared by `launcher.slurm submit` and
+    `launcher.experiment submit` (which fills the same template)."""
+    positive, not_negative = whole_number(1), whole_number(0)
+    parser.add_argument("--nodes", type=positive, default=1)
+    parser.add_argument("--gpus-per-node", type=not_negative, default=0)
+    parser.add_argument("--procs-per-node", type=positive, default=None,
+                        help="training processes per node (default: GPUs, or 1)")
+    parser.add_argument("--cpus-per-task", type=positive, default=2, help="CPUs per node task (loader workers need them)")
+    parser.add_argument("--time", default="24:00:00", help="time limit (Slurm forms: 30, 4:00:00, 1-12:00:00)")
+    parser.add_argument("--partition", default=None)
+    parser.add_argument("--account", default=None)
+    parser.add_argument("--grace", type=positive, default=300,
+                        help="seconds before the time limit to checkpoint (SIGUSR1)")
+    parser.add_argument("--max-requeues", type=not_negative, default=3, help="times an interrupted job requeues itself")
+    parser.add_argument("--sbatch", action="append", default=[], help="an extra #SBATCH option, e.g. --sbatch=--mem=64G")
+    parser.add_argument("--max-parallel", type=positive, default=None, help="array tasks running at once (%%K)")
+    parser.add_argument("--job-name", default=None, help="default: the recipe's (or experiment's) name")
+    parser.add_argument("--template", default=None, help=f"batch-script template (default {TEMPLATE})")
+    parser.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -305,21 +309,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     s = sub.add_parser("submit", help="validate a recipe and submit it with sbatch")
     s.add_argument("recipe")
     s.add_argument("overrides", nargs="*", help="key=value or ~key, as for python -m launcher")
-    s.add_argument("--nodes", type=_positive, default=1)
-    s.add_argument("--gpus-per-node", type=_not_negative, default=0)
-    s.add_argument("--procs-per-node", type=_positive, default=None, help="training processes per node (default: GPUs, or 1)")
-    s.add_argument("--cpus-per-task", type=_positive, default=2, help="CPUs per node task (loader workers need them)")
-    s.add_argument("--time", default="24:00:00", help="time limit (Slurm forms: 30, 4:00:00, 1-12:00:00)")
-    s.add_argument("--partition", default=None)
-    s.add_argument("--account", default=None)
-    s.add_argument("--grace", type=_positive, default=300, help="seconds before the time limit to checkpoint (SIGUSR1)")
-    s.add_argument("--max-requeues", type=_not_negative, default=3, help="times an interrupted job requeues itself")
-    s.add_argument("--sbatch", action="append", default=[], help="an extra #SBATCH option, e.g. --sbatch=--mem=64G")
+    add_job_options(s)
     s.add_argument("--sweep", action="append", default=[], help="KEY=V1,V2,...: a job array over these values")
-    s.add_argument("--max-parallel", type=_positive, default=None, help="array tasks running at once")
-    s.add_argument("--job-name", default=None, help="default: the recipe name")
-    s.add_argument("--template", default=None, help=f"batch-script template (default {TEMPLATE})")
-    s.add_argument("--dry-run", action="store_true", help="print the batch script; submit nothing")
     st = sub.add_parser("status", help="job state, restarts and last checkpoint of a run directory")
     st.add_argument("run_dir")
     st.add_argument("--json", action="store_true")

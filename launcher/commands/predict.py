@@ -25,7 +25,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from launcher.errors import LauncherError, run_command
+from launcher.errors import LauncherError, run_command, whole_number
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".ppm", ".npy")
 
@@ -74,18 +74,6 @@ def _batches_of_files(files: list[Path], transform, batch_size: int,
             yield names, torch.stack(images), [""] * len(names)
 
 
-def _positive(text: str) -> int:
-    import argparse
-
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be 1 or more, got {value}")
-    return value
-
-
 def _batches_of_shards(pattern: str, recipe, transform, batch_size: int):
     from launcher.data import EvalStream, batches, fetch_options, index_shards
 
@@ -103,8 +91,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("inputs", nargs="+", help="image files, folders, or shard patterns (.tar)")
     parser.add_argument("--out", type=Path, default=None, help="CSV file (default RUN_DIR/predictions.csv)")
     parser.add_argument("--weights", default="model", help="model, ema, or a .safetensors path")
-    parser.add_argument("--top-k", type=_positive, default=1)
-    parser.add_argument("--batch-size", type=_positive, default=64)
+    parser.add_argument("--top-k", type=whole_number(1), default=1)
+    parser.add_argument("--batch-size", type=whole_number(1), default=64)
     args = parser.parse_args(argv)
     return run_command(lambda: _predict_command(args))
 

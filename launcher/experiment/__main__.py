@@ -24,17 +24,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from launcher.errors import LauncherError, run_command
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"'{text}' is not a whole number") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be at least 1")
-    return value
+from launcher.cluster.slurm import add_job_options
+from launcher.errors import LauncherError, run_command, whole_number
 
 
 def _load(args, check: bool = False):
@@ -51,8 +42,7 @@ def _load(args, check: bool = False):
 def run(args) -> int:
     from launcher.experiment.gather import expected_recipes, gather
     from launcher.experiment.local import Driver, driving
-    from launcher.experiment.results import run_result
-    from launcher.experiment.spec import metric_of, percent
+    from launcher.experiment.spec import percent
 
     experiment, trials, record = _load(args, check=True)  # every trial's recipe checked before any trains
     if experiment.spec.search is not None:
@@ -69,14 +59,11 @@ def run(args) -> int:
             (experiment.dir / "variant.json").write_text(json.dumps({"overrides": experiment.extra}, indent=1) + "\n")
 
         def finished(trial) -> str:
-            from launcher.errors import LauncherError as Refused
-
-            try:
-                entry = gather(experiment, [trial], record, expected, training=True)
-            except Refused as err:
+            try:  # records the trial's result with the recipe it ran
+                result = gather(experiment, [trial], record, expected, training=True).results.get(trial.name)
+            except LauncherError as err:
                 print(f"[experiment] {trial.name}: {err}", file=sys.stderr)
                 return ""
-            result = entry.results.get(trial.name) or run_result(trial.run_dir, metric_of(experiment.spec))
             if not result:
                 return ""
             return f": {result['metric']} " + (f"{100 * result['top1']:.2f}%" if percent(result["metric"])
@@ -198,28 +185,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                                      epilog=__doc__.split("\n\n", 1)[1])
     sub = parser.add_subparsers(dest="command", required=True)
     r = sub.add_parser("run", help="run the trials on this machine (resumes a stopped experiment)")
-    r.add_argument("--parallel", type=_positive, default=1, help="trials at once (each its GPUs or CPU share)")
-    r.add_argument("--processes", type=_positive, default=1, help="processes (ranks) per trial")
+    r.add_argument("--parallel", type=whole_number(1), default=1, help="trials at once (each its GPUs or CPU share)")
+    r.add_argument("--processes", type=whole_number(1), default=1, help="processes (ranks) per trial")
     s = sub.add_parser("submit", help="submit the trials to Slurm as a job array")
     for p in (r, s):
         p.add_argument("--seeds", nargs="+", default=None, help="only these of the experiment's seeds")
         p.add_argument("--rungs", nargs="+", default=None, help="only these rungs (names or numbers, 0 = baseline)")
-    s.add_argument("--nodes", type=_positive, default=1)
-    s.add_argument("--gpus-per-node", type=int, default=0)
-    s.add_argument("--procs-per-node", type=_positive, default=None)
-    s.add_argument("--cpus-per-task", type=_positive, default=2)
-    s.add_argument("--time", default="24:00:00")
-    s.add_argument("--partition", default=None)
-    s.add_argument("--account", default=None)
-    s.add_argument("--grace", type=_positive, default=300)
-    s.add_argument("--max-requeues", type=int, default=3)
-    s.add_argument("--max-parallel", type=_positive, default=None, help="array tasks running at once (%%K)")
-    s.add_argument("--max-array-size", type=_positive, default=None,
+    add_job_options(s)
+    s.add_argument("--max-array-size", type=whole_number(1), default=None,
                    help="split into arrays of at most this many tasks (default: the cluster's MaxArraySize)")
-    s.add_argument("--sbatch", action="append", default=[])
-    s.add_argument("--job-name", default=None)
-    s.add_argument("--template", default=None)
-    s.add_argument("--dry-run", action="store_true", help="print the batch script(s); submit nothing")
     st = sub.add_parser("status", help="each trial's state (and job)")
     st.add_argument("--json", action="store_true")
     rp = sub.add_parser("report", help="the table, CSV, JSON and plot of the finished trials")

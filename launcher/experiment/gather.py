@@ -40,12 +40,20 @@ def expected_recipes(experiment: Experiment, trials: list[Trial]) -> dict[tuple[
 
 def trial_state(run_dir: Path) -> str:
     """One of STATES, from status.json and whether a process holds the run directory."""
+    return state_and_problem(run_dir)[0]
+
+
+def state_and_problem(run_dir: Path) -> tuple[str, Optional[str]]:
+    """(one of STATES, why the run directory is damaged or None)."""
+    try:
+        return _live_state(run_dir, run_state(run_dir)), None
+    except DamagedRun as err:
+        return "failed", str(err)
+
+
+def _live_state(run_dir: Path, state: Optional[str]) -> str:
     from launcher.runlog import RunDirLock
 
-    try:
-        state = run_state(run_dir)
-    except DamagedRun:
-        return "failed"
     if state is None:
         return "running" if RunDirLock.held(run_dir) else "pending"
     if state == "running" and not RunDirLock.held(run_dir):
@@ -65,15 +73,13 @@ def gather(experiment: Experiment, trials: list[Trial], record: Record, expected
     for trial in trials:
         recipe = expected[trial.group]
         recorded = record.find(trial.name, recipe)
-        state = trial_state(trial.run_dir)
-        try:
-            run_state(trial.run_dir)
-        except DamagedRun as err:
-            out.notes[trial.name] = str(err)
-            out.left_out.append(f"{trial.name}: {err}")
-        if recorded is not None:
+        if recorded is not None:  # the record answers: its run directory need not be read
             out.results[trial.name], out.states[trial.name] = recorded, "finished"
             continue
+        state, problem = state_and_problem(trial.run_dir)
+        if problem:
+            out.notes[trial.name] = problem
+            out.left_out.append(f"{trial.name}: {problem}")
         out.states[trial.name] = state
         if state != "finished":
             if state == "failed" and trial.name not in out.notes:

@@ -81,7 +81,7 @@ def slots(parallel: int, processes: int) -> list[Slot]:
     return [Slot([], share) for _ in range(parallel)]
 
 
-def trial_command(recipe_file: Path, processes: int, on_gpu: bool) -> list[str]:
+def trial_command(recipe_file: Path, processes: int) -> list[str]:
     if processes == 1:
         return [sys.executable, "-m", "launcher", str(recipe_file)]
     from launcher.strategies.select import free_port
@@ -126,10 +126,10 @@ class Driver:
     """Starts trials into free slots and collects them as they end."""
 
     def __init__(self, experiment, parallel: int, processes: int, on_finished, quiet: bool = False):
-        self.experiment, self.parallel, self.processes = experiment, parallel, processes
+        self.experiment, self.processes = experiment, processes
         self.free = slots(parallel, processes)
         self.running: list[Running] = []
-        self.on_finished = on_finished  # called with (trial, seconds, cpu_seconds) for each trial that finished
+        self.on_finished = on_finished  # trial -> a summary to print, for each trial that exits 0
         self.stop_signal: Optional[int] = None
         self.failed: list[tuple[object, str]] = []
         self.interrupted: list[object] = []
@@ -193,7 +193,7 @@ class Driver:
         log.write(f"[experiment] {time.strftime('%Y-%m-%d %H:%M:%S')} on {socket.gethostname()}: "
                   f"trial {trial.name} starts\n")
         log.flush()
-        process = subprocess.Popen(trial_command(recipe_file, self.processes, bool(slot.gpus)), stdout=log,
+        process = subprocess.Popen(trial_command(recipe_file, self.processes), stdout=log,
                                    stderr=subprocess.STDOUT, env=env, preexec_fn=_die_with_the_driver)
         self.running.append(Running(trial, process, slot, time.perf_counter(), log))
         if not self.quiet:

@@ -36,7 +36,7 @@ def require_optuna():
 
 
 def storage_url(experiment: Experiment) -> str:
-    """The launcher's form of the study's storage (plugins/optuna_pruning.open_storage reads it)."""
+    """The launcher's form of the study's storage (open_storage reads it)."""
     if experiment.spec.search.storage == "journal":
         return f"journal:{(experiment.dir / 'search.journal').resolve()}"
     return f"sqlite:///{(experiment.dir / 'search.db').resolve()}"
@@ -56,25 +56,35 @@ def distributions(spec) -> dict[str, Any]:
     return out
 
 
+def open_storage(url: str):
+    """An Optuna storage from the launcher's form of it (storage_url): sqlite:///PATH or journal:PATH.
+    The driver and each trial's pruning plugin open the study through this."""
+    optuna = require_optuna()
+    if url.startswith("journal:"):
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        return JournalStorage(JournalFileBackend(url[len("journal:"):]))
+    return optuna.storages.RDBStorage(url)
+
+
+def make_pruner(name: str, startup_trials: int):
+    """The search's pruner; Optuna keeps none in the storage, so each trial's plugin builds the same."""
+    optuna = require_optuna()
+    return {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=startup_trials),
+            "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
+            "none": optuna.pruners.NopPruner}[name]()
+
+
 def study_of(experiment: Experiment):
     """The experiment's study (created on the first run, loaded after)."""
     optuna = require_optuna()
     spec = experiment.spec.search
     experiment.dir.mkdir(parents=True, exist_ok=True)
-    url = storage_url(experiment)
-    if url.startswith("journal:"):
-        from optuna.storages import JournalStorage
-        from optuna.storages.journal import JournalFileBackend
-
-        storage = JournalStorage(JournalFileBackend(url[len("journal:"):]))
-    else:
-        storage = optuna.storages.RDBStorage(url)
     sampler = (optuna.samplers.TPESampler(seed=spec.seed) if spec.sampler == "tpe"
                else optuna.samplers.RandomSampler(seed=spec.seed))
-    pruner = {"median": lambda: optuna.pruners.MedianPruner(n_startup_trials=spec.startup_trials),
-              "successive_halving": optuna.pruners.SuccessiveHalvingPruner,
-              "none": optuna.pruners.NopPruner}[spec.pruner]()
-    study = optuna.create_study(study_name=experiment.name, storage=storage, sampler=sampler, pruner=pruner,
+    study = optuna.create_study(study_name=experiment.name, storage=open_storage(storage_url(experiment)),
+                                sampler=sampler, pruner=make_pruner(spec.pruner, spec.startup_trials),
                                 direction=spec.direction, load_if_exists=True)
     if not study.trials and spec.enqueue:
         for point in spec.enqueue:
@@ -175,8 +185,7 @@ def tell(study, trial: Trial, state: str, experiment: Experiment) -> Optional[fl
     from launcher.experiment.results import run_result
 
     TrialState = optuna.trial.TrialState
-    current = study._storage.get_trial(study._storage.get_trial_id_from_study_id_trial_number(
-        study._study_id, trial.search_number)).state
+    current = next(t.state for t in study.get_trials(deepcopy=False) if t.number == trial.search_number)
     if current != TrialState.RUNNING:
         return None
     if state == "finished":

@@ -22,7 +22,7 @@ import itertools
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal, Optional
 
 from pydantic import Field, ValidationError, field_validator, model_validator
 
@@ -344,5 +344,3 @@ def percent(metric: str) -> bool:
     """Accuracies (top-k) are shown in percent."""
     return bool(re.search(r"top\d+$", metric)) or metric == "shipped"
 
-
-Number = Union[int, float]

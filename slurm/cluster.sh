@@ -58,7 +58,9 @@ SlurmdUser=root
 JobRequeue=1
 MpiDefault=none
 ReturnToService=2
-KillWait=30
+# After scancel's SIGTERM every rank checkpoints before Slurm's SIGKILL, KillWait seconds later
+# (30 by default): the test machine runs a dozen ranks on 2 cores, where a checkpoint can take longer.
+KillWait=120
 # A job that gives no --mem gets 1 GB per CPU (not the whole node), and up to 4 jobs share a
 # node's CPUs (OverSubscribe=FORCE:4): the emulated nodes are one small machine, and the tests
 # run their 2-node jobs side by side.

@@ -318,7 +318,7 @@ def test_an_experiment_runs_as_a_job_array_that_requeues_and_cancels(slurm_runs,
     assert weights(seed0) == weights(tmp_path / "local")
     for seed in (1, 2):
         run_dir = experiment / "00-baseline" / f"seed-{seed}"
-        assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted"
+        assert json.loads((run_dir / "status.json").read_text())["state"] == "interrupted", logs(run_dir)
         assert "not requeueing" in logs(run_dir)
     status = run_cli([sys.executable, "-m", "launcher.experiment", "status", str(path), "--json"])
     states = {r["trial"]: (r["state"], r["job"]) for r in json.loads(status.stdout)}

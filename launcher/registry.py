@@ -184,7 +184,7 @@ def discover() -> dict[str, type[Plugin]]:
     global _discovered
     if not _discovered:
         _discovered = True
-        import plugins as builtin
+        import launcher.plugins as builtin
 
         for mod in pkgutil.iter_modules(builtin.__path__):
             importlib.import_module(f"{builtin.__name__}.{mod.name}")
@@ -282,6 +282,9 @@ def validate_plugins(recipe) -> None:
     loss_changers: list[str] = []  # plugins with a criterion hook, in recipe order
     for name in names:
         cls = get_plugin_class(name)
+        for other, reason in cls.incompatible.items():
+            if other in parsed:
+                raise LauncherError(f"Plugins '{name}' and '{other}' cannot run together: {reason}")
         if cls.replaces_loss and loss_changers:
             raise LauncherError(
                 f"Plugin '{name}' replaces the training loss, which would silently drop what "
@@ -290,9 +293,6 @@ def validate_plugins(recipe) -> None:
                 "hooks are chained in recipe order).")
         if getattr(cls, "criterion", None) is not None:
             loss_changers.append(name)
-        for other, reason in cls.incompatible.items():
-            if other in parsed:
-                raise LauncherError(f"Plugins '{name}' and '{other}' cannot run together: {reason}")
         for other, reason in cls.listed_before.items():
             if other in parsed and names.index(other) < names.index(name):
                 raise LauncherError(f"Plugin '{name}' must be listed before '{other}' under plugins: ({reason}). "
@@ -395,7 +395,7 @@ def support_table() -> str:
         return f"[{footnotes.index(text) + 1}]"
 
     plugins = {name: cls for name, cls in sorted(discover().items())
-               if not name.startswith(("test_", "bench_")) and cls.__module__.startswith("plugins.")}
+               if not name.startswith(("test_", "bench_")) and cls.__module__.startswith("launcher.plugins.")}
     setters = [cls for cls in plugins.values() if cls.precision.__func__ is not Plugin.precision.__func__]
     # A precision the plugins that set it (amp) refuse under a strategy runs nowhere there.
     reachable = {strategy: [p for p in PRECISIONS if p == "fp32" or any(refusal(c, strategy, p) is None for c in setters)]

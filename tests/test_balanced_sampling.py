@@ -10,7 +10,7 @@ import pytest
 from launcher.data import EpochPlan
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from plugins.balanced_sampling import class_sampling_weights
+from launcher.plugins.balanced_sampling import class_sampling_weights
 from tests.conftest import small_recipe, write_shards
 
 COUNTS = (600, 60, 20)

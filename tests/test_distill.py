@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from plugins.distill import distillation_loss
+from launcher.plugins.distill import distillation_loss
 from tests.conftest import small_recipe
 
 

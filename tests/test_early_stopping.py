@@ -11,7 +11,7 @@ import pytest
 from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from plugins.early_stopping import EarlyStopping
+from launcher.plugins.early_stopping import EarlyStopping
 from tests.conftest import small_recipe
 
 

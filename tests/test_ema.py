@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from plugins.ema import ExponentialMovingAverage
+from launcher.plugins.ema import ExponentialMovingAverage
 from tests.conftest import small_recipe
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from plugins.focal_loss import balanced_weights, focal_loss
+from launcher.plugins.focal_loss import balanced_weights, focal_loss
 from tests.conftest import small_recipe
 
 

@@ -16,7 +16,7 @@ from launcher.errors import LauncherError
 from launcher.loop import RunContext, train
 from launcher.config.load import validate_recipe
 from launcher.registry import Plugin, PluginOptions, PluginSet, register
-from plugins.grad_accum import GradientAccumulation
+from launcher.plugins.grad_accum import GradientAccumulation
 from tests.conftest import small_recipe
 
 

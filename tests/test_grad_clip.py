@@ -11,7 +11,7 @@ import torch.nn as nn
 
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from plugins.grad_clip import GradientClipping
+from launcher.plugins.grad_clip import GradientClipping
 from tests.conftest import small_recipe
 
 

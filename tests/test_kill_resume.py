@@ -140,7 +140,7 @@ def test_sigkill_at_several_moments_then_relaunch_gives_the_same_model(digits, t
 def _assert_dashboards_equal_metrics_jsonl(run: Path) -> None:
     import csv
 
-    from plugins.csv_log import metrics_csv
+    from launcher.plugins.csv_log import metrics_csv
     from tests.test_tensorboard import assert_curves_equal_metrics_jsonl
 
     assert_curves_equal_metrics_jsonl(run)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from launcher.loop import RunContext, cross_entropy, train
 from launcher.config.load import validate_recipe
-from plugins.label_smoothing import LabelSmoothing, smooth_targets
+from launcher.plugins.label_smoothing import LabelSmoothing, smooth_targets
 from tests.conftest import small_recipe
 
 

@@ -13,7 +13,7 @@ from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.models.factory import create_model
 from launcher.config.load import validate_recipe
-from plugins.layer_lr import layer_blocks
+from launcher.plugins.layer_lr import layer_blocks
 from tests.conftest import small_recipe
 
 

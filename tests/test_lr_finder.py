@@ -13,7 +13,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from plugins.lr_finder import range_test_lr, smooth, suggest
+from launcher.plugins.lr_finder import range_test_lr, smooth, suggest
 from tests.conftest import run_cli, small_recipe
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from launcher.data import Batch
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from plugins.mixup import MixupCutmix
+from launcher.plugins.mixup import MixupCutmix
 from tests.conftest import small_recipe
 
 

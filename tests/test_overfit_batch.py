@@ -10,7 +10,7 @@ import pytest
 
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from plugins.overfit_batch import diagnose
+from launcher.plugins.overfit_batch import diagnose
 from tests.conftest import small_recipe
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from plugins.pretrained import load_pretrained, resolve_weights
+from launcher.plugins.pretrained import load_pretrained, resolve_weights
 from tests.conftest import small_recipe
 
 

@@ -9,7 +9,7 @@ from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.config.load import validate_recipe
 from launcher.registry import Plugin, register
-from plugins.progressive_resize import size_for_epoch
+from launcher.plugins.progressive_resize import size_for_epoch
 from tests.conftest import small_recipe
 
 

@@ -4,7 +4,9 @@ golden order of hook calls, and --list-plugins."""
 from __future__ import annotations
 
 import json
+import os
 import types
+from pathlib import Path
 
 import pytest
 
@@ -28,11 +30,12 @@ def scratch_registry(monkeypatch):
 def test_builtin_plugins_are_found_by_scanning_the_plugins_package():
     import pkgutil
 
-    import plugins
+    import launcher.plugins
 
-    modules = {m.name for m in pkgutil.iter_modules(plugins.__path__)}
+    modules = {m.name for m in pkgutil.iter_modules(launcher.plugins.__path__)}
+    assert modules == {p.stem for p in (REPO / "plugins").glob("*.py")} - {"__init__"}
     found = {cls.__module__.split(".")[-1] for cls in registry.discover().values()
-             if cls.__module__.startswith("plugins.")}
+             if cls.__module__.startswith("launcher.plugins.")}
     assert found == modules
 
 
@@ -55,6 +58,48 @@ def test_entry_point_plugins_are_loaded(monkeypatch, scratch_registry):
     monkeypatch.setattr(registry.importlib.metadata, "entry_points",
                         lambda group: [FakeEntryPoint()] if group == registry.ENTRY_POINT_GROUP else [])
     assert "thirdparty_trick" in registry.discover()
+
+
+def test_the_installed_package_holds_no_top_level_plugins_and_third_party_plugins_join_it(tmp_path):
+    """pip installs the built-in plugins as launcher.plugins (nothing named `plugins` lands in
+    site-packages, where another project's could collide); a separately installed distribution
+    with a `launcher.plugins` entry point adds its plugin beside them."""
+    import shutil
+    import subprocess
+    import sys
+
+    from tests.conftest import run_cli
+
+    src = tmp_path / "src"
+    for name in ("launcher", "plugins"):
+        shutil.copytree(REPO / name, src / name, symlinks=True, ignore=shutil.ignore_patterns("__pycache__"))
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, src / name)
+    build = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                            "-w", str(tmp_path / "dist"), str(src)], capture_output=True, text=True)
+    assert build.returncode == 0, build.stderr[-3000:]
+    site = tmp_path / "site"
+    install = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-index", "--target",
+                              str(site), *map(str, (tmp_path / "dist").glob("*.whl"))], capture_output=True, text=True)
+    assert install.returncode == 0, install.stderr[-3000:]
+    top_level = sorted(p.name for p in site.iterdir() if not p.name.endswith(".dist-info"))
+    assert top_level == ["launcher"], top_level
+    assert (site / "launcher" / "plugins" / "sam.py").is_file()
+    # A third-party distribution: a module and its metadata with the entry point, as pip leaves them.
+    (site / "thirdparty_trick.py").write_text(
+        "from launcher.registry import Plugin, register\n\n\n"
+        "@register('thirdparty_trick')\nclass ThirdPartyTrick(Plugin):\n    \"\"\"From another package.\"\"\"\n")
+    info = site / "thirdparty_trick-1.0.dist-info"
+    info.mkdir()
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-trick\nVersion: 1.0\n")
+    (info / "entry_points.txt").write_text("[launcher.plugins]\nthirdparty_trick = thirdparty_trick\n")
+    env = {**os.environ, "PYTHONPATH": str(site)}
+    probe = run_cli([sys.executable, "-c", "import launcher, launcher.plugins.sam; print(launcher.__file__)\n"
+                     "import importlib.util; print(importlib.util.find_spec('plugins'))"], env=env, cwd=tmp_path)
+    assert probe.stdout.split() == [str(site / "launcher" / "__init__.py"), "None"], probe.stdout + probe.stderr
+    listed = run_cli([sys.executable, "-m", "launcher", "--list-plugins"], env=env, cwd=tmp_path)
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    assert "thirdparty_trick" in listed.stdout and "sam" in listed.stdout, listed.stdout
 
 
 def test_register_rejects_non_plugins_and_misspelled_hooks(scratch_registry):
@@ -161,6 +206,20 @@ def test_list_plugins_prints_every_plugin_with_options_and_defaults():
     assert "mode: Literal['offline', 'online', 'disabled'] = 'offline'" in text
 
 
+def _project_files() -> list[Path]:
+    """The project's modules: launcher/ (whose plugins/ is a link to the top-level folder, not
+    followed here) and plugins/."""
+    return sorted([*(REPO / "launcher").rglob("*.py"), *(REPO / "plugins").glob("*.py")])
+
+
+def _module_name(path: Path) -> str:
+    """The module's import name: the top-level plugins/ folder is the package launcher.plugins."""
+    parts = path.relative_to(REPO).with_suffix("").parts
+    if parts[0] == "plugins":
+        parts = ("launcher", *parts)
+    return ".".join(parts).removesuffix(".__init__")
+
+
 def _imports_of_the_project() -> dict[str, set[str]]:
     """Module -> the project modules it imports (top-level and inside functions), by parsing."""
     import ast
@@ -168,14 +227,14 @@ def _imports_of_the_project() -> dict[str, set[str]]:
     from tests.conftest import REPO
 
     graph: dict[str, set[str]] = {}
-    for path in sorted([*(REPO / "launcher").rglob("*.py"), *(REPO / "plugins").glob("*.py")]):
-        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+    for path in _project_files():
+        module = _module_name(path)
         targets = set()
         for node in ast.walk(ast.parse(path.read_text())):
             names = ([a.name for a in node.names] if isinstance(node, ast.Import)
                      else [node.module or ""] if isinstance(node, ast.ImportFrom) and node.level == 0 else [])
             for name in names:
-                if name.split(".")[0] in ("launcher", "plugins") and name not in ("launcher", "plugins"):
+                if name.split(".")[0] in ("launcher", "plugins") and name not in ("launcher", "launcher.plugins"):
                     targets.add(name)
         graph[module] = targets - {module}
     return graph
@@ -186,8 +245,8 @@ def _libraries_of_the_project() -> dict[str, set[str]]:
     import ast
 
     out = {}
-    for path in sorted([*(REPO / "launcher").rglob("*.py"), *(REPO / "plugins").glob("*.py")]):
-        module = ".".join(path.relative_to(REPO).with_suffix("").parts).removesuffix(".__init__")
+    for path in _project_files():
+        module = _module_name(path)
         names = set()
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.Import):
@@ -201,7 +260,7 @@ def _libraries_of_the_project() -> dict[str, set[str]]:
 def test_no_module_is_over_500_lines_without_saying_why():
     import ast
 
-    for path in sorted([*(REPO / "launcher").rglob("*.py"), *(REPO / "plugins").glob("*.py")]):
+    for path in _project_files():
         text = path.read_text()
         if len(text.splitlines()) > 500:
             docstring = ast.get_docstring(ast.parse(text)) or ""
@@ -223,14 +282,15 @@ def test_the_documented_commands_still_run_from_their_entry_modules(capsys):
 
 def test_the_import_graph_has_no_circle_and_plugins_stand_alone():
     graph = _imports_of_the_project()
-    assert {"launcher.loop", "plugins.checkpoint", "launcher.data", "launcher.data.loader"} <= set(graph)
+    assert {"launcher.loop", "launcher.plugins.checkpoint", "launcher.data", "launcher.data.loader"} <= set(graph)
     for module, targets in graph.items():
-        if module.startswith("plugins."):
+        # Installed, the built-in plugins are launcher.plugins: nothing imports a top-level `plugins`.
+        assert not any(t.split(".")[0] == "plugins" for t in targets), (module, targets)
+        if module.startswith("launcher.plugins."):
             # Plugins talk to the loop through ctx only, and never to each other.
-            assert not {t for t in targets if t.startswith("plugins.") or t == "launcher.loop"}, (module, targets)
-    for module, targets in graph.items():
-        if module.startswith("launcher."):
-            assert not any(t.startswith("plugins.") for t in targets), (module, targets)  # the core names no plugin
+            assert not {t for t in targets if t.startswith("launcher.plugins.") or t == "launcher.loop"}, (module, targets)
+        elif module.startswith("launcher."):
+            assert not any(t.startswith("launcher.plugins.") for t in targets), (module, targets)  # the core names no plugin
         if module.startswith("launcher.commands."):
             # The commands share launcher.commands.finished_run and never import each other.
             others = {t for t in targets if t.startswith("launcher.commands.") and t != "launcher.commands.finished_run"}

@@ -15,7 +15,7 @@ from launcher.data import Batch
 from launcher.loop import RunContext, train
 from launcher.config.load import validate_recipe
 from launcher.registry import PluginSet
-from plugins.sam import SharpnessAwareMinimization
+from launcher.plugins.sam import SharpnessAwareMinimization
 from tests.conftest import small_recipe
 
 

@@ -15,7 +15,7 @@ from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.config.load import validate_recipe
 from launcher.data.transforms import ImageTransform
-from plugins.tta import shifted
+from launcher.plugins.tta import shifted
 from tests.conftest import small_recipe
 
 

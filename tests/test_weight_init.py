@@ -14,7 +14,7 @@ import torch.nn as nn
 from launcher.loop import train
 from launcher.config.load import validate_recipe
 from launcher.registry import Plugin, register
-from plugins.weight_init import init_weights
+from launcher.plugins.weight_init import init_weights
 from tests.conftest import small_recipe
 
 

@@ -34,15 +34,23 @@ class DataParallel:
     def lockstep_eval(self) -> bool:
         return False
 
+    def unwrap(self, model) -> torch.nn.Module:
+        """The model inside DDP's wrapper. Not accelerator.unwrap_model: it checks for a DeepSpeed
+        engine, which imports DeepSpeed wherever it is installed (about a second of CPU in every
+        process of a run that does not use it); the DeepSpeed strategy uses it."""
+        while isinstance(model, (torch.nn.parallel.DistributedDataParallel, torch.nn.DataParallel)):
+            model = model.module
+        return model
+
     def full_state_dict(self, model) -> dict[str, torch.Tensor]:
         """The full fp32 weights and buffers (every rank calls it; here it needs no communication)."""
-        return {k: v.detach() for k, v in self.accelerator.unwrap_model(model).state_dict().items()}
+        return {k: v.detach() for k, v in self.unwrap(model).state_dict().items()}
 
     def save_full_weights(self, model, path: Path) -> None:
         """The trained weights as one fp32 safetensors file, whatever the strategy: the final weights
         and each checkpoint's model.safetensors. Every rank calls it; the main process writes."""
         if self.accelerator.is_main_process:  # byte for byte the model's own tensors
-            save_weights(self.accelerator.unwrap_model(model), path)
+            save_weights(self.unwrap(model), path)
 
     def save_checkpoint(self, model, optimizer, folder: Path) -> Optional[dict]:
         """Every rank: write the weights into a checkpoint folder; returns the optimizer state for
@@ -55,7 +63,7 @@ class DataParallel:
         """Every rank: the weights and optimizer state of a checkpoint folder (save_checkpoint's)."""
         from safetensors.torch import load_model
 
-        load_model(self.accelerator.unwrap_model(model), str(folder / "model.safetensors"))
+        load_model(self.unwrap(model), str(folder / "model.safetensors"))
         optimizer.load_state_dict(optimizer_state)
 
 

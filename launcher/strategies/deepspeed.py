@@ -151,6 +151,9 @@ class DeepSpeedZeRO(GatheredWeights):
         if last:
             model.step()
 
+    def unwrap(self, model) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)  # the module inside DeepSpeed's engine
+
     @property
     def lockstep_eval(self) -> bool:
         # ZeRO-3 gathers each layer's parameters inside forward: a collective, so every rank must

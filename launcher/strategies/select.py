@@ -46,9 +46,9 @@ def make_accelerator(recipe, options: dict):
     from accelerate.utils import InitProcessGroupKwargs
 
     if "DS_ACCELERATOR" not in os.environ and only_cpu():
-        # DeepSpeed is imported even by DDP runs (Accelerate's unwrap_model looks for its engine) and
-        # on finding no GPU warns "Setting accelerator to CPU. If you have GPU ..." on every rank.
-        # Here CPU is the right answer, so say it instead of being told.
+        # DeepSpeed, where a run imports it (Accelerate does under strategy deepspeed), on finding no
+        # GPU warns "Setting accelerator to CPU. If you have GPU ..." on every rank. Here CPU is
+        # the right answer, so say it instead of being told.
         os.environ["DS_ACCELERATOR"] = "cpu"
     options = dict(options)
     # The recipe's precision (plugins.amp) is passed explicitly: Accelerate would otherwise take

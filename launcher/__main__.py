@@ -21,6 +21,7 @@ The other commands (each with its own --help):
 
 from __future__ import annotations
 
+import os
 import sys
 
 USAGE = __doc__
@@ -56,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
                 raise LauncherError("--check needs a recipe file: python -m launcher --check recipes/digits.yaml")
         if args[0].startswith("-"):
             raise LauncherError(f"Unknown option '{args[0]}'. {USAGE}")
-        from launcher.config.load import load_recipe
+        from launcher.config.load import load_recipe, resolve_lr
 
         recipe = load_recipe(args[0], args[1:])
         if check_only:
@@ -65,7 +66,11 @@ def main(argv: list[str] | None = None) -> int:
             from launcher.preflight import preflight
 
             commands = preflight(recipe)  # the model exists, local shards are there
+            # optimizer.lr_base: lr for the processes of this launch (WORLD_SIZE under accelerate/torchrun).
+            lr_derivation = resolve_lr(recipe, int(os.environ.get("WORLD_SIZE", "1")))
             print(yaml.safe_dump(recipe.to_dict(), sort_keys=False), end="")
+            if lr_derivation:
+                print(f"# {lr_derivation} (the processes: WORLD_SIZE, 1 outside a launcher)")
             for shell_command in dict.fromkeys(commands):
                 print(f"# pipe: shards run this shell command: {shell_command}")
             from launcher.data.augment import augment_path

@@ -4,7 +4,7 @@ On a terminal with run.progress (the default): tqdm's live progress bar. Anywher
 Slurm log, nohup, a pipe), or with run.progress=false: one plain line per logged row, and
 never a carriage return, so log files stay readable and grep-able:
 
-    [train] step 25/90 (28%) epoch 0 | loss 2.1234 | lr 0.0477 | 1,234 samples/s | ETA 0:01:23
+    [train] step 25/90 (28%) epoch 0 | loss 2.1234 | lr 0.0477 | 1,234 samples/s | ETA 0:01:23 | data wait 3% | peak 0.41 GB
     [eval] step 45 epoch 1: val/loss=0.4102, val/top1=0.8861
 """
 
@@ -75,6 +75,8 @@ class Console:
             if self.window_steps:
                 eta = (self.total - step) * elapsed / self.window_steps
                 line += f" | {row['train/samples_per_s']:,.0f} samples/s | ETA {_duration(eta)}"
+            if "train/data_wait" in row:
+                line += f" | data wait {100 * row['train/data_wait']:.0f}% | peak {row['train/peak_memory_gb']:.2f} GB"
             if self.first_step is not None:
                 line += f" | first step {self.first_step[1]:.1f} s (compilation, warm-up: not in samples/s or the ETA)"
             print(line, flush=True)

@@ -56,6 +56,7 @@ of ranks or micro-batches, and however unevenly the last step of an epoch is spl
 from __future__ import annotations
 
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -69,6 +70,7 @@ from launcher.strategies.select import initial_accelerator_options, make_acceler
 from launcher.console import Console
 from launcher.data import (Batch, EpochPlan, EvalStream, PersistentWorkers, ShardIndex, TrainStream, batches,
                            fetch_options, index_shards, on_device)
+from launcher.config.load import resolve_lr
 from launcher.errors import LauncherError
 from launcher.models.factory import (compile_in_place, compiled_for_inference, create_model, explain_compile_failure,
                              memory_format)
@@ -77,6 +79,7 @@ from launcher.registry import PluginSet, build_plugins
 from launcher.runlog import (MetricsLog, RunDirLock, check_writable_run_dir, final_weights, manifest, metrics_file,
                             start_run_dir, write_status)
 from launcher.strategies.base import broadcast_buffers
+from launcher.throughput import DataWait, peak_memory_gb, starved_loader_warning
 from launcher.data.transforms import ImageTransform
 from launcher.cluster.watchdog import RankWatchdog
 
@@ -258,6 +261,9 @@ def train(recipe) -> RunContext:
     ctx.strategy = make_strategy(ctx.accelerator, recipe)
     ctx.world_size, ctx.rank = ctx.accelerator.num_processes, ctx.accelerator.process_index
     ctx.is_main = ctx.accelerator.is_main_process
+    lr_derivation = resolve_lr(recipe, ctx.world_size)  # optimizer.lr_base: lr from the global batch
+    if lr_derivation and ctx.is_main:
+        print(f"[launcher] {lr_derivation}", flush=True)
     # If another rank dies, this one stops within distributed.failure_timeout and names it.
     watchdog = RankWatchdog.start_for(ctx.world_size, ctx.rank, recipe.distributed.failure_timeout)
     if watchdog is not None:  # status.json names the rank that failed first
@@ -398,14 +404,16 @@ def _train(ctx: RunContext) -> None:
 
     if ctx.loss_window is None:
         ctx.loss_window = torch.zeros((), device=accelerator.device)
+    data_wait = DataWait()  # train/data_wait in every row; one warning when the loader starves the steps
     while ctx.epoch < recipe.train.epochs and not _done(ctx):
         ctx.image_size = data.image_size
         plugins.call("on_epoch_start", ctx)  # may change ctx.image_size (progressive resizing)
         train_transform = ImageTransform(data, recipe.model.in_chans, train=True, image_size=ctx.image_size,
                                          normalize_on_device=on_cuda, batched=data.augment_on == "device")
         stream = TrainStream(ctx.train_index, ctx.plan, train_transform, ctx.epoch, ctx.rank, ctx.step_in_epoch)
-        for batch in on_device(batches(stream, data.num_workers, pin_memory=on_cuda, workers=ctx.train_workers),
-                               accelerator.device, ctx.memory_format, train_transform.finish):
+        for batch in data_wait.batches(on_device(batches(stream, data.num_workers, pin_memory=on_cuda,
+                                                         workers=ctx.train_workers),
+                                                 accelerator.device, ctx.memory_format, train_transform.finish)):
             ctx.model.train()
             ctx.batch = plugins.chain("transform_batch", ctx, batch)
             ctx.micro_batch_count = plugins.chain("micro_batches", ctx, 1)
@@ -419,6 +427,7 @@ def _train(ctx: RunContext) -> None:
             if ctx.scheduler is not None:
                 ctx.scheduler.step_update(ctx.step)
             plugins.call("after_optimizer_step", ctx)
+            data_wait.step_done()
 
             ctx.loss_window += ctx.loss
             ctx.loss_window_steps += 1
@@ -429,11 +438,16 @@ def _train(ctx: RunContext) -> None:
                 mean_loss = window / (ctx.world_size * ctx.loss_window_steps)
                 row = {"step": ctx.step, "epoch": ctx.epoch, "train/loss": mean_loss,
                        "train/lr": ctx.optimizer.param_groups[0]["lr"],
-                       "train/samples_per_s": console.samples_per_second()}
+                       "train/samples_per_s": console.samples_per_second(),
+                       "train/data_wait": data_wait.row_share(), "train/peak_memory_gb": peak_memory_gb(accelerator.device)}
                 _emit(ctx, log, row)
                 console.row(row)
                 ctx.loss_window.zero_()
                 ctx.loss_window_steps = 0
+            starved = data_wait.starved_share()
+            if starved is not None and ctx.is_main:
+                print(starved_loader_warning(starved, len(data_wait.recent), data.num_workers, data.augment_on),
+                      file=sys.stderr, flush=True)
             plugins.call("on_step_end", ctx)  # the step is complete and logged (checkpoints go here)
             if _done(ctx) or ctx.interrupted:
                 break
@@ -484,7 +498,7 @@ def evaluate(ctx: RunContext, transform: ImageTransform, log: MetricsLog) -> dic
     recipe, accelerator = ctx.recipe, ctx.accelerator
     started = time.perf_counter()
     if ctx.eval_model is None:  # the weights are the trained model's; with train.compile, a compiled call
-        ctx.eval_model = compiled_for_inference(accelerator.unwrap_model(ctx.model), recipe.train.compile)
+        ctx.eval_model = compiled_for_inference(ctx.strategy.unwrap(ctx.model), recipe.train.compile)
     models = ctx.plugins.chain("eval_models", ctx, {"val": ctx.eval_model})
     batch_size = recipe.data.eval_batch_size or 2 * recipe.data.batch_size
     # Per output name: [loss sum, top-1 hits, top-5 hits, samples].

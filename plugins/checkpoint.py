@@ -85,6 +85,7 @@ SAFE_TO_CHANGE = ("train.epochs", "train.max_steps", "train.eval_every", "run.",
                   "data.persistent_workers", "distributed.failure_timeout",
                   # kernels and memory layout, not the run:
                   "train.tf32", "train.deterministic", "train.compile", "model.channels_last",
+                  "model.grad_checkpointing",
                   "data.cache_dir", "data.cache_limit", "data.prefetch_shards", "data.s3_endpoint", "data.fetch_",
                   "data.eval_batch_size", "data.batch_size", "data.train", "data.val",
                   "plugins.checkpoint.", "plugins.wandb.")

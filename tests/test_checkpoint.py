@@ -14,7 +14,7 @@ from launcher import registry
 from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from plugins.checkpoint import list_checkpoints, recipe_differences, verify
+from launcher.plugins.checkpoint import list_checkpoints, recipe_differences, verify
 from tests.conftest import metric_rows, small_recipe
 
 AUGMENT = {"crop_padding": 2, "rotation": 10, "random_erasing": 0.3}
@@ -65,7 +65,7 @@ def test_bit_flips_are_caught_by_the_checksum(digits, tmp_path):
 
 def test_a_failed_write_fails_loudly_and_keeps_the_previous_checkpoint(digits, tmp_path, monkeypatch):
     train(recipe(digits, tmp_path / "run", 10))
-    import plugins.checkpoint as ck
+    import launcher.plugins.checkpoint as ck
 
     def full_disk(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
@@ -172,11 +172,14 @@ PLUGIN_OPTIONS = {
     "checkpoint": None,  # the mechanism under test
     "recorder": {"trace": False},
     "optuna_pruning": "study",  # an Optuna trial to report to (the search's, made here)
+    "bce": {"pos_weight": 2.0, "sum_classes": True},
+    "profiler": {"start_step": 5, "steps": 10},  # a window the resume cuts in two
+    "swa": {"start": 0, "every_steps": 3, "swa_lr": 0.02, "anneal_epochs": 4},  # averaging and annealing across it
 }
 
 
 def test_every_registered_plugin_is_covered():
-    builtin = {n for n, c in registry.discover().items() if c.__module__.startswith(("plugins.", "tests."))
+    builtin = {n for n, c in registry.discover().items() if c.__module__.startswith(("launcher.plugins.", "tests."))
                and not n.startswith(("test_", "bench_"))}
     assert builtin <= set(PLUGIN_OPTIONS), builtin - set(PLUGIN_OPTIONS)
     # Only a plugin that refuses to run with checkpoints may skip the resume test.
@@ -242,7 +245,7 @@ class _Evil:
 def resign(folder):
     """What a tamperer who knows the format does: rewrite meta.json's checksums and digest."""
     from launcher.runlog import file_sha256
-    from plugins.checkpoint import meta_digest
+    from launcher.plugins.checkpoint import meta_digest
 
     meta = json.loads((folder / "meta.json").read_text())
     meta["files"] = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
@@ -267,7 +270,7 @@ def test_damaged_checkpoints_are_skipped_whatever_the_damage(digits, tmp_path):
 
     def no_files(f):
         meta = json.loads((f / "meta.json").read_text())
-        from plugins.checkpoint import meta_digest
+        from launcher.plugins.checkpoint import meta_digest
 
         meta["files"] = {}
         meta["meta_sha256"] = meta_digest(meta)  # a consistent meta.json, listing nothing

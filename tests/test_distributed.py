@@ -287,6 +287,8 @@ def test_one_process_two_processes_and_two_nodes_agree(digits, tmp_path):
     runs = {}
     for name, batch in (("one", 64), ("two", 32), ("nodes", 32)):
         raw = small_recipe(digits, tmp_path / name, model=model, data={"batch_size": batch})
+        # lr from the global batch (64 in every run: 0.2 x 64 / 256 = 0.05, small_recipe's lr)
+        raw["optimizer"] = {**{k: v for k, v in raw["optimizer"].items() if k != "lr"}, "lr_base": 0.2}
         runs[name] = write(tmp_path, name, raw)
     result = run_cli([sys.executable, "-m", "launcher", str(runs["one"])])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -299,6 +301,9 @@ def test_one_process_two_processes_and_two_nodes_agree(digits, tmp_path):
     assert json.loads((tmp_path / "nodes" / "manifest.json").read_text())["world_size"] == 2
 
     one, two, two_nodes = (tmp_path / n for n in ("one", "two", "nodes"))
+    for run in (one, two, two_nodes):
+        recorded = yaml.safe_load((run / "recipe.yaml").read_text())["optimizer"]
+        assert (recorded["lr"], recorded["lr_base_global_batch"]) == (pytest.approx(0.05), 64), recorded
     assert len(train_losses(one)) == 5  # 23 steps, a row every 5
     assert train_losses(two) == train_losses(two_nodes)  # bit for bit
     assert (two / "final" / "model.safetensors").read_bytes() == (two_nodes / "final" / "model.safetensors").read_bytes()
@@ -671,7 +676,7 @@ def assert_deepspeed_pickles_are_loaded_safely(checkpoint: Path, tmp_path: Path)
 
     from launcher.strategies.deepspeed import safe_deepspeed_loading
     from launcher.errors import LauncherError
-    from plugins.checkpoint import verify
+    from launcher.plugins.checkpoint import verify
     from tests.test_checkpoint import _Evil, resign
 
     assert verify(checkpoint) is None
@@ -708,7 +713,7 @@ def test_a_damaged_newest_fsdp_checkpoint_is_skipped_for_an_older_one_like_a_ddp
 
     from launcher.strategies.fsdp import sharded_checkpoint_problem
     from launcher.loop import train
-    from plugins.checkpoint import verify
+    from launcher.plugins.checkpoint import verify
     from tests.test_checkpoint import _Evil, resign
 
     def run(steps):

@@ -41,6 +41,10 @@ def test_a_short_run_writes_the_run_directory(digits, tmp_path):
     times = [r["time"] for r in rows]
     assert times == sorted(times) and abs(times[-1] - __import__("time").time()) < 120
     assert all(r["train/samples_per_s"] > 0 for r in train_rows)
+    # ...the share of step time spent waiting for batches, and the process's peak memory (the CPU: its RSS).
+    assert all(0.0 <= r["train/data_wait"] < 1.0 for r in train_rows)
+    rss_gb = __import__("resource").getrusage(__import__("resource").RUSAGE_SELF).ru_maxrss * 1024 / 1e9
+    assert all(0.1 < r["train/peak_memory_gb"] <= rss_gb + 1e-3 for r in train_rows)
     assert eval_rows[-1]["val/top1"] > 0.5  # a tiny WRN at 16x16 after 2 epochs; chance is 0.1
     weights = load_file(run / "final" / "model.safetensors")
     model = timm.create_model("wrn10_1", num_classes=10)

@@ -110,15 +110,16 @@ def _saved_weights_loss(recipe_file, weights) -> float:
 
 def test_validation_metrics_on_two_processes_are_those_of_the_saved_batchnorm_weights(digits, tmp_path):
     """Each rank's BatchNorm statistics differ (its own batches); only rank 0's are saved. The
-    reported val and val_ema metrics must be those of final/model.safetensors and final/ema.safetensors."""
+    reported val, val_ema and val_swa metrics must be those of final/model.safetensors,
+    final/ema.safetensors and final/swa.safetensors (SWA's statistics recomputed by update_bn)."""
     raw = small_recipe(digits, tmp_path / "bn", train={"epochs": 1}, data={"num_workers": 0},
-                       plugins={"ema": {"decay": 0.8}})
+                       plugins={"ema": {"decay": 0.8}, "swa": {"start": 0, "every_steps": 10}})
     recipe = tmp_path / "bn.yaml"
     recipe.write_text(yaml.safe_dump(raw))
     result = run_cli([*accelerate_cmd(2), "launcher", str(recipe)])
     assert result.returncode == 0, result.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "bn" / "metrics.jsonl").read_text().splitlines()]
     final = [row for row in rows if "val/loss" in row][-1]
-    for prefix, file in (("val", "model"), ("val_ema", "ema")):
+    for prefix, file in (("val", "model"), ("val_ema", "ema"), ("val_swa", "swa")):
         single = _saved_weights_loss(recipe, tmp_path / "bn" / "final" / f"{file}.safetensors")
         assert abs(final[f"{prefix}/loss"] - single) <= 1e-5 * single, (prefix, final[f"{prefix}/loss"], single)

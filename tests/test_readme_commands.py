@@ -64,6 +64,7 @@ README_COMMANDS = {
     "python benchmarks/loader_imagenet.py": ("test", "tests/test_readme_commands.py::test_the_imagenet_loader_benchmark_runs"),
     "python benchmarks/augment_speed.py": ("test", "tests/test_readme_commands.py::test_the_augment_speed_benchmark_runs"),
     "python benchmarks/data_stream.py": ("test", "tests/test_readme_commands.py::test_the_data_stream_benchmark_runs"),
+    "python benchmarks/data_wait.py": ("test", "tests/test_readme_commands.py::test_the_data_wait_benchmark_runs"),
     "accelerate launch --multi_gpu --num_processes N -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "accelerate launch --multi_gpu --num_machines M --machine_rank R --main_process_ip HOST0 --main_process_port 29500 --num_processes $((M*N)) -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "python benchmarks/loop_overhead.py": ("here", "benchmark"),
@@ -253,6 +254,14 @@ def test_the_benchmark_command_runs(tmp_path):
                                                                      "--out", str(tmp_path / "bench.md")])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "ratio" in (tmp_path / "bench.md").read_text()
+
+
+def test_the_data_wait_benchmark_runs(tmp_path):
+    result = run_cli(command("python benchmarks/data_wait.py") + ["--max-steps", "10", "--out", str(tmp_path / "w.md")])
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [line.split("|") for line in (tmp_path / "w.md").read_text().splitlines() if line.startswith(("| 0 ", "| 2 "))]
+    assert len(rows) == 2 and all(0 <= float(row[2].strip(" %")) < 100 for row in rows), rows
+    assert "The meter's own cost: " in (tmp_path / "w.md").read_text()
 
 
 def test_the_imagenet_loader_benchmark_runs(tmp_path):

@@ -2,6 +2,7 @@
 
     python -m launcher.evaluate RUN_DIR                       # final/model.safetensors on the run's data.val
     python -m launcher.evaluate RUN_DIR --weights ema         # final/ema.safetensors (plugins.ema)
+    python -m launcher.evaluate RUN_DIR --weights swa         # final/swa.safetensors (plugins.swa)
     python -m launcher.evaluate RUN_DIR data.val='other/val-{000000..000009}.tar'
     python -m launcher.evaluate RUN_DIR --tta                 # + val_tta/* (flip TTA, plugins.tta)
 
@@ -23,7 +24,7 @@ from typing import Optional
 
 import torch
 
-from launcher.commands.finished_run import load_run_model, recipe_autocast
+from launcher.commands.finished_run import NAMED_WEIGHTS, load_run_model, recipe_autocast
 from launcher.errors import LauncherError, run_command
 
 
@@ -64,7 +65,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. data.val=PATTERN")
     parser.add_argument("--weights", default="model",
-                        help="model (final/model.safetensors), ema (final/ema.safetensors) or a .safetensors path")
+                        help="model (final/model.safetensors), ema or swa (final/ema.safetensors, final/swa.safetensors: "
+                             "plugins.ema, plugins.swa) or a .safetensors path")
     parser.add_argument("--tta", action="store_true",
                         help="test-time augmentation (flipped view): adds plugins.tta to a recipe without it")
     parser.add_argument("--allow-pipe", action="store_true",
@@ -84,10 +86,11 @@ def _evaluate_command(args) -> int:
         if recipe_file(args.run_dir).is_file() and "tta" not in load_recipe(recipe_file(args.run_dir)).plugins:
             overrides.append("plugins.tta={}")
     recipe, model, device, weights = load_run_model(args.run_dir, args.weights, overrides, args.allow_pipe, ("val",))
-    metrics = evaluate_weights(recipe, model, device, prefix="val_ema" if args.weights == "ema" else "val")
+    prefix = f"val_{args.weights}" if args.weights in ("ema", "swa") else "val"  # as the loop logged them
+    metrics = evaluate_weights(recipe, model, device, prefix=prefix)
     text = json.dumps({"weights": str(weights), "data.val": recipe.data.val, **metrics}, indent=1)
     print(text)
-    label = args.weights if args.weights in ("model", "ema") else weights.stem
+    label = args.weights if args.weights in NAMED_WEIGHTS else weights.stem
     atomic_write_text(args.run_dir / f"evaluate-{label}.json", text + "\n")
     return 0
 

@@ -21,10 +21,14 @@ def recipe_autocast(recipe, device: torch.device):
                           enabled=precision in ("bf16", "fp16"))
 
 
+# The weights a run writes to final/: its model's, and those of the averaging plugins (ema, swa).
+NAMED_WEIGHTS = ("model", "ema", "swa")
+
+
 def load_run_model(run_dir: Path, weights: str, overrides: list[str] = (), allow_pipe: bool = False,
                    shards_read: tuple[str, ...] = ()):
     """(recipe, model in eval mode on the device, weights path) of a run directory; weights is
-    model, ema or a .safetensors path. shards_read: the recipe's shard keys the caller will read
+    model, ema, swa or a .safetensors path. shards_read: the recipe's shard keys the caller will read
     (their pipe: commands need allow_pipe, see load_run_recipe)."""
     from launcher.models.factory import create_model
     from launcher.config.load import load_run_recipe
@@ -33,11 +37,12 @@ def load_run_model(run_dir: Path, weights: str, overrides: list[str] = (), allow
 
     if not recipe_file(run_dir).is_file():
         raise LauncherError(f"'{run_dir}' is not a run directory (no recipe.yaml).")
-    named = weights in ("model", "ema")
+    named = weights in NAMED_WEIGHTS
     path = final_weights(run_dir, weights) if named else Path(weights)
     if not path.is_file():
-        raise LauncherError(f"no weights at '{path}'" + (" (the run has not finished, or ran without "
-                                                          "plugins.ema)" if named else "") + ".")
+        why = "" if not named else " (the run has not finished" + (
+            f", or ran without plugins.{weights})" if weights != "model" else ")")
+        raise LauncherError(f"no weights at '{path}'{why}.")
     recipe = load_run_recipe(run_dir, list(overrides), allow_pipe, shards_read)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     # The run's own weights are loaded next: no need for the pretrained ones it started from.

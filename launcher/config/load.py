@@ -154,6 +154,28 @@ def validate_recipe(raw: dict[str, Any], name: str = "recipe", source: str = "re
     return recipe
 
 
+def resolve_lr(recipe: Recipe, world_size: int) -> Optional[str]:
+    """optimizer.lr_base -> optimizer.lr for this many processes (timm's rule: lr_base x global
+    batch / lr_base_size, or its square root), recorded with the global batch it was derived for.
+    The global batch is data.batch_size x processes: grad_accum splits that batch into micro-batches
+    and does not enlarge it (timm's batch size is the micro-batch, hence its x grad_accum_steps).
+    Returns how lr was reached, for the log and --check; None without lr_base."""
+    from launcher.config.recipe import OptimizerSection, lr_from_base
+
+    optimizer = recipe.optimizer
+    if optimizer.lr_base is None:
+        return None
+    global_batch = recipe.data.batch_size * world_size
+    lr, scale = lr_from_base(optimizer, global_batch)
+    recipe.optimizer = OptimizerSection.model_validate(
+        {**optimizer.model_dump(), "lr": lr, "lr_base_global_batch": global_batch})
+    ratio = f"{global_batch} / {optimizer.lr_base_size}"
+    why = "" if optimizer.lr_base_scale else f", timm's default for {optimizer.name}"
+    return (f"optimizer.lr {lr:.6g} = lr_base {optimizer.lr_base:g} x {f'sqrt({ratio})' if scale == 'sqrt' else ratio} "
+            f"({scale}{why}); global batch {global_batch} = data.batch_size {recipe.data.batch_size} x {world_size} "
+            f"process{'es' if world_size != 1 else ''}")
+
+
 def _no_op_settings_refused(recipe: Recipe, source: str) -> None:
     """Settings that would be accepted and change nothing, which a user would take for working."""
     from launcher.registry import recipe_precision

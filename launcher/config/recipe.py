@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from pathlib import Path
 from typing import Any, Literal, Optional, Union
 
@@ -61,6 +62,9 @@ class ModelSection(Section):
     channels_last: Optional[bool] = Field(
         None, description="NHWC memory format; default: on for CUDA runs with amp (tensor cores), off otherwise")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra timm.create_model arguments")
+    grad_checkpointing: bool = Field(
+        False, description="recompute each block's activations in the backward pass instead of keeping them (timm's "
+                           "set_grad_checkpointing): less memory, about a third more compute, the same gradients")
     pretrained: bool = Field(False, description="timm's pretrained weights for model.name (e.g. resnet50.a1_in1k, "
                                                 "hf-hub:timm/...) from this machine's Hugging Face cache (never "
                                                 "downloaded); the classifier is replaced for num_classes")
@@ -279,6 +283,44 @@ class OptimizerSection(Section):
     weight_decay: float = Field(0.0, ge=0.0)
     decay_bias_and_norm: bool = Field(False, description="apply weight decay to biases and norm layers too")
     kwargs: dict[str, Any] = Field(default_factory=dict, description="extra optimizer arguments")
+    lr_base: Optional[float] = Field(
+        None, gt=0.0, description="derive lr from the global batch instead of giving it (timm's --lr-base): lr = lr_base "
+                                  "x global batch / lr_base_size (or its square root); the global batch is "
+                                  "data.batch_size x processes")
+    lr_base_size: int = Field(256, ge=1, description="the global batch at which lr equals lr_base")
+    lr_base_scale: Optional[Literal["linear", "sqrt"]] = Field(
+        None, description="how lr follows the global batch; default timm's: sqrt for adaptive optimizers (names with "
+                          "ada or lamb), linear otherwise")
+    lr_base_global_batch: Optional[int] = Field(
+        None, ge=1, description="written by the launcher, not by you: the global batch the recorded lr was derived for")
+
+    @model_validator(mode="after")
+    def _lr_or_lr_base(self):
+        if self.lr_base is None:
+            if self.lr_base_global_batch is not None:
+                raise ValueError("optimizer.lr_base_global_batch records how lr was derived from optimizer.lr_base, "
+                                 "which is not set: remove it")
+            return self
+        if self.lr_base_global_batch is None:
+            if "lr" in self.model_fields_set:
+                raise ValueError("optimizer.lr and optimizer.lr_base are both given: lr_base derives lr from the global "
+                                 "batch, so keep one (remove lr, e.g. with the override ~optimizer.lr, or lr_base)")
+            return self
+        # A resolved recipe (a run's recipe.yaml) records the lr it derived: it must be the rule's.
+        expected = lr_from_base(self, self.lr_base_global_batch)[0]
+        if not math.isclose(self.lr, expected, rel_tol=1e-9):
+            raise ValueError(f"optimizer.lr {self.lr} is not what lr_base {self.lr_base} gives at the recorded global "
+                             f"batch {self.lr_base_global_batch} ({expected:.6g}): remove optimizer.lr and "
+                             "optimizer.lr_base_global_batch to derive it again")
+        return self
+
+
+def lr_from_base(optimizer: "OptimizerSection", global_batch: int) -> tuple[float, str]:
+    """timm's rule (train.py --lr-base): (lr, the scale used)."""
+    scale = optimizer.lr_base_scale or ("sqrt" if any(k in optimizer.name.lower() for k in ("ada", "lamb"))
+                                        else "linear")
+    ratio = global_batch / optimizer.lr_base_size
+    return optimizer.lr_base * (math.sqrt(ratio) if scale == "sqrt" else ratio), scale
 
 
 class ScheduleSection(Section):
@@ -403,6 +445,14 @@ class Recipe(Section):
             raise ValueError(f"data.mean and data.std need one value per input channel: model.in_chans is "
                              f"{self.model.in_chans}, data.mean has {len(self.data.mean)} values. Give "
                              f"{self.model.in_chans} of each (grey images: in_chans 1, e.g. mean [0.5], std [0.5])")
+        return self
+
+    @model_validator(mode="after")
+    def _one_activation_checkpointing(self):
+        if self.model.grad_checkpointing and self.distributed.fsdp_activation_checkpointing:
+            raise ValueError("model.grad_checkpointing and distributed.fsdp_activation_checkpointing both recompute "
+                             "the blocks' activations in the backward pass, and would checkpoint twice: keep one "
+                             "(under FSDP, fsdp_activation_checkpointing wraps the blocks it shards)")
         return self
 
     @property

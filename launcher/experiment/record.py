@@ -36,6 +36,8 @@ def what_ran(recipe) -> dict:
     ops = {key.split(".")[2] for key in flat if key.startswith("data.augment.")}
     ignored = NOT_THE_RESULT + (("data.augment_on",) if ops <= SAME_ON_BOTH_PATHS else ())
     kept = {k: v for k, v in sorted(flat.items()) if not any(k == n or k.startswith(n) for n in ignored)}
+    if recipe.optimizer.lr_base is not None:  # lr follows from lr_base and the processes, set by the run
+        kept = {k: v for k, v in kept.items() if k not in ("optimizer.lr", "optimizer.lr_base_global_batch")}
     for split in ("train", "val"):
         pattern = getattr(recipe.data, split)
         if pattern:

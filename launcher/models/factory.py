@@ -8,12 +8,14 @@ timm's own registry under `wrn{depth}_{width}`: once `launcher` is imported,
 
 from __future__ import annotations
 
+from contextlib import contextmanager, nullcontext
 from typing import Optional
 
 import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from timm.models import register_model
 
 from launcher.errors import LauncherError, did_you_mean
@@ -28,6 +30,24 @@ def make_norm(kind: str, channels: int) -> nn.Module:
     if kind == "groupnorm":
         return nn.GroupNorm(max(1, channels // 16), channels)
     raise ValueError(f"norm_layer must be batchnorm or groupnorm, got {kind!r}")
+
+
+@contextmanager
+def running_stats_kept(module: nn.Module):
+    """While a checkpointed block's forward is recomputed in the backward pass: BatchNorm's
+    running statistics are not updated a second time (momentum 0 keeps them), so a checkpointed
+    run ends with the same statistics as one without. timm's own checkpointing does not do this."""
+    norms = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d) and m.momentum is not None]
+    saved = [(m.momentum, None if m.num_batches_tracked is None else m.num_batches_tracked.clone()) for m in norms]
+    for m in norms:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, (momentum, count) in zip(norms, saved):
+            m.momentum = momentum
+            if count is not None:
+                m.num_batches_tracked.copy_(count)
 
 
 class WideBasic(nn.Module):
@@ -79,6 +99,7 @@ class WideResNet(nn.Module):
         self.stages = nn.Sequential(*stages)
         self.norm = make_norm(norm_layer, self.num_features)
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
+        self.grad_checkpointing = False
         self._init_weights()
 
     def _init_weights(self) -> None:
@@ -103,8 +124,19 @@ class WideResNet(nn.Module):
         self.num_classes = num_classes
         self.fc = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.grad_checkpointing = enable
+
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
-        return F.relu(self.norm(self.stages(self.stem(x))))
+        x = self.stem(x)
+        if self.grad_checkpointing and torch.is_grad_enabled():
+            # One checkpoint per block: only the blocks' inputs are kept for the backward pass.
+            for block in (b for stage in self.stages for b in stage):
+                x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False,
+                                                      context_fn=lambda b=block: (nullcontext(), running_stats_kept(b)))
+        else:
+            x = self.stages(x)
+        return F.relu(self.norm(x))
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = F.adaptive_avg_pool2d(x, 1).flatten(1)
@@ -163,9 +195,21 @@ def create_model(section) -> nn.Module:
             model = timm.create_model(section.name, pretrained=False, **kwargs)
     except (TypeError, ValueError) as err:
         raise LauncherError(f"model.kwargs {section.kwargs} do not fit '{section.name}': {err}") from None
+    if section.grad_checkpointing:
+        enable_grad_checkpointing(model, section.name)
     if section.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model
+
+
+def enable_grad_checkpointing(model: nn.Module, name: str) -> None:
+    """timm's set_grad_checkpointing; the models that lack it (or assert it away) are refused."""
+    try:
+        model.set_grad_checkpointing(True)
+    except (AttributeError, AssertionError, NotImplementedError) as err:
+        raise LauncherError(f"model.grad_checkpointing: '{name}' does not support gradient checkpointing "
+                            f"({err or type(err).__name__}). Remove model.grad_checkpointing, or choose a model "
+                            "that has it (timm's ResNets, EfficientNets, ViTs, ConvNeXts, the WideResNets).") from None
 
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "open_clip_pytorch_model.bin", "model.pth")

@@ -223,7 +223,7 @@ def test_augment_on_auto_takes_the_device_when_every_op_is_batched_and_a_run_kee
     import yaml
 
     from launcher.config.recipe import schema_default
-    from launcher.plugins.checkpoint import recipe_differences
+    from launcher.checkpoints import recipe_differences
 
     def resolved(run_dir: Path, augment: dict) -> str:
         raw = small_recipe(digits, run_dir)

@@ -14,7 +14,7 @@ from launcher import registry
 from launcher.errors import LauncherError
 from launcher.loop import train
 from launcher.config.load import validate_recipe
-from launcher.plugins.checkpoint import list_checkpoints, recipe_differences, verify
+from launcher.checkpoints import list_checkpoints, recipe_differences, verify
 from tests.conftest import metric_rows, small_recipe
 
 AUGMENT = {"crop_padding": 2, "rotation": 10, "random_erasing": 0.3}
@@ -245,7 +245,7 @@ class _Evil:
 def resign(folder):
     """What a tamperer who knows the format does: rewrite meta.json's checksums and digest."""
     from launcher.runlog import file_sha256
-    from launcher.plugins.checkpoint import meta_digest
+    from launcher.checkpoints import meta_digest
 
     meta = json.loads((folder / "meta.json").read_text())
     meta["files"] = {str(f.relative_to(folder)): {"size": f.stat().st_size, "sha256": file_sha256(f)}
@@ -270,7 +270,7 @@ def test_damaged_checkpoints_are_skipped_whatever_the_damage(digits, tmp_path):
 
     def no_files(f):
         meta = json.loads((f / "meta.json").read_text())
-        from launcher.plugins.checkpoint import meta_digest
+        from launcher.checkpoints import meta_digest
 
         meta["files"] = {}
         meta["meta_sha256"] = meta_digest(meta)  # a consistent meta.json, listing nothing

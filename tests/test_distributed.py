@@ -676,7 +676,7 @@ def assert_deepspeed_pickles_are_loaded_safely(checkpoint: Path, tmp_path: Path)
 
     from launcher.strategies.deepspeed import safe_deepspeed_loading
     from launcher.errors import LauncherError
-    from launcher.plugins.checkpoint import verify
+    from launcher.checkpoints import verify
     from tests.test_checkpoint import _Evil, resign
 
     assert verify(checkpoint) is None
@@ -713,7 +713,7 @@ def test_a_damaged_newest_fsdp_checkpoint_is_skipped_for_an_older_one_like_a_ddp
 
     from launcher.strategies.fsdp import sharded_checkpoint_problem
     from launcher.loop import train
-    from launcher.plugins.checkpoint import verify
+    from launcher.checkpoints import verify
     from tests.test_checkpoint import _Evil, resign
 
     def run(steps):

@@ -30,7 +30,10 @@ def experiment_file(tmp_path: Path, digits: dict, name: str = "exp", **changes) 
         "dir": str(tmp_path / name),
         "overrides": [f"data.train={digits['train']}", f"data.val={digits['val']}", "train.max_steps=6",
                       "data.num_workers=0", "~plugins.report", "plugins.checkpoint={every_steps: 3}",
-                      "model.name=wrn10_1", "run.log_every=1"],
+                      "model.name=wrn10_1", "run.log_every=1",
+                      # tests/recorder_plugin.py: LAUNCHER_TEST_STEP_PAUSE slows the steps of a trial that a
+                      # test interrupts (without it in the recipe the variable did nothing)
+                      "plugins.test_fault={}"],
         "seeds": [0, 1],
         "metric": "val/top1",
         "rungs": [{"name": "baseline"}, {"name": "+ label smoothing", "about": "0.1",
@@ -271,7 +274,7 @@ def search_file(tmp_path: Path, digits: dict, **search) -> Path:
     return experiment_file(tmp_path, digits, "search", seeds=[0], overrides=[
         f"data.train={digits['train']}", f"data.val={digits['val']}", "data.num_workers=0", "~plugins.report",
         "model.name=wrn10_1", "data.image_size=8", "train.epochs=2", "train.eval_every=1",
-        "plugins.checkpoint={every_epochs: 1}", "plugins.recorder={trace: false}"],
+        "plugins.checkpoint={every_epochs: 1}", "plugins.recorder={trace: false}", "plugins.test_fault={}"],
         search={"trials": 2, "parameters": {"optimizer.lr": {"low": 1e-6, "high": 0.3, "log": True}},
                 "enqueue": [{"optimizer.lr": 0.05}, {"optimizer.lr": 1e-6}], "startup_trials": 1, **search})
 

@@ -225,10 +225,11 @@ def test_a_log_file_gets_one_plain_line_per_row_and_no_carriage_returns(digits, 
     assert len(lines) == len(train_rows) == 2
     for line, row in zip(lines, train_rows):
         match = re.fullmatch(r"\[train\] step (\d+)/10 \((\d+)%\) epoch 0 \| loss (\S+) \| lr (\S+) \| "
-                             r"([\d,]+) samples/s \| ETA (\d+):(\d\d):(\d\d)( \| first step [\d.]+ s \(compilation, "
-                             r"warm-up: not in samples/s or the ETA\))?", line)
+                             r"([\d,]+) samples/s \| ETA (\d+):(\d\d):(\d\d) \| data wait (\d+)% \| peak ([\d.]+) GB"
+                             r"( \| first step [\d.]+ s \(compilation, warm-up: not in samples/s or the ETA\))?", line)
         assert match, line
-        assert bool(match[9]) == (row is train_rows[0])  # the first step is timed on its own
+        assert bool(match[11]) == (row is train_rows[0])  # the first step is timed on its own
+        assert int(match[9]) == round(100 * row["train/data_wait"]) and match[10] == f"{row['train/peak_memory_gb']:.2f}"
         assert int(match[1]) == row["step"] and int(match[2]) == row["step"] * 10
         assert match[3] == f"{row['train/loss']:.4f}" and float(match[4]) == pytest.approx(row["train/lr"], rel=1e-3)
         assert int(match[5].replace(",", "")) > 0

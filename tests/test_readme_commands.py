@@ -65,6 +65,8 @@ README_COMMANDS = {
     "python benchmarks/augment_speed.py": ("test", "tests/test_readme_commands.py::test_the_augment_speed_benchmark_runs"),
     "python benchmarks/data_stream.py": ("test", "tests/test_readme_commands.py::test_the_data_stream_benchmark_runs"),
     "python benchmarks/data_wait.py": ("test", "tests/test_readme_commands.py::test_the_data_wait_benchmark_runs"),
+    "python -m launcher.average runs/a runs/b [--greedy]": ("test", "tests/test_average.py::test_a_greedy_soup_is_never_worse_than_its_best_ingredient"),
+    "python -m launcher.average runs/a runs/b runs/c --greedy": ("test", "tests/test_average.py::test_a_greedy_soup_is_never_worse_than_its_best_ingredient"),
     "accelerate launch --multi_gpu --num_processes N -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "accelerate launch --multi_gpu --num_machines M --machine_rank R --main_process_ip HOST0 --main_process_port 29500 --num_processes $((M*N)) -m launcher recipes/wrn.yaml": ("test", "tests/test_distributed.py::test_one_process_two_processes_and_two_nodes_agree"),
     "python benchmarks/loop_overhead.py": ("here", "benchmark"),

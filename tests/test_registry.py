@@ -4,7 +4,6 @@ golden order of hook calls, and --list-plugins."""
 from __future__ import annotations
 
 import json
-import os
 import types
 from pathlib import Path
 
@@ -93,7 +92,7 @@ def test_the_installed_package_holds_no_top_level_plugins_and_third_party_plugin
     info.mkdir()
     (info / "METADATA").write_text("Metadata-Version: 2.1\nName: thirdparty-trick\nVersion: 1.0\n")
     (info / "entry_points.txt").write_text("[launcher.plugins]\nthirdparty_trick = thirdparty_trick\n")
-    env = {**os.environ, "PYTHONPATH": str(site)}
+    env = {"PYTHONPATH": str(site), "LAUNCHER_PLUGINS": ""}  # not the tests' own plugins (tests/ is not on the path)
     probe = run_cli([sys.executable, "-c", "import launcher, launcher.plugins.sam; print(launcher.__file__)\n"
                      "import importlib.util; print(importlib.util.find_spec('plugins'))"], env=env, cwd=tmp_path)
     assert probe.stdout.split() == [str(site / "launcher" / "__init__.py"), "None"], probe.stdout + probe.stderr
@@ -272,7 +271,7 @@ def test_the_documented_commands_still_run_from_their_entry_modules(capsys):
     launcher/cluster and launcher/data: each answers --help."""
     import importlib
 
-    for name in ("evaluate", "predict", "export", "report", "lr_find", "shards", "slurm"):
+    for name in ("evaluate", "predict", "export", "report", "lr_find", "shards", "slurm", "average"):
         entry = importlib.import_module(f"launcher.{name}")
         with pytest.raises(SystemExit) as stop:
             entry.main(["--help"])
@@ -302,9 +301,9 @@ def test_the_import_graph_has_no_circle_and_plugins_stand_alone():
                         or name.startswith(("torch.distributed.fsdp", "torch.distributed.checkpoint"))}, module
     # Each room is a subpackage: the entry modules of the documented commands are all that stays flat.
     flat = sorted(p.stem for p in (REPO / "launcher").glob("*.py"))
-    assert flat == ["__init__", "__main__", "after_import", "console", "errors", "evaluate", "export", "lazy", "loop",
-                    "lr_find", "node", "optim", "predict", "preflight", "registry", "report", "runlog", "shards",
-                    "slurm"], flat
+    assert flat == ["__init__", "__main__", "after_import", "average", "checkpoints", "console", "errors", "evaluate",
+                    "export", "lazy", "loop", "lr_find", "node", "optim", "predict", "preflight", "registry", "report",
+                    "runlog", "shards", "slurm", "throughput"], flat
     # Depth-first search for a cycle; the path is the message.
     state: dict[str, int] = {}
 

@@ -22,42 +22,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import torch
-
-from launcher.commands.finished_run import NAMED_WEIGHTS, load_run_model, recipe_autocast
-from launcher.errors import LauncherError, run_command
-
-
-@torch.no_grad()
-def evaluate_weights(recipe, model: torch.nn.Module, device: torch.device, prefix: str = "val") -> dict:
-    """{prefix}/loss, /top1, /top5, /samples over recipe.data.val, every sample once, and those of
-    the outputs the recipe's eval_logits hooks add ({prefix}_tta/...)."""
-    from launcher.data import EvalStream, batches, fetch_options, index_shards
-    from launcher.loop import RunContext, eval_metrics, eval_sums
-    from launcher.registry import build_plugins
-    from launcher.data.transforms import ImageTransform
-
-    data = recipe.data
-    if not data.val:
-        raise LauncherError("nothing to evaluate on: the recipe sets no data.val; give data.val=PATTERN.")
-    index = index_shards(data.val, "data.val", data.cache_dir, recipe.model.num_classes, fetch_options(data))
-    transform = ImageTransform(data, recipe.model.in_chans, train=False)
-    stream = EvalStream(index, transform, data.eval_batch_size or 2 * data.batch_size, 0, 1)
-    memory_format = torch.channels_last if recipe.model.channels_last else torch.contiguous_format
-    autocast = recipe_autocast(recipe, device)
-    plugins = build_plugins(recipe)
-    ctx = RunContext(recipe=recipe, plugins=plugins)
-    model.eval()
-    sums: dict[str, torch.Tensor] = {}
-    for batch in batches(stream, data.num_workers):
-        batch = batch.to(device, memory_format)
-        with autocast:
-            logits = model(batch.images)
-            outputs = plugins.chain("eval_logits", ctx, {prefix: logits}, batch.images, model, prefix)
-        for name, out in outputs.items():
-            sums.setdefault(name, torch.zeros(4, dtype=torch.float64, device=device))
-            sums[name] += eval_sums(out.float(), batch.targets)
-    return eval_metrics(sums)
+from launcher.commands.finished_run import NAMED_WEIGHTS, evaluate_weights, load_run_model
+from launcher.errors import run_command
 
 
 def main(argv: Optional[list[str]] = None) -> int:

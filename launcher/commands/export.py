@@ -46,7 +46,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.export", description=__doc__.split("\n\n")[0])
     parser.add_argument("run_dir", type=Path)
     parser.add_argument("--format", choices=("timm", "torchscript", "onnx"), default="timm")
-    parser.add_argument("--weights", default="model", help="model, ema, or a .safetensors path")
+    parser.add_argument("--weights", default="model", help="model, ema, swa, or a .safetensors path")
     parser.add_argument("--out", type=Path, default=None, help="a folder; default: RUN_DIR/export/timm or RUN_DIR/export")
     parser.add_argument("--force", action="store_true", help="replace files of an earlier export in --out")
     args = parser.parse_args(argv)

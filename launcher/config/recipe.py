@@ -4,6 +4,9 @@ trains. Reading, overrides and the resolution that depends on the disk are launc
 Every section forbids unknown keys; a misspelling is an error that names the key and
 the nearest valid one. Plugin options are validated by each plugin's own schema
 (see launcher.registry), so they follow the same rules.
+
+Over 500 lines: one class per recipe section, each key with its description and its checks, read
+top to bottom as the reference of every key a recipe can hold; split, a reader would hop files.
 """
 
 from __future__ import annotations

@@ -150,6 +150,11 @@ class RunContext:
     # Loader workers kept across epochs (data.persistent_workers), for training and for evaluation.
     train_workers: Optional[PersistentWorkers] = None
     eval_workers: Optional[PersistentWorkers] = None
+    train_step: Optional["TrainStep"] = None  # runs the step's passes (ctx.train_step.recompute_gradients())
+
+    def __post_init__(self):
+        if self.train_step is None:
+            self.train_step = TrainStep(self)
 
     def progress_state(self) -> dict:
         """Where the run is, as plain JSON values (a checkpoint's meta.json holds them)."""
@@ -183,65 +188,77 @@ class RunContext:
             shuffle=data.shuffle,
             window=data.shuffle_window,
             sample_weights=self.sample_weights,
+            aug_repeats=data.aug_repeats,
         )
         self.steps_per_epoch = self.plan.steps_per_epoch()
         self.total_steps = self.recipe.train.epochs * self.steps_per_epoch
         if self.recipe.train.max_steps:
             self.total_steps = min(self.total_steps, self.recipe.train.max_steps)
 
-    def forward_backward(self, batch: Batch) -> torch.Tensor:
+
+class TrainStep:
+    """One optimizer step's forward and backward passes over its micro-batches, with the retry on
+    out-of-memory and SAM's second pass. The loop runs it; plugins reach it as ctx.train_step."""
+
+    def __init__(self, ctx: "RunContext"):
+        self.ctx = ctx
+
+    def run(self, batch: Batch) -> torch.Tensor:
         """Forward and backward over the step's micro-batches; returns the summed loss. On an
         out-of-memory error the micro_batches hook may ask for more micro-batches: the step is then
         retried from zeroed gradients (nothing was stepped); otherwise the error propagates."""
+        ctx = self.ctx
         while True:
             try:
-                return self.forward_backward_once(batch)
+                return self.once(batch)
             except torch.OutOfMemoryError:
-                self.optimizer.zero_grad(set_to_none=True)
-                self.out_of_memory = True
+                ctx.optimizer.zero_grad(set_to_none=True)
+                ctx.out_of_memory = True
                 try:
-                    count = self.plugins.chain("micro_batches", self, self.micro_batch_count)
+                    count = ctx.plugins.chain("micro_batches", ctx, ctx.micro_batch_count)
                 finally:
-                    self.out_of_memory = False
-                if count <= self.micro_batch_count:
+                    ctx.out_of_memory = False
+                if count <= ctx.micro_batch_count:
                     raise
-                self.micro_batch_count = count
+                ctx.micro_batch_count = count
 
-    def forward_backward_once(self, batch: Batch) -> torch.Tensor:
+    def once(self, batch: Batch) -> torch.Tensor:
         """Forward and backward over ctx.micro_batch_count micro-batches, no retry. Gradient
         all-reduce happens only on the last micro-batch."""
-        micro = batch.split(self.micro_batch_count)
-        total = torch.zeros((), device=self.accelerator.device)
+        ctx = self.ctx
+        micro = batch.split(ctx.micro_batch_count)
+        total = torch.zeros((), device=ctx.accelerator.device)
         # fp32 weights (autocast does mixed precision), or DeepSpeed's bf16/fp16 weights: inputs must match.
-        low_precision = _param_dtype(self.model) if _param_dtype(self.model) != torch.float32 else None
+        low_precision = _param_dtype(ctx.model) if _param_dtype(ctx.model) != torch.float32 else None
         for i, mb in enumerate(micro):
             last = i == len(micro) - 1
-            with self.strategy.micro_batch_context(self.model, first=i == 0, last=last):
-                with self.accelerator.autocast():
+            with ctx.strategy.micro_batch_context(ctx.model, first=i == 0, last=last):
+                with ctx.accelerator.autocast():
                     if low_precision is None:
-                        logits = self.model(mb.images)
+                        logits = ctx.model(mb.images)
                     else:
-                        logits = self.model(mb.images.to(low_precision)).float()  # the loss in fp32
-                    loss = self.criterion(logits, mb.targets)  # the mean over this micro-batch
-                    loss = self.plugins.chain("transform_loss", self, loss, mb, logits)
+                        logits = ctx.model(mb.images.to(low_precision)).float()  # the loss in fp32
+                    loss = ctx.criterion(logits, mb.targets)  # the mean over this micro-batch
+                    loss = ctx.plugins.chain("transform_loss", ctx, loss, mb, logits)
                 # Rescaled to the micro-batch's share of the global batch; the factor is exactly
                 # 1.0 for a full batch on one process in one micro-batch.
-                loss = loss * (len(mb.targets) * self.world_size / mb.global_count)
-                self.strategy.backward(self.model, loss, last)  # DeepSpeed also steps at the last one
+                loss = loss * (len(mb.targets) * ctx.world_size / mb.global_count)
+                ctx.strategy.backward(ctx.model, loss, last)  # DeepSpeed also steps at the last one
             total += loss.detach()
         return total
 
     def recompute_gradients(self) -> torch.Tensor:
         """For before_optimizer_step hooks (SAM): zero the gradients and recompute them on
         the same step's batch (same micro-batches, same transformed targets), unscaled."""
-        self.optimizer.zero_grad(set_to_none=True)
-        scaler = self.accelerator.scaler
+        ctx = self.ctx
+        ctx.optimizer.zero_grad(set_to_none=True)
+        scaler = ctx.accelerator.scaler
         if scaler is not None:
             # fp16: GradScaler allows one unscale_ per step; forget the first pass's so the new
             # gradients are unscaled and checked for overflow in their turn. No public API does this.
             scaler._per_optimizer_states.clear()
-        loss = self.forward_backward(self.batch)
-        self.accelerator.unscale_gradients()
+        loss = self.run(ctx.batch)
+        ctx.accelerator.unscale_gradients()
         return loss
 
 
@@ -417,7 +434,7 @@ def _train(ctx: RunContext) -> None:
             ctx.model.train()
             ctx.batch = plugins.chain("transform_batch", ctx, batch)
             ctx.micro_batch_count = plugins.chain("micro_batches", ctx, 1)
-            ctx.loss = ctx.forward_backward(ctx.batch)
+            ctx.loss = ctx.train_step.run(ctx.batch)
             accelerator.unscale_gradients()  # fp16: hooks see true gradients (no-op otherwise)
             plugins.call("before_optimizer_step", ctx)
             ctx.optimizer.step()

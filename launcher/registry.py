@@ -54,7 +54,7 @@ HOOKS: dict[str, str] = {
     # again after an out-of-memory error (ctx.out_of_memory set): a larger count retries the step
     "micro_batches": "transform",
     "transform_loss": "transform",  # (ctx, loss, micro_batch, logits) -> loss   the micro-batch's mean loss
-    "before_optimizer_step": "notify",  # (ctx)  gradients complete and unscaled; ctx.recompute_gradients() exists
+    "before_optimizer_step": "notify",  # (ctx)  gradients complete and unscaled; ctx.train_step.recompute_gradients() exists
     "after_optimizer_step": "notify",  # (ctx)
     "on_step_end": "notify",  # (ctx)  the step is complete and its row logged (checkpoint here)
     "eval_models": "transform",  # (ctx, models: dict[prefix, nn.Module]) -> dict

@@ -38,6 +38,13 @@ class BalancedSampling(Plugin):
     class Options(PluginOptions):
         power: float = Field(1.0, ge=0.0, le=1.0, description="1: class-balanced, 0.5: square-root, 0: off")
 
+    @classmethod
+    def check_recipe(cls, recipe, options):
+        if recipe.data.aug_repeats > 1:
+            return ("data.aug_repeats also decides how often each sample is drawn in an epoch; keep one of "
+                    "the two (data.aug_repeats=1, or no balanced_sampling)")
+        return None
+
     def setup(self, ctx) -> None:
         ctx.sample_weights = class_sampling_weights(ctx.train_index.labels, ctx.recipe.model.num_classes,
                                                     self.options.power)

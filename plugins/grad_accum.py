@@ -97,7 +97,7 @@ class GradientAccumulation(Plugin):
                 try:
                     ctx.micro_batch_count = self.k
                     with ctx.accelerator.no_sync(ctx.model):
-                        ctx.forward_backward_once(batch)
+                        ctx.train_step.once(batch)
                     break
                 except torch.OutOfMemoryError:
                     self._halve(ctx, batch)

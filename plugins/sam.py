@@ -7,7 +7,7 @@ recompute the gradient there on the *same* micro-batches; move back to w; the op
 then steps with that gradient. The optimizer object is not replaced, so its state, the LR
 schedule and resume work as usual.
 
-Hook: before_optimizer_step, through ctx.recompute_gradients() (the loop re-runs the
+Hook: before_optimizer_step, through ctx.train_step.recompute_gradients() (the loop re-runs the
 step's micro-batches, with the same transformed targets). BatchNorm running statistics
 from the second pass are discarded, so they are updated once per step, as in the paper's
 reference code. Under DDP the perturbation uses the all-reduced gradient, so every rank
@@ -62,7 +62,7 @@ class SharpnessAwareMinimization(Plugin):
         with torch.no_grad():
             original = [p.detach().clone() for p in params]  # restored exactly: (w + e) - e != w in floats
             torch._foreach_add_(params, perturbation)
-        ctx.recompute_gradients()
+        ctx.train_step.recompute_gradients()
         with torch.no_grad():
             for p, saved in zip(params, original):
                 p.copy_(saved)

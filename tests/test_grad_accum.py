@@ -52,7 +52,7 @@ def sgd_steps(k, batches, momentum=0.9):
     for x, y in batches:
         ctx.batch = Batch(images=x, targets=y, ids=torch.arange(len(y)), global_count=len(y))
         ctx.micro_batch_count = ctx.plugins.chain("micro_batches", ctx, 1)  # as the loop does
-        ctx.forward_backward(ctx.batch)
+        ctx.train_step.run(ctx.batch)
         ctx.optimizer.step()
         ctx.optimizer.zero_grad(set_to_none=True)
     return model

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import types
 
 import pytest
 import torch
@@ -57,7 +58,7 @@ def launcher_sam_step(model, x, y, lr, **options):
                      plugins=PluginSet([]))
     ctx.optimizer = torch.optim.SGD(model.parameters(), lr=lr)
     ctx.batch = Batch(images=x, targets=y, ids=torch.arange(len(x)), global_count=len(x))
-    ctx.forward_backward(ctx.batch)
+    ctx.train_step.run(ctx.batch)
     SharpnessAwareMinimization(SharpnessAwareMinimization.Options(**options)).before_optimizer_step(ctx)
     ctx.optimizer.step()
 
@@ -100,7 +101,7 @@ def test_non_finite_gradients_are_not_used_to_perturb():
     calls = []
     ctx = RunContext(recipe=None, model=model, plugins=PluginSet([]))
     ctx.optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    ctx.recompute_gradients = lambda: calls.append(1)
+    ctx.train_step = types.SimpleNamespace(recompute_gradients=lambda: calls.append(1))
     SharpnessAwareMinimization(SharpnessAwareMinimization.Options()).before_optimizer_step(ctx)
     assert calls == [] and all(torch.equal(a, b) for a, b in zip(before, model.parameters()))
     assert all(torch.isinf(p.grad).all() for p in model.parameters())

@@ -499,3 +499,28 @@ def test_training_over_http_stops_clearly_when_the_store_stays_down_and_resumes_
     finish(cmd, log)
     assert "resum" in log.read_text().lower()
     assert_same_run(run, local_disk_run)
+
+
+def test_the_fetch_policy_evicts_finished_shards_least_recently_used_first_and_never_starves_the_loader():
+    """launcher.data.remote.cache.fetch_decision, the cache's policy without its side effects."""
+    from launcher.data.remote.cache import Need, fetch_decision
+
+    needs = {s: Need(s, first_item=2 * s, last_item=2 * s + 1, start=0, end=100) for s in range(8)}
+    state = dict(present={0: (0, 100), 1: (0, 100), 2: (0, 100)}, in_flight={}, needs=needs, consumed=3, lookahead=2,
+                 prefetch_shards=4, last_used={0: 5, 1: 2, 2: 9})
+    # Room for 3 shards: 0 and 1 are finished (last items 1 and 3 consumed); 1 was used longest ago.
+    decision = fetch_decision(needs[3], cache_limit=300, **state)
+    assert decision.start and decision.evict == (1,) and not decision.past_limit
+    assert fetch_decision(needs[3], cache_limit=None, **state).evict == ()
+    # Shard 2 is still being read (item 5 not consumed): a shard needed now (item 6) goes past the limit, one
+    # needed later waits.
+    full = dict(state, present={2: (0, 100)}, last_used={2: 9}, consumed=4)
+    assert fetch_decision(needs[3], cache_limit=150, **full) == type(decision)(True, (), past_limit=True)
+    assert not fetch_decision(needs[6], cache_limit=150, **full).start
+    # Ahead of the loader: no more than prefetch_shards held or coming; at most 4 fetches at once.
+    ahead = dict(state, present={s: (0, 100) for s in (4, 5)}, in_flight={6: needs[6]}, prefetch_shards=3)
+    assert not fetch_decision(needs[7], cache_limit=None, **ahead).start
+    busy = dict(state, in_flight={s: needs[s] for s in (3, 4, 5, 6)})
+    assert not fetch_decision(needs[7], cache_limit=None, **busy).start
+    held = fetch_decision(needs[2], cache_limit=10, **state)
+    assert held.start and held.evict == ()  # already here

@@ -152,6 +152,10 @@ class DataSection(Section):
     shuffle_window: int = Field(
         1000, ge=1, description="samples shuffled together inside one stream (the shuffle buffer's size)"
     )
+    aug_repeats: int = Field(
+        1, ge=1, description="repeated augmentation (DeiT, timm's --aug-repeats): each epoch, 1/k of the samples k "
+                             "times each with its own augmentation, the copies on neighbouring lanes (ranks); the "
+                             "epoch keeps its length (timm's)")
     streams: Optional[int] = Field(
         None,
         ge=1,

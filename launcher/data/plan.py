@@ -35,6 +35,8 @@ class EpochPlan:
     min_rank_samples: int = 2
     # Relative sampling weight per sample (index order); None: every sample once per epoch.
     sample_weights: Optional[np.ndarray] = field(default=None, compare=False, hash=False, repr=False)
+    # Repeated augmentation (data.aug_repeats): each epoch, N/k samples k times each (see _repeated).
+    aug_repeats: int = 1
     _cache: dict = field(default_factory=dict, compare=False, hash=False, repr=False)
 
     def __post_init__(self):
@@ -43,10 +45,16 @@ class EpochPlan:
                 f"data.streams={self.streams} must be a multiple of the number of processes ({self.world_size}) "
                 f"and divide the global batch ({self.global_batch} = data.batch_size x processes)."
             )
+        if self.aug_repeats > 1 and self.sample_weights is not None:
+            raise LauncherError("data.aug_repeats and balanced_sampling both decide how often each sample is drawn "
+                                "in an epoch: use one of them.")
         # Lane lengths (near-equal cuts of the stream) and the step count do not depend on the
         # epoch: computed once here, not on every step in every loader worker.
         n, L = self.num_samples, self.streams
-        object.__setattr__(self, "lane_lengths", [((lane + 1) * n) // L - (lane * n) // L for lane in range(L)])
+        if self.aug_repeats > 1:  # dealt round-robin: every lane as long, the epoch cut to a multiple of L
+            object.__setattr__(self, "lane_lengths", [n // L] * L)
+        else:
+            object.__setattr__(self, "lane_lengths", [((lane + 1) * n) // L - (lane * n) // L for lane in range(L)])
         steps = max(1, math.ceil(max(self.lane_lengths) / self.per_lane))
         if steps > 1 and self._smallest_rank_share(steps - 1) < self.min_rank_samples:
             steps -= 1  # the tiny tail is merged into the step before
@@ -69,6 +77,8 @@ class EpochPlan:
         if self.shuffle:
             order = np.random.default_rng([self.seed, epoch, 1]).permutation(order)
         stream = np.concatenate([np.arange(starts[s], starts[s + 1]) for s in order])
+        if self.aug_repeats > 1:
+            return self._repeated(stream, epoch)
         if self.sample_weights is not None:
             stream = self._resample(stream, epoch)
         bounds = np.concatenate([[0], np.cumsum(self.lane_lengths)])
@@ -81,6 +91,29 @@ class EpochPlan:
                     ids[w:w + self.window] = rng.permutation(ids[w:w + self.window])
             lanes.append(ids)
         return lanes
+
+    def _repeated(self, stream: np.ndarray, epoch: int) -> list[np.ndarray]:
+        """Repeated augmentation (Hoffer et al. 2020; DeiT's RASampler, timm's RepeatAugSampler):
+        the epoch keeps timm's length (the data set's size, here cut to a multiple of the lanes),
+        made of ceil(N / k) samples drawn afresh each epoch (kept in stream order, for shard
+        locality), each k times; copy c of sample i has the id i + c * N, so each copy gets its own
+        augmentation. The copies are dealt round-robin to the lanes, so the k copies of a sample
+        sit on k neighbouring lanes at the same step (across a step boundary when data.streams is
+        not a multiple of k): on different ranks when each rank holds one lane, as timm's sampler
+        puts them on different GPUs. The window shuffle moves every lane's positions alike, so the
+        copies stay side by side; nothing depends on the number of processes."""
+        n, k, lanes = self.num_samples, self.aug_repeats, self.streams
+        length = (n // lanes) * lanes
+        unique = -(-length // k)
+        rng = np.random.default_rng([self.seed, epoch, 4])
+        chosen = stream[np.sort(rng.choice(n, size=unique, replace=False))] if self.shuffle else stream[:unique]
+        copies = (np.repeat(chosen, k) + np.tile(np.arange(k), unique) * n)[:length]
+        dealt = copies.reshape(-1, lanes)  # row p: position p of every lane
+        if self.shuffle:
+            rng = np.random.default_rng([self.seed, epoch, 2])
+            for w in range(0, len(dealt), self.window):
+                dealt[w:w + self.window] = dealt[w:w + self.window][rng.permutation(len(dealt[w:w + self.window]))]
+        return [dealt[:, lane].copy() for lane in range(lanes)]
 
     def repeat_counts(self, epoch: int) -> np.ndarray:
         """How often each sample (index order) is drawn this epoch: systematic resampling

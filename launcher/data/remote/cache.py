@@ -56,6 +56,52 @@ class Need:
         return self.end - self.start
 
 
+@dataclass(frozen=True)
+class Decision:
+    start: bool  # fetch the shard now
+    evict: tuple[int, ...] = ()  # finished shards to delete first, to make room
+    past_limit: bool = False  # started beyond cache_limit: the loader needs it now
+
+
+def fetch_decision(need: Need, *, present: dict, in_flight: dict, needs: dict, consumed: int, lookahead: int,
+                   prefetch_shards: int, cache_limit: Optional[int], last_used: dict) -> Decision:
+    """The fetch policy, without side effects: whether to start fetching `need` now, and which
+    shards to evict first. present: shard -> held byte range; in_flight: shard -> Need being
+    fetched; needs: this pass's Need per shard; consumed: the last item the training process took;
+    lookahead: items the loader may be building beyond it.
+      - at most min(4, prefetch_shards) fetches at once;
+      - a shard not needed by the items in reach waits while prefetch_shards such shards are held
+        or coming;
+      - under cache_limit, finished shards (no item of this pass reads them again) are evicted,
+        least recently used first, until the new one fits;
+      - a shard the items in reach need is fetched even past the limit (the loader could never
+        finish otherwise)."""
+    held = present.get(need.shard)
+    if held is not None and held[0] <= need.start and held[1] >= need.end:
+        return Decision(True)
+    if len(in_flight) >= max(1, min(4, prefetch_shards)):
+        return Decision(False)
+    required = need.first_item <= consumed + lookahead
+    ahead = sum(1 for s, n in needs.items() if n.first_item > consumed + lookahead and (s in present or s in in_flight))
+    if not required and ahead >= prefetch_shards:
+        return Decision(False)
+    if cache_limit is None:
+        return Decision(True)
+    sizes = {s: end - start for s, (start, end) in present.items()}
+    total = sum(sizes.values()) + sum(n.bytes for n in in_flight.values())
+    finished = sorted((s for s in present if s not in needs or needs[s].last_item <= consumed),
+                      key=lambda s: last_used.get(s, -1))
+    evict = []
+    for shard in finished:
+        if total + need.bytes <= cache_limit:
+            break
+        evict.append(shard)
+        total -= sizes[shard]
+    if total + need.bytes <= cache_limit:
+        return Decision(True, tuple(evict))
+    return Decision(required, tuple(evict), past_limit=required)
+
+
 class ShardCache:
     def __init__(self, urls: list[str], shard_bytes: list[int], sha256: list[str], key: str, remote: Remote,
                  cache_dir: Path, cache_limit: Optional[int], prefetch_shards: int):
@@ -169,34 +215,19 @@ class ShardCache:
             pool.shutdown(wait=True, cancel_futures=True)
 
     def _may_start(self, need: Need) -> bool:
-        """Called with the lock held. Makes room by evicting finished shards if it can."""
-        if self._holds(need.shard, need):
-            return True
-        if len(self._in_flight) >= max(1, min(4, self.prefetch_shards)):
-            return False
-        required = need.first_item <= self._consumed + self._lookahead
-        ahead = sum(1 for s, n in self._needs.items()
-                    if n.first_item > self._consumed + self._lookahead and (s in self.present or s in self._in_flight))
-        if not required and ahead >= self.prefetch_shards:
-            return False
-        if self.cache_limit is None:
-            return True
-        in_flight = sum(n.bytes for n in self._in_flight.values())
-        while self.held_bytes() + in_flight + need.bytes > self.cache_limit:
-            done = [s for s in self.present if s not in self._needs or self._needs[s].last_item <= self._consumed]
-            if not done:
-                break
-            self._evict(min(done, key=lambda s: self.last_used.get(s, -1)))
-        if self.held_bytes() + in_flight + need.bytes <= self.cache_limit:
-            return True
-        if not required:
-            return False
-        if not self._warned:
+        """Called with the lock held: fetch_decision's answer, its evictions made, its warning said."""
+        decision = fetch_decision(need, present=self.present, in_flight=self._in_flight, needs=self._needs,
+                                  consumed=self._consumed, lookahead=self._lookahead,
+                                  prefetch_shards=self.prefetch_shards, cache_limit=self.cache_limit,
+                                  last_used=self.last_used)
+        for shard in decision.evict:
+            self._evict(shard)
+        if decision.past_limit and not self._warned:
             self._warned = True
             print(f"warning: {self.key}: data.cache_limit ({self.cache_limit} bytes) is smaller than the shards the "
                   f"loader is reading at once; fetching past it (raise data.cache_limit or lower "
                   "data.num_workers/data.streams)", file=sys.stderr)
-        return True
+        return decision.start
 
     def _fetch(self, need: Need) -> None:
         shard, url = need.shard, self.urls[need.shard]

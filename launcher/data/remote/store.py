@@ -1,5 +1,6 @@
 """Remote shards: how big they are, and fetching them (whole or a byte range) into a local
-file, verified, with retries. Three kinds of URL:
+file, verified, with retries. One small class per kind of URL (S3Store, HttpStore, PipeStore:
+listing, small reads, a byte stream); Remote retries, verifies and cancels for all of them:
 
   s3://bucket/key     boto3; the endpoint is data.s3_endpoint, else boto3's own settings
                       (AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, AWS_* credentials, ~/.aws files)
@@ -74,18 +75,15 @@ def _bucket_key(url: str) -> tuple[str, str]:
     return bucket, key
 
 
-class Remote:
-    """Access to remote shards for one data set; safe to use from several threads."""
+class S3Store:
+    """s3:// objects through boto3, against any S3-compatible endpoint."""
 
-    def __init__(self, options: FetchOptions = FetchOptions()):
+    def __init__(self, options: FetchOptions):
         self.options = options
         self._client = None
         self._lock = threading.Lock()
-        self.cancelled = threading.Event()  # set to abandon downloads in progress (the run is stopping)
 
-    # ------------------------------------------------------------ S3
-
-    def s3(self):
+    def client(self):
         with self._lock:
             if self._client is None:
                 try:
@@ -94,7 +92,7 @@ class Remote:
                 except ImportError:
                     raise LauncherError("s3:// shards need boto3: pip install 'launcher[s3]' (or boto3).") from None
                 config = Config(connect_timeout=min(10.0, self.options.timeout), read_timeout=self.options.timeout,
-                                retries={"max_attempts": 1}, max_pool_connections=32)  # we retry, with backoff
+                                retries={"max_attempts": 1}, max_pool_connections=32)  # Remote retries, with backoff
                 self._client = boto3.session.Session().client("s3", endpoint_url=self.options.s3_endpoint,
                                                               config=config)
             return self._client
@@ -103,30 +101,11 @@ class Remote:
         return self.options.s3_endpoint or os.environ.get("AWS_ENDPOINT_URL_S3") or \
             os.environ.get("AWS_ENDPOINT_URL") or "AWS S3"
 
-    # ------------------------------------------------------------ sizes
+    def listing(self, urls: list[str], retrying: Callable) -> dict[str, tuple[Optional[int], Optional[str]]]:
+        """One listing per folder (1,000 objects a request), not one request per shard."""
+        return retrying("list", urls[0], lambda: self._listing(urls))
 
-    def sizes(self, urls: list[str]) -> dict[str, Optional[int]]:
-        """Each URL's byte size, None where there is no such object, UNKNOWN_SIZE for pipe:.
-        S3: one listing per folder (1,000 objects a request), not one request per shard."""
-        return {url: size for url, (size, _) in self.listing(urls).items()}
-
-    def listing(self, urls: list[str]) -> dict[str, tuple[Optional[int], Optional[str]]]:
-        """Each URL's (size, ETag) as sizes() finds them; the ETag is None where the store gives
-        none (pipe:, an HTTP server without ETags). An unchanged ETag and size mean unchanged bytes."""
-        out: dict[str, tuple[Optional[int], Optional[str]]] = {u: (UNKNOWN_SIZE, None) for u in urls
-                                                               if kind(u) == "pipe"}
-        s3_urls = [u for u in urls if kind(u) == "s3"]
-        http_urls = [u for u in urls if kind(u) == "http"]
-        if s3_urls:
-            out.update(self._retrying("list", s3_urls[0], lambda: self._s3_listing(s3_urls)))
-        if http_urls:
-            with ThreadPoolExecutor(16) as pool:
-                for url, found in zip(http_urls, pool.map(
-                        lambda u: self._retrying("size", u, lambda: self._http_head(u)), http_urls)):
-                    out[url] = found
-        return out
-
-    def _s3_listing(self, urls: list[str]) -> dict[str, tuple[Optional[int], Optional[str]]]:
+    def _listing(self, urls: list[str]) -> dict[str, tuple[Optional[int], Optional[str]]]:
         from botocore.exceptions import ClientError
 
         folders: dict[tuple[str, str], list[str]] = {}
@@ -138,29 +117,72 @@ class Remote:
             prefix = os.path.commonprefix([_bucket_key(u)[1] for u in members])
             try:
                 listed = {}
-                for page in self.s3().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+                for page in self.client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
                     listed.update({o["Key"]: (o["Size"], o.get("ETag")) for o in page.get("Contents", [])})
                 out.update({u: listed.get(_bucket_key(u)[1], (None, None)) for u in members})
             except ClientError as err:
                 if _s3_code(err) not in ("AccessDenied", "403"):
                     _raise_permanent_s3(err)
                 for url in members:  # no permission to list: ask for each object
-                    out[url] = self._s3_head(url)
+                    out[url] = self._head(url)
         return out
 
-    def _s3_head(self, url: str) -> tuple[Optional[int], Optional[str]]:
+    def _head(self, url: str) -> tuple[Optional[int], Optional[str]]:
         from botocore.exceptions import ClientError
 
         bucket, key = _bucket_key(url)
         try:
-            head = self.s3().head_object(Bucket=bucket, Key=key)
+            head = self.client().head_object(Bucket=bucket, Key=key)
             return int(head["ContentLength"]), head.get("ETag")
         except ClientError as err:
             if _s3_code(err) in ("404", "NoSuchKey", "NotFound"):
                 return None, None
             _raise_permanent_s3(err)
 
-    def _http_head(self, url: str) -> tuple[Optional[int], Optional[str]]:
+    def read_small(self, url: str) -> Optional[bytes]:
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(url)
+        try:
+            return self.client().get_object(Bucket=bucket, Key=key)["Body"].read()
+        except ClientError as err:
+            if _s3_code(err) in ("404", "NoSuchKey", "NotFound"):
+                return None
+            _raise_permanent_s3(err)
+
+    def chunks(self, url: str, start: int, end: Optional[int]):
+        from botocore.exceptions import ClientError
+
+        bucket, key = _bucket_key(url)
+        extra = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
+        try:
+            body = self.client().get_object(Bucket=bucket, Key=key, **extra)["Body"]
+        except ClientError as err:
+            _raise_permanent_s3(err)
+        try:
+            while chunk := body.read(CHUNK):
+                yield chunk
+        finally:
+            body.close()
+
+    def upload(self, path: Path, url: str) -> None:
+        bucket, key = _bucket_key(url)
+        self.client().upload_file(str(path), bucket, key)
+
+
+class HttpStore:
+    """http(s):// objects through urllib, with Range requests (a server that ignores them is read
+    from the start and the bytes before the range skipped)."""
+
+    def __init__(self, options: FetchOptions):
+        self.options = options
+
+    def listing(self, urls: list[str], retrying: Callable) -> dict[str, tuple[Optional[int], Optional[str]]]:
+        """A HEAD request per URL, 16 at a time, each retried on its own."""
+        with ThreadPoolExecutor(16) as pool:
+            return dict(zip(urls, pool.map(lambda u: retrying("size", u, lambda: self._head(u)), urls)))
+
+    def _head(self, url: str) -> tuple[Optional[int], Optional[str]]:
         try:
             with urllib.request.urlopen(urllib.request.Request(url, method="HEAD"),
                                         timeout=self.options.timeout) as resp:
@@ -173,23 +195,7 @@ class Remote:
                 raise PermanentError(f"HTTP {err.code} {err.reason}") from None
             raise
 
-    # ------------------------------------------------------------ small files
-
     def read_small(self, url: str) -> Optional[bytes]:
-        """A small object (an index file) whole, or None if there is none."""
-        return self._retrying("read", url, lambda: self._read_small_once(url))
-
-    def _read_small_once(self, url: str) -> Optional[bytes]:
-        if kind(url) == "s3":
-            from botocore.exceptions import ClientError
-
-            bucket, key = _bucket_key(url)
-            try:
-                return self.s3().get_object(Bucket=bucket, Key=key)["Body"].read()
-            except ClientError as err:
-                if _s3_code(err) in ("404", "NoSuchKey", "NotFound"):
-                    return None
-                _raise_permanent_s3(err)
         try:
             with urllib.request.urlopen(url, timeout=self.options.timeout) as resp:
                 return resp.read()
@@ -198,13 +204,99 @@ class Remote:
                 return None
             raise
 
+    def chunks(self, url: str, start: int, end: Optional[int]):
+        headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
+        try:
+            resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=self.options.timeout)
+        except urllib.error.HTTPError as err:
+            if err.code == 404:
+                raise ObjectMissing(f"HTTP 404 {err.reason}") from None
+            if err.code in (401, 403):
+                raise PermanentError(f"HTTP {err.code} {err.reason}") from None
+            raise
+        with resp:
+            skip = start if headers and resp.status == 200 else 0  # the server ignored Range
+            left = None if end is None else end - start
+            while chunk := resp.read(CHUNK):
+                if skip:
+                    cut = min(skip, len(chunk))
+                    chunk, skip = chunk[cut:], skip - cut
+                if left is not None:
+                    chunk = chunk[:left]
+                    left -= len(chunk)
+                if chunk:
+                    yield chunk
+                if left == 0:
+                    break
+
+
+class PipeStore:
+    """pipe:COMMAND: the shard is the command's standard output (as WebDataset): no size before it
+    is read, no ranges, nothing next to it (no index file)."""
+
+    def listing(self, urls: list[str], retrying: Callable) -> dict[str, tuple[Optional[int], Optional[str]]]:
+        return {url: (UNKNOWN_SIZE, None) for url in urls}
+
+    def read_small(self, url: str) -> Optional[bytes]:
+        raise PermanentError("pipe: shards have nothing next to them to read")
+
+    def chunks(self, url: str, start: int, end: Optional[int]):
+        if start or end is not None:
+            raise PermanentError("pipe: shards cannot be read in part")
+        proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        try:
+            while chunk := proc.stdout.read(CHUNK):
+                yield chunk
+        finally:
+            proc.stdout.close()
+            err = proc.stderr.read().decode(errors="replace").strip()
+            if proc.wait() != 0:
+                raise IOError(f"the command exited with status {proc.returncode}: {err[-300:]}")
+
+
+class Remote:
+    """Access to remote shards for one data set, whatever their store (one class per scheme
+    above): retries with backoff, verified fetches, cancellation. Safe to use from several threads."""
+
+    def __init__(self, options: FetchOptions = FetchOptions()):
+        self.options = options
+        self.stores = {"s3": S3Store(options), "http": HttpStore(options), "pipe": PipeStore()}
+        self.cancelled = threading.Event()  # set to abandon downloads in progress (the run is stopping)
+
+    def store(self, url: str):
+        found = self.stores.get(kind(url))
+        if found is None:
+            raise PermanentError(f"'{url}' is not a remote URL")
+        return found
+
+    def endpoint(self) -> str:
+        return self.stores["s3"].endpoint()
+
+    def sizes(self, urls: list[str]) -> dict[str, Optional[int]]:
+        """Each URL's byte size, None where there is no such object, UNKNOWN_SIZE for pipe:."""
+        return {url: size for url, (size, _) in self.listing(urls).items()}
+
+    def listing(self, urls: list[str]) -> dict[str, tuple[Optional[int], Optional[str]]]:
+        """Each URL's (size, ETag); the ETag is None where the store gives none (pipe:, an HTTP
+        server without ETags). An unchanged ETag and size mean unchanged bytes."""
+        by_kind: dict[str, list[str]] = {}
+        for url in urls:
+            by_kind.setdefault(kind(url), []).append(url)
+        out: dict[str, tuple[Optional[int], Optional[str]]] = {}
+        for group in by_kind.values():
+            out.update(self.store(group[0]).listing(group, self._retrying))
+        return out
+
+    def read_small(self, url: str) -> Optional[bytes]:
+        """A small object (an index file) whole, or None if there is none."""
+        return self._retrying("read", url, lambda: self.store(url).read_small(url))
+
     def read_range(self, url: str, start: int, end: int) -> bytes:
         """Bytes [start, end) of an object (a few tar headers), with retries."""
-        return self._retrying("read", url, lambda: b"".join(self._chunks(url, start, end)))
+        return self._retrying("read", url, lambda: b"".join(self.store(url).chunks(url, start, end)))
 
     def upload(self, path: Path, url: str) -> None:
-        bucket, key = _bucket_key(url)
-        self._retrying("upload", url, lambda: self.s3().upload_file(str(path), bucket, key))
+        self._retrying("upload", url, lambda: self.stores["s3"].upload(path, url))
 
     # ------------------------------------------------------------ shards
 
@@ -225,7 +317,7 @@ class Remote:
                     out.truncate(shard_bytes)  # sparse: the samples keep their offsets
                 out.seek(start)
                 got = 0
-                for chunk in self._chunks(url, start, None if whole else end):
+                for chunk in self.store(url).chunks(url, start, None if whole else end):
                     if self.cancelled.is_set():
                         raise _Cancelled()
                     out.write(chunk)
@@ -249,62 +341,6 @@ class Remote:
             return self._retrying("fetch", url, once, what=what, retry_missing=True)
         finally:
             tmp.unlink(missing_ok=True)
-
-    def _chunks(self, url: str, start: int, end: Optional[int]):
-        k = kind(url)
-        if k == "s3":
-            from botocore.exceptions import ClientError
-
-            bucket, key = _bucket_key(url)
-            extra = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
-            try:
-                body = self.s3().get_object(Bucket=bucket, Key=key, **extra)["Body"]
-            except ClientError as err:
-                _raise_permanent_s3(err)
-            try:
-                while chunk := body.read(CHUNK):
-                    yield chunk
-            finally:
-                body.close()
-        elif k == "http":
-            headers = {"Range": f"bytes={start}-{'' if end is None else end - 1}"} if start or end is not None else {}
-            try:
-                resp = urllib.request.urlopen(urllib.request.Request(url, headers=headers),
-                                              timeout=self.options.timeout)
-            except urllib.error.HTTPError as err:
-                if err.code == 404:
-                    raise ObjectMissing(f"HTTP 404 {err.reason}") from None
-                if err.code in (401, 403):
-                    raise PermanentError(f"HTTP {err.code} {err.reason}") from None
-                raise
-            with resp:
-                skip = start if headers and resp.status == 200 else 0  # the server ignored Range
-                left = None if end is None else end - start
-                while chunk := resp.read(CHUNK):
-                    if skip:
-                        cut = min(skip, len(chunk))
-                        chunk, skip = chunk[cut:], skip - cut
-                    if left is not None:
-                        chunk = chunk[:left]
-                        left -= len(chunk)
-                    if chunk:
-                        yield chunk
-                    if left == 0:
-                        break
-        elif k == "pipe":
-            if start or end is not None:
-                raise PermanentError("pipe: shards cannot be read in part")
-            proc = subprocess.Popen(url[len("pipe:"):], shell=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-            try:
-                while chunk := proc.stdout.read(CHUNK):
-                    yield chunk
-            finally:
-                proc.stdout.close()
-                err = proc.stderr.read().decode(errors="replace").strip()
-                if proc.wait() != 0:
-                    raise IOError(f"the command exited with status {proc.returncode}: {err[-300:]}")
-        else:
-            raise PermanentError(f"'{url}' is not a remote URL")
 
     # ------------------------------------------------------------ retrying
 

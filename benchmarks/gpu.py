@@ -51,14 +51,7 @@ from launcher.optim import create_optimizer, default_param_groups  # noqa: E402
 from launcher.config.load import validate_recipe  # noqa: E402
 from launcher.registry import Plugin, PluginOptions, register  # noqa: E402
 from launcher.data.transforms import ImageTransform  # noqa: E402
-
-# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; matched
-# against torch.cuda.get_device_name() in this order (first match wins).
-PEAK_TFLOPS = [("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
-               ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
-               ("A10G", 125.0), ("A10", 125.0), ("L4", 121.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
-               ("A6000", 155.0), ("V100", 125.0), ("T4", 65.0)]
-
+from launcher.throughput import PEAK_TFLOPS  # noqa: E402
 
 @dataclass
 class Config:

@@ -77,6 +77,8 @@ class Console:
                 line += f" | {row['train/samples_per_s']:,.0f} samples/s | ETA {_duration(eta)}"
             if "train/data_wait" in row:
                 line += f" | data wait {100 * row['train/data_wait']:.0f}% | peak {row['train/peak_memory_gb']:.2f} GB"
+            if "train/mfu" in row:
+                line += f" | MFU {100 * row['train/mfu']:.0f}%"
             if self.first_step is not None:
                 line += f" | first step {self.first_step[1]:.1f} s (compilation, warm-up: not in samples/s or the ETA)"
             print(line, flush=True)

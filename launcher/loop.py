@@ -79,7 +79,8 @@ from launcher.registry import PluginSet, build_plugins
 from launcher.runlog import (MetricsLog, RunDirLock, check_writable_run_dir, final_weights, manifest, metrics_file,
                             start_run_dir, write_status)
 from launcher.strategies.base import broadcast_buffers
-from launcher.throughput import DataWait, peak_memory_gb, starved_loader_warning
+from launcher.throughput import (DataWait, peak_memory_gb, peak_tflops, starved_loader_warning,
+                                 training_flops_per_sample)
 from launcher.data.transforms import ImageTransform
 from launcher.cluster.watchdog import RankWatchdog
 
@@ -422,6 +423,8 @@ def _train(ctx: RunContext) -> None:
     if ctx.loss_window is None:
         ctx.loss_window = torch.zeros((), device=accelerator.device)
     data_wait = DataWait()  # train/data_wait in every row; one warning when the loader starves the steps
+    peak = peak_tflops(accelerator.device)  # train/mfu on a CUDA device whose peak is known
+    flops_per_sample: dict[int, float] = {}  # by training image size (progressive resizing changes it)
     while ctx.epoch < recipe.train.epochs and not _done(ctx):
         ctx.image_size = data.image_size
         plugins.call("on_epoch_start", ctx)  # may change ctx.image_size (progressive resizing)
@@ -457,6 +460,14 @@ def _train(ctx: RunContext) -> None:
                        "train/lr": ctx.optimizer.param_groups[0]["lr"],
                        "train/samples_per_s": console.samples_per_second(),
                        "train/data_wait": data_wait.row_share(), "train/peak_memory_gb": peak_memory_gb(accelerator.device)}
+                if peak:
+                    if ctx.image_size not in flops_per_sample:
+                        plain = recipe.model.model_copy(update={"pretrained": False, "pretrained_file": None,
+                                                                "grad_checkpointing": False})
+                        flops_per_sample[ctx.image_size] = training_flops_per_sample(
+                            lambda: create_model(plain), ctx.image_size, recipe.model.in_chans)
+                    row["train/mfu"] = round(flops_per_sample[ctx.image_size] * row["train/samples_per_s"]
+                                             / (peak * 1e12 * ctx.world_size), 4)
                 _emit(ctx, log, row)
                 console.row(row)
                 ctx.loss_window.zero_()

@@ -1,6 +1,9 @@
 """Where a run's time goes, for every logged row: the share of step time spent waiting for the
-next batch (train/data_wait), and the peak memory (train/peak_memory_gb: CUDA's max allocated
-on the device, or the process's peak resident set size on the CPU). Rank 0's figures.
+next batch (train/data_wait), the peak memory (train/peak_memory_gb: CUDA's max allocated
+on the device, or the process's peak resident set size on the CPU), and on a CUDA device whose
+peak is known, the model FLOPs utilisation (train/mfu: training FLOPs per sample, counted by
+torch.utils.flop_counter on a meta-device copy, x samples/s, over the devices' dense bf16 peak).
+Rank 0's figures.
 
 A step is timed from asking the loader for its batch to the end of its optimizer step, so the
 evaluations, checkpoints and logging between steps count in neither part. The first batch of
@@ -89,3 +92,38 @@ def peak_memory_gb(device) -> float:
         return round(torch.cuda.max_memory_allocated(device) / 1e9, 3)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return round(peak * (1 if sys.platform == "darwin" else 1024) / 1e9, 3)
+
+
+# Dense (no sparsity) bf16 tensor-core peaks in TFLOP/s, from the vendors' data sheets; matched
+# against torch.cuda.get_device_name() in this order (first match wins).
+PEAK_TFLOPS = [("H200", 989.0), ("GH200", 989.0), ("H100 PCIe", 756.0), ("H100", 989.0), ("H800", 989.0),
+               ("B200", 2250.0), ("A100", 312.0), ("A800", 312.0), ("L40S", 362.0), ("L40", 181.0),
+               ("A10G", 125.0), ("A10", 125.0), ("L4", 121.0), ("RTX 4090", 165.0), ("RTX 3090", 71.0),
+               ("A6000", 155.0), ("V100", 125.0), ("T4", 65.0)]
+
+
+def peak_tflops(device) -> Optional[float]:
+    """The device's dense bf16 peak, None for the CPU or a GPU not in PEAK_TFLOPS."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    name = torch.cuda.get_device_name(device)
+    return next((tflops for key, tflops in PEAK_TFLOPS if key in name), None)
+
+
+def training_flops_per_sample(make_model, image_size: int, in_chans: int) -> float:
+    """Forward + backward FLOPs of one sample (matmuls and convolutions), counted on a copy of the
+    model built on the meta device: no memory, no weights touched, no random draws consumed."""
+    import torch
+    import torch.nn.functional as F
+    from torch.utils.flop_counter import FlopCounterMode
+
+    with torch.random.fork_rng(devices=[]), torch.device("meta"):
+        model = make_model()
+        images = torch.zeros(2, in_chans, image_size, image_size)
+        targets = torch.zeros(2, dtype=torch.long)
+        counter = FlopCounterMode(display=False)
+        with counter:
+            F.cross_entropy(model(images), targets).backward()
+    return counter.get_total_flops() / 2

@@ -106,7 +106,7 @@ def digits_png(tmp_path_factory) -> dict:
 
 
 # Row fields that differ between two runs of the same training (wall clock, measured speed).
-TIMING_FIELDS = ("time", "train/samples_per_s", "train/data_wait", "train/peak_memory_gb")
+TIMING_FIELDS = ("time", "train/samples_per_s", "train/data_wait", "train/peak_memory_gb", "train/mfu")
 
 
 def written_lines(path: Path) -> list[str]:

@@ -93,6 +93,22 @@ def test_one_gpu_fp32_matches_the_cpu(digits, tmp_path):
     assert_close_fp32(runs["gpu"], runs["cpu"])
 
 
+def test_rows_on_a_known_gpu_carry_mfu_and_cuda_peak_memory(digits, tmp_path):
+    """train/mfu = FLOPs per sample x samples/s over the device's bf16 peak, between 0 and 1, and
+    train/peak_memory_gb is CUDA's max allocated (well below the device's memory)."""
+    from launcher.throughput import peak_tflops
+
+    if peak_tflops(torch.device("cuda")) is None:
+        pytest.skip(f"no bf16 peak known for {torch.cuda.get_device_name()} (launcher/throughput.py PEAK_TFLOPS)")
+    raw = small_recipe(digits, tmp_path / "run", data={"val": None}, train={"epochs": 1})
+    run_dir = launch(tmp_path, "run", raw, 1)
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rows = [r for r in rows if "train/loss" in r]
+    assert rows and all(0 < r["train/mfu"] < 1 for r in rows), rows
+    total = torch.cuda.get_device_properties(0).total_memory / 1e9
+    assert all(0 < r["train/peak_memory_gb"] < total for r in rows)
+
+
 def test_two_deterministic_runs_on_one_gpu_are_bit_identical(digits, tmp_path):
     """BatchNorm model with augmentation: cuDNN without autotuning, deterministic kernels."""
     runs = []

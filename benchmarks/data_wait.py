@@ -38,6 +38,7 @@ def meter_seconds_per_step(steps: int = 200_000) -> float:
     start = time.perf_counter()
     for _ in meter.batches(range(steps)):
         meter.step_done()
+        meter.starved_share()  # the loop asks every step
     return (time.perf_counter() - start) / steps
 
 

@@ -10,7 +10,7 @@ In one process, on one device, on the same synthetic raw-uint8 shards:
       plugin), a plain PyTorch loop and a timm train.py-style loop (timm's optimizer factory and
       PrefetchLoader, torch.compile as train.py --torchcompile), reading the same stream; their
       ratios; model FLOPs utilisation (training FLOPs per image from torch.utils.flop_counter,
-      against the device's dense bf16 peak from PEAK_TFLOPS);
+      against the device's dense bf16 peak from launcher.throughput.PEAK_TFLOPS);
   (c) whether two deterministic runs, the launcher and the plain loop, end with bit-identical weights;
   (d) loader-only images/s (the launcher's workers, CIFAR-style augmentation) against the training
       images/s, and the time to an epoch's first batch with workers forked for it and persistent;
@@ -51,7 +51,7 @@ from launcher.optim import create_optimizer, default_param_groups  # noqa: E402
 from launcher.config.load import validate_recipe  # noqa: E402
 from launcher.registry import Plugin, PluginOptions, register  # noqa: E402
 from launcher.data.transforms import ImageTransform  # noqa: E402
-from launcher.throughput import PEAK_TFLOPS  # noqa: E402
+from launcher.throughput import peak_tflops  # noqa: E402
 
 @dataclass
 class Config:
@@ -358,9 +358,7 @@ def versions() -> str:
 def device_description(device: torch.device) -> tuple[str, float | None]:
     if device.type != "cuda":
         return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)", None
-    name = torch.cuda.get_device_name(device)
-    peak = next((tflops for key, tflops in PEAK_TFLOPS if key in name), None)
-    return name, peak
+    return torch.cuda.get_device_name(device), peak_tflops(device)
 
 
 def main() -> int:

@@ -104,20 +104,10 @@ class StochasticWeightAveraging(Plugin):
         return {**models, "val_swa": self.averaged.module}
 
     def _update_batchnorm(self, ctx) -> None:
-        """torch's update_bn over this rank's share of the training images, as evaluated."""
-        from torch.optim.swa_utils import update_bn
+        from launcher.data.loader import recompute_batchnorm
 
-        from launcher.data import EvalStream, batches, on_device
-        from launcher.data.transforms import ImageTransform
-
-        data = ctx.recipe.data
-        on_cuda = ctx.accelerator.device.type == "cuda"
-        transform = ImageTransform(data, ctx.recipe.model.in_chans, train=False, normalize_on_device=on_cuda)
-        stream = EvalStream(ctx.train_index, transform, data.eval_batch_size or 2 * data.batch_size, ctx.rank,
-                            ctx.world_size)
-        images = (batch.images for batch in on_device(batches(stream, 0), ctx.accelerator.device, ctx.memory_format,
-                                                      transform.finish))
-        update_bn(images, self.averaged.module)
+        recompute_batchnorm(self.averaged.module, ctx.train_index, ctx.recipe.data, ctx.recipe.model.in_chans,
+                            ctx.accelerator.device, ctx.memory_format, ctx.rank, ctx.world_size)
 
     def on_train_end(self, ctx) -> None:
         if int(self.averaged.n_averaged) == 0:

@@ -32,6 +32,7 @@ from typing import Optional
 import torch
 
 from launcher.commands.finished_run import evaluate_weights, load_run_model
+from launcher.data.loader import recompute_batchnorm
 from launcher.errors import LauncherError, run_command, whole_number
 
 
@@ -102,21 +103,6 @@ def average(states: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return out
 
 
-def recompute_batchnorm(recipe, model: torch.nn.Module, device: torch.device) -> None:
-    """torch's update_bn over the training images, as they are evaluated (no augmentation)."""
-    from torch.optim.swa_utils import update_bn
-
-    from launcher.data import EvalStream, batches, fetch_options, index_shards
-    from launcher.data.transforms import ImageTransform
-
-    data = recipe.data
-    index = index_shards(data.train, "data.train", data.cache_dir, recipe.model.num_classes, fetch_options(data))
-    transform = ImageTransform(data, recipe.model.in_chans, train=False)
-    stream = EvalStream(index, transform, data.eval_batch_size or 2 * data.batch_size, 0, 1)
-    update_bn((batch.to(device, torch.contiguous_format).images for batch in batches(stream, data.num_workers)), model)
-    model.eval()
-
-
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m launcher.average", description=__doc__.split("\n\n")[0])
     parser.add_argument("items", nargs="+", metavar="RUN_DIR",
@@ -173,10 +159,19 @@ def _average_command(args) -> int:
     states = {i.name(): read_state_dict(i.path, "--average") for i in chosen}
     has_batchnorm = any(isinstance(m, torch.nn.modules.batchnorm._BatchNorm) for m in model.modules())
 
+    train_index = None
+    if args.update_bn and has_batchnorm:  # indexed once for every soup's statistics
+        from launcher.data import fetch_options, index_shards
+
+        data = recipe.data
+        train_index = index_shards(data.train, "data.train", data.cache_dir, recipe.model.num_classes,
+                                   fetch_options(data))
+
     def soup(members: list[Ingredient]) -> dict:
         model.load_state_dict(average([states[i.name()] for i in members]))
-        if args.update_bn and has_batchnorm:
-            recompute_batchnorm(recipe, model, device)
+        if train_index is not None:
+            recompute_batchnorm(model, train_index, recipe.data, recipe.model.in_chans, device)
+            model.eval()
         return evaluate_weights(recipe, model, device) if recipe.data.val else {}
 
     decisions = []

@@ -227,3 +227,18 @@ def _rng_preserving(iterator: Iterator) -> Iterator:
         random.setstate(py_state)
         np.random.set_state(np_state)
         yield item
+
+
+def recompute_batchnorm(model: torch.nn.Module, index, data, in_chans: int, device: torch.device,
+                        memory_format: torch.memory_format = torch.contiguous_format, rank: int = 0,
+                        world_size: int = 1) -> None:
+    """torch's update_bn for averaged weights (swa, launcher.average): BatchNorm statistics over
+    this rank's share of the training images `index`, as they are evaluated (no augmentation)."""
+    from torch.optim.swa_utils import update_bn
+
+    from launcher.data.stream import EvalStream
+    from launcher.data.transforms import ImageTransform
+
+    transform = ImageTransform(data, in_chans, train=False, normalize_on_device=device.type == "cuda")
+    stream = EvalStream(index, transform, data.eval_batch_size or 2 * data.batch_size, rank, world_size)
+    update_bn((batch.images for batch in on_device(batches(stream, 0), device, memory_format, transform.finish)), model)
